@@ -1,0 +1,330 @@
+//! The tensor-program IR: one graph that both interpreters read.
+//!
+//! A [`Program`] is a `petgraph` DAG of instructions over width-n vectors (theory.md
+//! §1.1, Netsor-transpose+): initial vectors and matrices (one node per `param`, however
+//! often it is used), `MatMul` (optionally by the transpose), a fused coordinatewise
+//! `Nonlin`, scalar `Moment`s, and finite `Output`s read out by `1 x n` parameters.
+//!
+//! The IR describes the computation for one generic input point; interpreters run it
+//! on all points at once (N x P blocks in `finite`, P x P covariance blocks in `limit`).
+//!
+//! Invariants (checked by [`Program::validate`] in tests):
+//! * node indices are a topological order: every operand edge goes from a smaller index
+//!   to a larger one, so interpreters walk `0..len` once;
+//! * an edge's weight is the operand slot; the slots of a node are exactly `0..k`;
+//! * a parameter is exactly one `Param` node; each use is an edge out of it;
+//! * the IR knows nothing of syntax (only byte spans, for diagnostics) and nothing of
+//!   numerics (laws are monomials in n, not sampled values).
+
+pub mod expr;
+pub mod law;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+pub use expr::{Expr, Fun};
+pub use law::{Abc, Law, Monomial, Preset, Rational, Role, Shape};
+
+/// Index of a node; also its position in topological order.
+pub type NodeId = NodeIndex<u32>;
+
+/// A byte range of the source, for diagnostics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Span {
+    pub fn new(start: usize, end: usize) -> Span {
+        Span { start, end }
+    }
+    pub fn range(self) -> std::ops::Range<usize> {
+        self.start..self.end
+    }
+    pub fn join(self, o: Span) -> Span {
+        Span { start: self.start.min(o.start), end: self.end.max(o.end) }
+    }
+}
+
+/// One `input` declaration: a point in R^dim, or a sequence of `len` such points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputDecl {
+    pub name: String,
+    pub dim: usize,
+    pub len: Option<usize>,
+    pub span: Span,
+}
+
+impl InputDecl {
+    /// Numbers per point in an `--inputs` row: `dim`, or `len * dim` time-major.
+    pub fn row_len(&self) -> usize {
+        self.dim * self.len.unwrap_or(1)
+    }
+}
+
+/// One `param`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub name: String,
+    pub shape: Shape,
+    pub law: Law,
+    /// Where the law came from: the explicit law's span, or the preset block / name.
+    pub law_span: Span,
+    /// `true` when the law came from a `parameterization` preset.
+    pub preset: Option<Preset>,
+    pub span: Span,
+    pub node: NodeId,
+}
+
+/// One term of an output `f = sum_k c_k v_k @ x_k + sum_j d_j b_j + c0`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutTerm {
+    /// `coef * (R @ x)`: `readout` and `vector` are operand slots.
+    Readout { coef: f64, readout: usize, vector: usize },
+    /// `coef * b` for a scalar (`1`) parameter in operand slot `param`.
+    Scalar { coef: f64, param: usize },
+}
+
+/// Instructions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A finite input point (`x`, or `x[t]` of a sequence). Not a width-n vector.
+    Input { input: usize, time: Option<usize> },
+    /// A parameter (index into [`Program::params`]): an A-var matrix, an initial
+    /// vector (bias), a readout, or a scalar output bias.
+    Param(usize),
+    /// `W @ x` or `W.T @ x`. Operands: 0 = the matrix parameter, 1 = the argument
+    /// (a width-n vector, or an `Input` for an `n x d` matrix).
+    MatMul { transpose: bool },
+    /// A coordinatewise function of width-n vectors and scalar moments (Nonlin+).
+    Nonlin(Expr),
+    /// `(1/n) sum_a psi(x_a, ...)`: a scalar.
+    Moment(Expr),
+    /// A finite output.
+    Output { terms: Vec<OutTerm>, constant: f64 },
+}
+
+impl Op {
+    /// The op names of cli.md's graph JSON.
+    pub fn kind(&self, prog: &Program) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param(p) => {
+                if prog.params[*p].shape.is_matrix() {
+                    "matrix"
+                } else {
+                    "vector"
+                }
+            }
+            Op::MatMul { .. } => "matmul",
+            Op::Nonlin(_) => "nonlin",
+            Op::Moment(_) => "moment",
+            Op::Output { .. } => "output",
+        }
+    }
+}
+
+/// What a node's value is, for type checks and interpreters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ty {
+    /// A finite input point in R^d.
+    Point(usize),
+    /// A parameter matrix.
+    Matrix,
+    /// A width-n vector.
+    Vector,
+    /// A deterministic-in-the-limit scalar (a moment).
+    Moment,
+    /// A finite random scalar (an output, or a scalar parameter).
+    Finite,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    /// The program's name for this value, when it has one (`h[2]`, `f`, `W`).
+    pub name: Option<String>,
+    pub span: Span,
+}
+
+/// Loss functions of `train` (language.md, Training).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// (1/B) sum (1/2)(f - y)^2
+    Mse,
+    /// logistic loss, targets in {0, 1}
+    Xent,
+}
+
+impl Loss {
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::Mse => "mse",
+            Loss::Xent => "xent",
+        }
+    }
+}
+
+/// One training example: an input row (as in `--inputs`) and one target per output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub x: Vec<f64>,
+    pub y: Vec<f64>,
+}
+
+/// The `train` block, recorded for autodiff.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Train {
+    pub loss: Loss,
+    pub lr: f64,
+    pub steps: usize,
+    pub data: Vec<Sample>,
+    pub span: Span,
+    pub lr_span: Span,
+}
+
+/// A compiled tensor program.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub graph: DiGraph<Node, usize>,
+    /// Name of the infinite dimension (`width n`).
+    pub width: String,
+    pub inputs: Vec<InputDecl>,
+    pub params: Vec<Param>,
+    /// Output nodes in cli.md's order (declaration order of each family, indices ascending).
+    pub outputs: Vec<NodeId>,
+    /// Moment nodes of `observe` statements, in the same order convention.
+    pub observes: Vec<NodeId>,
+    pub train: Option<Train>,
+    pub preset: Preset,
+}
+
+impl Program {
+    pub fn new(width: String, preset: Preset) -> Program {
+        Program {
+            graph: DiGraph::default(),
+            width,
+            inputs: Vec::new(),
+            params: Vec::new(),
+            outputs: Vec::new(),
+            observes: Vec::new(),
+            train: None,
+            preset,
+        }
+    }
+
+    /// Appends a node with its operands (each must already exist): the only way nodes
+    /// are made, which keeps node order topological.
+    pub fn push(&mut self, op: Op, operands: &[NodeId], name: Option<String>, span: Span) -> NodeId {
+        let id = self.graph.add_node(Node { op, name, span });
+        for (slot, &a) in operands.iter().enumerate() {
+            debug_assert!(a < id, "operands precede their users");
+            self.graph.add_edge(a, id, slot);
+        }
+        id
+    }
+
+    pub fn len(&self) -> usize {
+        self.graph.node_count()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.graph.node_count() == 0
+    }
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.graph[id]
+    }
+    /// All node ids in topological order.
+    pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.graph.node_indices()
+    }
+
+    /// Operands of a node, by slot.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut e: Vec<(usize, NodeId)> = self
+            .graph
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        e.sort_unstable();
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Nodes that use `id`, in topological order (with repeats if used twice).
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut u: Vec<NodeId> =
+            self.graph.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        u.sort_unstable();
+        u
+    }
+
+    /// The parameter behind a `Param` node.
+    pub fn param_of(&self, id: NodeId) -> Option<&Param> {
+        match self.node(id).op {
+            Op::Param(p) => Some(&self.params[p]),
+            _ => None,
+        }
+    }
+
+    /// The type of a node's value.
+    pub fn ty(&self, id: NodeId) -> Ty {
+        match &self.node(id).op {
+            Op::Input { input, .. } => Ty::Point(self.inputs[*input].dim),
+            Op::Param(p) => match self.params[*p].shape {
+                Shape::Vector => Ty::Vector,
+                Shape::Scalar => Ty::Finite,
+                _ => Ty::Matrix,
+            },
+            Op::MatMul { .. } | Op::Nonlin(_) => Ty::Vector,
+            Op::Moment(_) => Ty::Moment,
+            Op::Output { .. } => Ty::Finite,
+        }
+    }
+
+    /// A display name for a node: its own name, else `%id`.
+    pub fn label(&self, id: NodeId) -> String {
+        match &self.node(id).name {
+            Some(n) => n.clone(),
+            None => format!("%{}", id.index()),
+        }
+    }
+
+    pub fn output_names(&self) -> Vec<String> {
+        self.outputs.iter().map(|&o| self.label(o)).collect()
+    }
+
+    /// Checks the structural invariants listed in the module docs.
+    pub fn validate(&self) -> Result<(), String> {
+        for id in self.ids() {
+            let ops = self.operands(id);
+            for (slot, e) in self.graph.edges_directed(id, Direction::Incoming).enumerate() {
+                if e.source() >= id {
+                    return Err(format!("edge {:?} -> {:?} is not topological", e.source(), id));
+                }
+                let _ = slot;
+            }
+            let want = match &self.node(id).op {
+                Op::Input { .. } | Op::Param(_) => Some(0),
+                Op::MatMul { .. } => Some(2),
+                _ => None,
+            };
+            if let Some(k) = want {
+                if ops.len() != k {
+                    return Err(format!("node {} has {} operands, expected {k}", id.index(), ops.len()));
+                }
+            }
+            if let Op::MatMul { .. } = self.node(id).op {
+                if self.param_of(ops[0]).is_none() {
+                    return Err(format!("matmul {} does not multiply a parameter", id.index()));
+                }
+            }
+        }
+        for (i, p) in self.params.iter().enumerate() {
+            if self.node(p.node).op != Op::Param(i) {
+                return Err(format!("param {} is not its node", p.name));
+            }
+        }
+        Ok(())
+    }
+}
