@@ -1,1 +1,131 @@
-fn main() {}
+//! The `tpc` command line (cli.md). Exit codes: 0 success, 1 a diagnosed error in the
+//! user's program or data, 2 a usage error. Never a panic.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
+
+use tpc::diag::{Diagnostic, Renderer, CODES};
+use tpc::ir::Program;
+
+#[derive(Parser)]
+#[command(
+    name = "tpc",
+    version,
+    about = "Compile neural networks to Tensor Programs: finite-width runs and infinite-width limits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check a program: diagnostics only; exit 0 when there is no error
+    Check { file: PathBuf },
+    /// Print the tensor program: a numbered listing and the abc table
+    Graph {
+        file: PathBuf,
+        /// Graphviz dot instead of the listing
+        #[arg(long)]
+        dot: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Explain a diagnostic code
+    Explain { code: String },
+}
+
+/// A failure already reported to the user.
+struct Reported;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Reported) => ExitCode::from(1),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Reported> {
+    match cli.cmd {
+        Cmd::Check { file } => {
+            let (name, src, prog, diags) = load(&file)?;
+            emit(&name, &src, &diags);
+            if prog.is_none() {
+                return Err(Reported);
+            }
+            let warnings = diags.iter().filter(|d| !d.is_error()).count();
+            eprintln!("{name}: ok ({warnings} warning(s))");
+            Ok(())
+        }
+        Cmd::Graph { file, dot, format } => {
+            let prog = compile_file(&file)?;
+            let text = if dot {
+                tpc::report::graph::dot(&prog)
+            } else if format == Format::Json {
+                let v = tpc::report::graph::json(&prog);
+                serde_json::to_string_pretty(&v)
+                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
+                    + "\n"
+            } else {
+                tpc::report::graph::listing(&prog)
+            };
+            print_out(&text)
+        }
+        Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
+            Some((c, m)) => print_out(&format!("{c}: {m}\n")),
+            None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
+        },
+    }
+}
+
+fn print_out(s: &str) -> Result<(), Reported> {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`tpc graph f | head`) is not an error worth a message.
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+    Ok(())
+}
+
+fn fail(msg: &str) -> Reported {
+    eprintln!("error: {msg}");
+    Reported
+}
+
+/// Reads and checks a file: its display name, text, program (if no error) and diagnostics.
+fn load(path: &Path) -> Result<(String, String, Option<Program>, Vec<Diagnostic>), Reported> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    let (src, prog, diags) = tpc::check_bytes(&bytes);
+    Ok((name, src, prog, diags))
+}
+
+/// Reads, checks and reports; the program when there was no error.
+fn compile_file(path: &Path) -> Result<Program, Reported> {
+    let (name, src, prog, diags) = load(path)?;
+    emit(&name, &src, &diags);
+    prog.ok_or(Reported)
+}
+
+fn emit(name: &str, src: &str, diags: &[Diagnostic]) {
+    if diags.is_empty() {
+        return;
+    }
+    let choice = if std::io::stderr().is_terminal() {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    };
+    let mut err = StandardStream::stderr(choice);
+    Renderer::new(name, src).emit(&mut err, diags);
+}

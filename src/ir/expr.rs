@@ -450,7 +450,11 @@ mod tests {
             for &x in &[-1.7, -0.3, 0.4, 1.1, 2.5] {
                 let d = f.deriv(Expr::Arg(0)).eval(&[x]);
                 let n = num_deriv(f, x);
-                assert!((d - n).abs() < 1e-6, "{}'({x}) = {d}, numeric {n}", f.name());
+                assert!(
+                    (d - n).abs() < 1e-6,
+                    "{}'({x}) = {d}, numeric {n}",
+                    f.name()
+                );
             }
         }
     }

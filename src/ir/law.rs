@@ -37,7 +37,10 @@ impl Rational {
         }
         let g = gcd(num, den).max(1);
         let s = if den < 0 { -1 } else { 1 };
-        Some(Rational { num: s * num / g, den: s * den / g })
+        Some(Rational {
+            num: s * num / g,
+            den: s * den / g,
+        })
     }
 
     pub fn int(k: i64) -> Rational {
@@ -65,7 +68,9 @@ impl Rational {
         }
         (1..=max_den).find_map(|d| {
             let n = (x * d as f64).round();
-            ((n / d as f64 - x).abs() < 1e-12).then(|| Rational::new(n as i64, d)).flatten()
+            ((n / d as f64 - x).abs() < 1e-12)
+                .then(|| Rational::new(n as i64, d))
+                .flatten()
         })
     }
 
@@ -78,7 +83,10 @@ impl Rational {
             a.max(1)
         };
         let s = if den < 0 { -1 } else { 1 };
-        Rational { num: (s * num / g) as i64, den: (s * den / g) as i64 }
+        Rational {
+            num: (s * num / g) as i64,
+            den: (s * den / g) as i64,
+        }
     }
 }
 
@@ -100,13 +108,19 @@ impl Sub for Rational {
 impl Neg for Rational {
     type Output = Rational;
     fn neg(self) -> Rational {
-        Rational { num: -self.num, den: self.den }
+        Rational {
+            num: -self.num,
+            den: self.den,
+        }
     }
 }
 impl Mul for Rational {
     type Output = Rational;
     fn mul(self, o: Rational) -> Rational {
-        Rational::checked(self.num as i128 * o.num as i128, self.den as i128 * o.den as i128)
+        Rational::checked(
+            self.num as i128 * o.num as i128,
+            self.den as i128 * o.den as i128,
+        )
     }
 }
 impl PartialOrd for Rational {
@@ -137,27 +151,42 @@ pub struct Monomial {
 }
 
 impl Monomial {
-    pub const ONE: Monomial = Monomial { coef: 1.0, exp: Rational::ZERO };
+    pub const ONE: Monomial = Monomial {
+        coef: 1.0,
+        exp: Rational::ZERO,
+    };
 
     pub fn new(coef: f64, exp: Rational) -> Monomial {
         Monomial { coef, exp }
     }
     pub fn constant(coef: f64) -> Monomial {
-        Monomial { coef, exp: Rational::ZERO }
+        Monomial {
+            coef,
+            exp: Rational::ZERO,
+        }
     }
     /// `n^p`.
     pub fn n_pow(p: Rational) -> Monomial {
         Monomial { coef: 1.0, exp: p }
     }
     pub fn powi(self, k: i64) -> Monomial {
-        Monomial { coef: self.coef.powi(k as i32), exp: self.exp * Rational::int(k) }
+        Monomial {
+            coef: self.coef.powi(k as i32),
+            exp: self.exp * Rational::int(k),
+        }
     }
     /// Square root, for `std` from `var`.
     pub fn sqrt(self) -> Monomial {
-        Monomial { coef: self.coef.sqrt(), exp: self.exp * Rational::HALF }
+        Monomial {
+            coef: self.coef.sqrt(),
+            exp: self.exp * Rational::HALF,
+        }
     }
     pub fn recip(self) -> Monomial {
-        Monomial { coef: 1.0 / self.coef, exp: -self.exp }
+        Monomial {
+            coef: 1.0 / self.coef,
+            exp: -self.exp,
+        }
     }
     /// Value at a concrete width.
     pub fn at(self, n: f64) -> f64 {
@@ -179,7 +208,10 @@ impl Monomial {
 impl Mul for Monomial {
     type Output = Monomial;
     fn mul(self, o: Monomial) -> Monomial {
-        Monomial { coef: self.coef * o.coef, exp: self.exp + o.exp }
+        Monomial {
+            coef: self.coef * o.coef,
+            exp: self.exp + o.exp,
+        }
     }
 }
 
@@ -343,7 +375,11 @@ impl Preset {
             (Preset::Mup, Shape::Vector) => (c(s * s), c(1.0), n(1, 1)),
             (Preset::Mup, Shape::Scalar) => (c(s * s), c(1.0), c(1.0)),
         };
-        Law { var, mult, lr: lrm * c(lr) }
+        Law {
+            var,
+            mult,
+            lr: lrm * c(lr),
+        }
     }
 }
 
@@ -369,11 +405,20 @@ mod tests {
     fn abc_of_the_named_parameterizations() {
         // muP (SGD, language.md table) has TP4's exponents up to the abc symmetry.
         let h = Preset::Mup.law(Shape::Hidden, 1.0, 1.0).abc();
-        assert_eq!((h.a, h.b, h.c), (Rational::ZERO, Some(r(1, 2)), Rational::ZERO));
+        assert_eq!(
+            (h.a, h.b, h.c),
+            (Rational::ZERO, Some(r(1, 2)), Rational::ZERO)
+        );
         let o = Preset::Mup.law(Shape::Readout, 1.0, 1.0).abc();
-        assert_eq!((o.a, o.b, o.c), (Rational::ZERO, Some(Rational::ONE), Rational::ONE));
+        assert_eq!(
+            (o.a, o.b, o.c),
+            (Rational::ZERO, Some(Rational::ONE), Rational::ONE)
+        );
         let i = Preset::Mup.law(Shape::Input(3), 1.0, 1.0).abc();
-        assert_eq!((i.a, i.b, i.c), (Rational::ZERO, Some(Rational::ZERO), r(-1, 1)));
+        assert_eq!(
+            (i.a, i.b, i.c),
+            (Rational::ZERO, Some(Rational::ZERO), r(-1, 1))
+        );
         let ntk = Preset::Ntk.law(Shape::Hidden, 1.5, 1.0);
         assert_eq!(ntk.abc().a, r(1, 2));
         assert!((ntk.entry_var().coef - 2.25).abs() < 1e-15);
@@ -383,7 +428,10 @@ mod tests {
     #[test]
     fn monomials_display_like_the_language() {
         assert_eq!(Monomial::n_pow(r(-1, 2)).to_string(), "n^(-1/2)");
-        assert_eq!((Monomial::constant(2.25) * Monomial::n_pow(r(-1, 1))).to_string(), "2.25 * n^(-1)");
+        assert_eq!(
+            (Monomial::constant(2.25) * Monomial::n_pow(r(-1, 1))).to_string(),
+            "2.25 * n^(-1)"
+        );
         assert_eq!(Monomial::constant(0.5).to_string(), "0.5");
         assert_eq!(Monomial::n_pow(Rational::ONE).to_string(), "n");
         assert_eq!(Monomial::n_pow(r(-1, 1)).limit(), Some(0.0));

@@ -44,7 +44,10 @@ impl Span {
         self.start..self.end
     }
     pub fn join(self, o: Span) -> Span {
-        Span { start: self.start.min(o.start), end: self.end.max(o.end) }
+        Span {
+            start: self.start.min(o.start),
+            end: self.end.max(o.end),
+        }
     }
 }
 
@@ -78,11 +81,30 @@ pub struct Param {
     pub node: NodeId,
 }
 
+impl Param {
+    pub fn role(&self) -> Role {
+        self.shape.role()
+    }
+    pub fn role_name(&self) -> &'static str {
+        match self.shape.role() {
+            Role::Input => "input",
+            Role::Hidden => "hidden",
+            Role::Output => "output",
+            Role::Bias => "bias",
+            Role::OutputBias => "output bias",
+        }
+    }
+}
+
 /// One term of an output `f = sum_k c_k v_k @ x_k + sum_j d_j b_j + c0`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OutTerm {
     /// `coef * (R @ x)`: `readout` and `vector` are operand slots.
-    Readout { coef: f64, readout: usize, vector: usize },
+    Readout {
+        coef: f64,
+        readout: usize,
+        vector: usize,
+    },
     /// `coef * b` for a scalar (`1`) parameter in operand slot `param`.
     Scalar { coef: f64, param: usize },
 }
@@ -217,7 +239,13 @@ impl Program {
 
     /// Appends a node with its operands (each must already exist): the only way nodes
     /// are made, which keeps node order topological.
-    pub fn push(&mut self, op: Op, operands: &[NodeId], name: Option<String>, span: Span) -> NodeId {
+    pub fn push(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        name: Option<String>,
+        span: Span,
+    ) -> NodeId {
         let id = self.graph.add_node(Node { op, name, span });
         for (slot, &a) in operands.iter().enumerate() {
             debug_assert!(a < id, "operands precede their users");
@@ -253,8 +281,11 @@ impl Program {
 
     /// Nodes that use `id`, in topological order (with repeats if used twice).
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut u: Vec<NodeId> =
-            self.graph.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        let mut u: Vec<NodeId> = self
+            .graph
+            .edges_directed(id, Direction::Outgoing)
+            .map(|e| e.target())
+            .collect();
         u.sort_unstable();
         u
     }
@@ -298,9 +329,17 @@ impl Program {
     pub fn validate(&self) -> Result<(), String> {
         for id in self.ids() {
             let ops = self.operands(id);
-            for (slot, e) in self.graph.edges_directed(id, Direction::Incoming).enumerate() {
+            for (slot, e) in self
+                .graph
+                .edges_directed(id, Direction::Incoming)
+                .enumerate()
+            {
                 if e.source() >= id {
-                    return Err(format!("edge {:?} -> {:?} is not topological", e.source(), id));
+                    return Err(format!(
+                        "edge {:?} -> {:?} is not topological",
+                        e.source(),
+                        id
+                    ));
                 }
                 let _ = slot;
             }
@@ -311,12 +350,19 @@ impl Program {
             };
             if let Some(k) = want {
                 if ops.len() != k {
-                    return Err(format!("node {} has {} operands, expected {k}", id.index(), ops.len()));
+                    return Err(format!(
+                        "node {} has {} operands, expected {k}",
+                        id.index(),
+                        ops.len()
+                    ));
                 }
             }
             if let Op::MatMul { .. } = self.node(id).op {
                 if self.param_of(ops[0]).is_none() {
-                    return Err(format!("matmul {} does not multiply a parameter", id.index()));
+                    return Err(format!(
+                        "matmul {} does not multiply a parameter",
+                        id.index()
+                    ));
                 }
             }
         }

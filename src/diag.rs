@@ -1,0 +1,247 @@
+//! Diagnostics: errors, warnings and notes with a code, a labelled span and a help line,
+//! rendered like rustc's by codespan-reporting.
+//!
+//! Every problem tpc finds in a user's program or data is a [`Diagnostic`]; nothing in
+//! the front end panics or prints on its own. The codes are stable (scripts and the
+//! README's table refer to them); [`CODES`] is the one list of them.
+
+use codespan_reporting::diagnostic::{Diagnostic as CsDiagnostic, Label, Severity as CsSeverity};
+use codespan_reporting::files::SimpleFile;
+use codespan_reporting::term::{self, termcolor};
+
+use crate::ir::Span;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Note,
+    Warning,
+    Error,
+}
+
+/// One finding, attached to the source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub code: &'static str,
+    pub message: String,
+    /// The primary span and its label.
+    pub span: Span,
+    pub label: String,
+    /// Further spans that explain the finding.
+    pub secondary: Vec<(Span, String)>,
+    pub help: Option<String>,
+    pub notes: Vec<String>,
+}
+
+impl Diagnostic {
+    pub fn error(
+        code: &'static str,
+        message: impl Into<String>,
+        span: Span,
+        label: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            span,
+            label: label.into(),
+            secondary: Vec::new(),
+            help: None,
+            notes: Vec::new(),
+        }
+    }
+    pub fn warning(
+        code: &'static str,
+        message: impl Into<String>,
+        span: Span,
+        label: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(code, message, span, label)
+        }
+    }
+    pub fn note_diag(
+        code: &'static str,
+        message: impl Into<String>,
+        span: Span,
+        label: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Note,
+            ..Diagnostic::error(code, message, span, label)
+        }
+    }
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+    pub fn with_note(mut self, note: impl Into<String>) -> Self {
+        self.notes.push(note.into());
+        self
+    }
+    pub fn with_secondary(mut self, span: Span, label: impl Into<String>) -> Self {
+        self.secondary.push((span, label.into()));
+        self
+    }
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+
+    fn to_codespan(&self) -> CsDiagnostic<()> {
+        let sev = match self.severity {
+            Severity::Error => CsSeverity::Error,
+            Severity::Warning => CsSeverity::Warning,
+            Severity::Note => CsSeverity::Note,
+        };
+        let mut labels = vec![Label::primary((), self.span.range()).with_message(&self.label)];
+        for (s, l) in &self.secondary {
+            labels.push(Label::secondary((), s.range()).with_message(l));
+        }
+        let mut notes: Vec<String> = self.help.iter().map(|h| format!("help: {h}")).collect();
+        notes.extend(self.notes.iter().map(|n| format!("note: {n}")));
+        CsDiagnostic::new(sev)
+            .with_code(self.code)
+            .with_message(&self.message)
+            .with_labels(labels)
+            .with_notes(notes)
+    }
+}
+
+/// Renders diagnostics for one source file.
+pub struct Renderer<'a> {
+    file: SimpleFile<&'a str, &'a str>,
+}
+
+impl<'a> Renderer<'a> {
+    pub fn new(name: &'a str, source: &'a str) -> Self {
+        Renderer {
+            file: SimpleFile::new(name, source),
+        }
+    }
+
+    /// Plain text (no colour): what tests snapshot and what goes to a pipe.
+    pub fn render(&self, diags: &[Diagnostic]) -> String {
+        let mut buf = termcolor::NoColor::new(Vec::new());
+        self.emit(&mut buf, diags);
+        String::from_utf8_lossy(&buf.into_inner()).into_owned()
+    }
+
+    /// To a terminal or a pipe, in colour when `color` is set.
+    pub fn emit(&self, w: &mut dyn termcolor::WriteColor, diags: &[Diagnostic]) {
+        let config = term::Config::default();
+        for d in diags {
+            let mut d = d.clone();
+            // codespan needs spans inside the file; clamp defensively.
+            let len = self.file.source().len();
+            d.span = Span::new(
+                d.span.start.min(len),
+                d.span.end.min(len).max(d.span.start.min(len)),
+            );
+            for (s, _) in &mut d.secondary {
+                *s = Span::new(s.start.min(len), s.end.min(len).max(s.start.min(len)));
+            }
+            let _ = term::emit_to_write_style(w, &config, &self.file, &d.to_codespan());
+        }
+    }
+}
+
+/// Every diagnostic code, with a one-line meaning (the README's table is made from this).
+pub const CODES: &[(&str, &str)] = &[
+    ("E0001", "syntax error"),
+    ("E0002", "the file is not valid UTF-8 text"),
+    ("E0003", "nesting too deep or expression too large"),
+    ("E0004", "undefined name"),
+    ("E0005", "duplicate definition"),
+    ("E0006", "name used before it is defined"),
+    ("E0007", "a definition refers to itself"),
+    ("E0008", "shape mismatch in a matrix product"),
+    (
+        "E0009",
+        "an output must be a finite readout `v @ x` (plus scalar biases)",
+    ),
+    ("E0010", "transpose of a matrix where it has no meaning"),
+    ("E0011", "bad exponent in a law"),
+    (
+        "E0012",
+        "bad law: negative variance, nonzero mean or unknown distribution",
+    ),
+    ("E0013", "unknown function"),
+    ("E0014", "loop bound or index is not a defined integer"),
+    ("E0015", "loop bound or index out of range"),
+    ("E0016", "program would exceed the instruction limit"),
+    ("E0017", "training data of the wrong dimension"),
+    ("E0018", "missing or repeated `width`"),
+    ("E0019", "unknown parameterization"),
+    (
+        "E0020",
+        "type error: a value used where another kind is needed",
+    ),
+    ("E0021", "malformed `train` block"),
+    ("E0022", "invalid shape"),
+    ("E0023", "unknown key in a preset law"),
+    ("E0024", "arithmetic overflow or invalid number"),
+    ("E0025", "indexing mismatch"),
+    ("E0026", "malformed `observe`"),
+    ("E0027", "a statement that is not allowed here"),
+    ("E0028", "bad input data (`--inputs`)"),
+    ("W0001", "parameter is never used"),
+    ("W0002", "value is computed but never used"),
+    ("W0101", "parameterization blows up at initialization"),
+    ("W0102", "parameterization vanishes at initialization"),
+    (
+        "W0103",
+        "training blows up (learning rate too large for the width)",
+    ),
+    ("W0104", "training is trivial in the limit (nothing moves)"),
+    ("N0101", "kernel regime: features do not move in the limit"),
+    ("N0102", "feature learning"),
+];
+
+/// The closest name to `name` among `candidates`, if reasonably close (for "did you mean").
+pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = levenshtein(name, c);
+        if d <= (name.len().max(c.len()) / 2).max(1) && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_suggests_close_names_only() {
+        assert_eq!(nearest("tahn", ["tanh", "relu", "erf"]), Some("tanh"));
+        assert_eq!(nearest("rleu", ["tanh", "relu", "erf"]), Some("relu"));
+        assert_eq!(nearest("softplus", ["tanh", "relu", "erf"]), None);
+    }
+
+    #[test]
+    fn codes_are_unique() {
+        let mut c: Vec<&str> = CODES.iter().map(|c| c.0).collect();
+        c.sort();
+        c.dedup();
+        assert_eq!(c.len(), CODES.len());
+    }
+}

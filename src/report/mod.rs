@@ -1,0 +1,6 @@
+//! Everything tpc prints: listings, derivations, tables and JSON.
+//!
+//! Interpreters return numbers; this module decides how they look, so the text and
+//! JSON outputs of cli.md stay in one place.
+
+pub mod graph;
