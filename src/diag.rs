@@ -109,6 +109,9 @@ impl Diagnostic {
     }
 }
 
+/// Longest source line quoted in a diagnostic.
+const MAX_SHOWN_LINE: usize = 1000;
+
 /// Renders diagnostics for one source file.
 pub struct Renderer<'a> {
     file: SimpleFile<&'a str, &'a str>,
@@ -142,7 +145,27 @@ impl<'a> Renderer<'a> {
             for (s, _) in &mut d.secondary {
                 *s = Span::new(s.start.min(len), s.end.min(len).max(s.start.min(len)));
             }
-            let _ = term::emit_to_write_style(w, &config, &self.file, &d.to_codespan());
+            let mut cs = d.to_codespan();
+            // Lines too long to show (generated or hostile input): give the position only.
+            let src = self.file.source();
+            let line_start = src[..d.span.start].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = src[d.span.start..]
+                .find('\n')
+                .map_or(src.len(), |i| d.span.start + i);
+            if line_end - line_start > MAX_SHOWN_LINE {
+                let line = src[..d.span.start].matches('\n').count() + 1;
+                let col = src[line_start..d.span.start].chars().count() + 1;
+                cs.labels.clear();
+                cs.notes.insert(
+                    0,
+                    format!(
+                        "at {}:{line}:{col}: {} (line too long to show)",
+                        self.file.name(),
+                        d.label
+                    ),
+                );
+            }
+            let _ = term::emit_to_write_style(w, &config, &self.file, &cs);
         }
     }
 }
@@ -203,27 +226,38 @@ pub const CODES: &[(&str, &str)] = &[
 pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
-        let d = levenshtein(name, c);
-        if d <= (name.len().max(c.len()) / 2).max(1) && best.is_none_or(|(bd, _)| d < bd) {
+        let d = osa_distance(name, c);
+        let (la, lb) = (name.chars().count(), c.chars().count());
+        if d <= (la.max(lb) / 3).max(1) && d < la.min(lb) && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }
     best.map(|(_, c)| c)
 }
 
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
+/// Edit distance counting a swap of neighbours as one edit (`tahn` -> `tanh`).
+fn osa_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -235,6 +269,8 @@ mod tests {
         assert_eq!(nearest("tahn", ["tanh", "relu", "erf"]), Some("tanh"));
         assert_eq!(nearest("rleu", ["tanh", "relu", "erf"]), Some("relu"));
         assert_eq!(nearest("softplus", ["tanh", "relu", "erf"]), None);
+        assert_eq!(nearest("mpu", ["sp", "ntk", "mup"]), Some("mup"));
+        assert_eq!(nearest("T", ["x", "W"]), None);
     }
 
     #[test]

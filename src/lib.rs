@@ -51,7 +51,7 @@ const FRONT_END_STACK: usize = 512 << 20;
 pub fn check_source(src: &str) -> (Option<ir::Program>, Vec<Diagnostic>) {
     let owned = src.to_string();
     let run = move || match syntax::parse(&owned) {
-        Err(d) => (None, vec![d]),
+        Err(d) => (None, vec![*d]),
         Ok(file) => lower::lower(&file, &owned),
     };
     match std::thread::Builder::new()

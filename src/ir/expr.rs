@@ -180,6 +180,9 @@ pub enum Expr {
     Powi(Box<Expr>, i32),
 }
 
+// Smart constructors, named like the operations they build (not operator impls:
+// they fold constants as they go).
+#[allow(clippy::should_implement_trait, clippy::redundant_guards)]
 impl Expr {
     pub fn call(f: Fun, x: Expr) -> Expr {
         Expr::Call(f, Box::new(x))

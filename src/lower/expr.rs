@@ -82,6 +82,8 @@ impl Lowerer<'_> {
             ExprKind::Num(v) => {
                 if v.fract() == 0.0 && v.abs() < 9.0e15 {
                     Some(*v as i64)
+                } else if v.fract() == 0.0 {
+                    overflow(self, e.span)
                 } else {
                     self.int_err(
                         e.span,

@@ -67,6 +67,8 @@ pub(crate) struct Lowerer<'a> {
     observes: Vec<(usize, Vec<i64>, NodeId)>,
     used_params: Vec<bool>,
     budget_error: bool,
+    /// Counter giving each family its order of first definition.
+    next_order: usize,
 }
 
 /// Lowers a parsed file. Returns the program when there was no error, and every
@@ -85,6 +87,7 @@ pub fn lower(file: &File, src: &str) -> (Option<Program>, Vec<Diagnostic>) {
         observes: Vec::new(),
         used_params: Vec::new(),
         budget_error: false,
+        next_order: 0,
     };
     l.globals(file);
     collect_assigned(
@@ -241,7 +244,8 @@ impl<'a> Lowerer<'a> {
 
     /// Defines `name[index]`. Reports duplicates and arity mismatches.
     pub(crate) fn define(&mut self, name: &Ident, index: Vec<i64>, b: Binding, span: Span) -> bool {
-        let order = self.names.len();
+        let order = self.next_order;
+        self.next_order += 1;
         let fam = self
             .names
             .entry(name.name.clone())
@@ -286,7 +290,8 @@ impl<'a> Lowerer<'a> {
     }
 
     pub(crate) fn poison(&mut self, name: &Ident, index: Vec<i64>) {
-        let order = self.names.len();
+        let order = self.next_order;
+        self.next_order += 1;
         let fam = self
             .names
             .entry(name.name.clone())
@@ -530,7 +535,7 @@ impl<'a> Lowerer<'a> {
                 }
             },
         };
-        if v < 1 || v > 1 << 20 {
+        if !(1..=1 << 20).contains(&v) {
             self.err(
                 Diagnostic::error(
                     "E0015",
@@ -819,7 +824,8 @@ impl<'a> Lowerer<'a> {
             if self.budget_error {
                 break;
             }
-            let order = self.names.len();
+            let order = self.next_order;
+            self.next_order += 1;
             self.names.insert(
                 var.name.clone(),
                 Family {
@@ -968,6 +974,10 @@ impl<'a> Lowerer<'a> {
                 }
             }
         }
+        let unknown_key = t
+            .entries
+            .iter()
+            .any(|e| !matches!(e.key.name.as_str(), "loss" | "lr" | "steps" | "data"));
         let mut missing = Vec::new();
         if loss.is_none() && !seen.contains_key("loss") {
             missing.push("loss");
@@ -981,7 +991,8 @@ impl<'a> Lowerer<'a> {
         if data.is_none() && !seen.contains_key("data") {
             missing.push("data");
         }
-        if !missing.is_empty() {
+        // A misspelt key is already reported; do not also call the key missing.
+        if !missing.is_empty() && !unknown_key {
             self.err(
                 Diagnostic::error(
                     "E0021",
@@ -1115,6 +1126,9 @@ impl<'a> Lowerer<'a> {
             }
         }
         self.diags.sort_by_key(|d| (d.span.start, d.span.end));
+        // Loops repeat a statement's mistake once per iteration: report it once.
+        self.diags
+            .dedup_by(|a, b| a.code == b.code && a.span == b.span);
         if has_error {
             (None, self.diags)
         } else {

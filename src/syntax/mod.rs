@@ -66,6 +66,7 @@ pub struct ParamDecl {
 }
 
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum LawSyntax {
     /// `~ N(mean, var) * mult lr rate`
     Explicit {

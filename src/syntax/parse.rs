@@ -21,21 +21,21 @@ pub const MAX_NESTING: usize = 256;
 /// Most bytes in one source file.
 pub const MAX_SOURCE: usize = 4 << 20;
 
-type R<T> = Result<T, Diagnostic>;
+type R<T> = Result<T, Box<Diagnostic>>;
 
+/// The span of a pair without the whitespace pest skips after its last token.
 fn span_of(p: &Pair<Rule>) -> Span {
     let s = p.as_span();
-    Span::new(s.start(), s.end())
+    Span::new(s.start(), s.start() + p.as_str().trim_end().len())
 }
 
 /// Parses one source file.
 pub fn parse(src: &str) -> R<File> {
     prescan(src)?;
     pest::set_call_limit(std::num::NonZeroUsize::new(50_000_000));
-    let mut pairs = TpParser::parse(Rule::program, src).map_err(|e| syntax_error(src, e))?;
-    let program = pairs.next().ok_or_else(|| {
-        Diagnostic::error("E0001", "syntax error", Span::new(0, 0), "empty parse")
-    })?;
+    let mut pairs =
+        TpParser::parse(Rule::program, src).map_err(|e| Box::new(syntax_error(src, e)))?;
+    let program = pairs.next().ok_or_else(|| internal(Span::new(0, 0)))?;
     let mut items = Vec::new();
     for p in program.into_inner() {
         if p.as_rule() == Rule::EOI {
@@ -49,16 +49,18 @@ pub fn parse(src: &str) -> R<File> {
 /// Refuses inputs that would make the recursive-descent parser recurse too deeply.
 fn prescan(src: &str) -> R<()> {
     if src.len() > MAX_SOURCE {
-        return Err(Diagnostic::error(
-            "E0003",
-            format!(
-                "the file is {} bytes; tpc reads at most {MAX_SOURCE}",
-                src.len()
-            ),
-            Span::new(0, 0),
-            "file too large",
-        )
-        .with_help("split the program or generate it with loops"));
+        return Err(Box::new(
+            Diagnostic::error(
+                "E0003",
+                format!(
+                    "the file is {} bytes; tpc reads at most {MAX_SOURCE}",
+                    src.len()
+                ),
+                Span::new(0, 0),
+                "file too large",
+            )
+            .with_help("split the program or generate it with loops"),
+        ));
     }
     let bytes = src.as_bytes();
     let (mut depth, mut ats, mut i) = (0usize, 0usize, 0usize);
@@ -76,13 +78,18 @@ fn prescan(src: &str) -> R<()> {
             _ => {}
         }
         if depth > MAX_NESTING || ats > 64 * MAX_NESTING {
-            return Err(Diagnostic::error(
-                "E0003",
-                format!("nesting deeper than {MAX_NESTING} levels"),
-                Span::new(i, i + 1),
-                "too deeply nested here",
-            )
-            .with_help("name intermediate values with assignments, or use a `for` loop"));
+            let what = if depth > MAX_NESTING {
+                format!("nesting deeper than {MAX_NESTING} levels")
+            } else {
+                format!(
+                    "more than {} matrix products `@` in one file",
+                    64 * MAX_NESTING
+                )
+            };
+            return Err(Box::new(
+                Diagnostic::error("E0003", what, Span::new(i, i + 1), "too deeply nested here")
+                    .with_help("name intermediate values with assignments, or use a `for` loop"),
+            ));
         }
         i += 1;
     }
@@ -101,6 +108,8 @@ fn rule_name(r: &Rule) -> &'static str {
         Rule::shape => "a shape such as `n x n`",
         Rule::add_op | Rule::mul_op => "an operator",
         Rule::range_op => "`..=` or `..`",
+        Rule::rparen => "`)`",
+        Rule::eq => "`=`",
         Rule::block => "`{`",
         Rule::explicit_law | Rule::preset_law => "a law (`~ N(0, var)` or `{ std = .. }`)",
         Rule::assign | Rule::output_stmt | Rule::observe_stmt | Rule::for_loop => "a statement",
@@ -127,17 +136,47 @@ fn syntax_error(src: &str, e: pest::error::Error<Rule>) -> Diagnostic {
     let tok_end = if end > start {
         end
     } else {
-        let rest = &src[start.min(src.len())..];
-        let n = rest
-            .char_indices()
-            .find(|(_, c)| c.is_whitespace())
-            .map(|(i, _)| i)
-            .unwrap_or(rest.len());
-        start + n.clamp(usize::from(!rest.is_empty()), 16.min(rest.len()).max(1))
+        let rest = src.get(start.min(src.len())..).unwrap_or("");
+        let word = |c: char| c.is_alphanumeric() || c == '_';
+        let n = match rest.chars().next() {
+            None => 0,
+            Some(c) if word(c) => rest
+                .char_indices()
+                .find(|(_, c)| !word(*c))
+                .map_or(rest.len(), |(i, _)| i)
+                .min(32),
+            Some(c) => c.len_utf8(),
+        };
+        start + n
     };
     let found = src.get(start..tok_end.min(src.len())).unwrap_or("");
     let (message, label) = match &e.variant {
         ErrorVariant::ParsingError { positives, .. } => {
+            // A missing closing bracket or `=` says more than the list of everything
+            // that could have continued the expression.
+            if positives.contains(&Rule::rparen) {
+                let found = if found.is_empty() {
+                    "end of file".to_string()
+                } else {
+                    format!("`{found}`")
+                };
+                return Diagnostic::error(
+                    "E0001",
+                    format!("syntax error: expected `)`, found {found}"),
+                    Span::new(start, tok_end.min(src.len())),
+                    "expected `)`",
+                )
+                .with_help("a `(` opened earlier is not closed");
+            }
+            if positives.contains(&Rule::eq) && !positives.contains(&Rule::expr) {
+                let found = if found.is_empty() {
+                    "end of file".to_string()
+                } else {
+                    format!("`{found}`")
+                };
+                return Diagnostic::error("E0001", format!("syntax error: expected `=`, found {found}"), Span::new(start, tok_end.min(src.len())), "expected `=`")
+                    .with_help("statements are `name = expr`, `output f = v @ x`, `observe m = mean(..)`, `for t in 1..=T { .. }`");
+            }
             let mut names: Vec<&str> = positives.iter().map(rule_name).collect();
             names.sort_unstable();
             names.dedup();
@@ -181,13 +220,15 @@ fn number(p: &Pair<Rule>) -> R<f64> {
     let s = p.as_str().trim();
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(Diagnostic::error(
-            "E0024",
-            format!("`{s}` is not a finite number"),
-            span_of(p),
-            "out of range",
-        )
-        .with_help("numbers must fit in a 64-bit float")),
+        _ => Err(Box::new(
+            Diagnostic::error(
+                "E0024",
+                format!("`{s}` is not a finite number"),
+                span_of(p),
+                "out of range",
+            )
+            .with_help("numbers must fit in a 64-bit float"),
+        )),
     }
 }
 
@@ -202,8 +243,11 @@ fn signed(p: Pair<Rule>) -> R<f64> {
     Ok(if neg { -v } else { v })
 }
 
-fn internal(span: Span) -> Diagnostic {
-    Diagnostic::error("E0001", "syntax error", span, "unexpected structure")
+fn internal(span: Span) -> Box<Diagnostic> {
+    Box::new(
+        Diagnostic::error("E0001", "syntax error", span, "unexpected structure")
+            .with_help("simplify the statement"),
+    )
 }
 
 fn ident(p: Pair<Rule>) -> Ident {
@@ -274,6 +318,7 @@ fn dim(p: Pair<Rule>) -> R<Dim> {
                     "integer overflow",
                 )
                 .with_help("dimensions must fit in 64 bits")
+                .into()
             }),
         _ => Ok(Dim::Name(ident(inner))),
     }
@@ -435,7 +480,7 @@ fn exponent(p: Pair<Rule>) -> R<Exponent> {
 fn stmt(p: Pair<Rule>) -> R<Stmt> {
     let span = span_of(&p);
     let rule = p.as_rule();
-    let mut it = p.into_inner();
+    let mut it = p.into_inner().filter(|q| q.as_rule() != Rule::eq);
     let mut next = || it.next().ok_or_else(|| internal(span));
     let kind = match rule {
         Rule::assign => StmtKind::Assign {
@@ -559,7 +604,10 @@ fn expr(p: Pair<Rule>) -> R<Expr> {
                 Rule::call => {
                     let mut it = inner.into_inner();
                     let fun = ident(it.next().ok_or_else(|| internal(span))?);
-                    let args = it.map(expr).collect::<R<Vec<_>>>()?;
+                    let args = it
+                        .filter(|a| a.as_rule() != Rule::rparen)
+                        .map(expr)
+                        .collect::<R<Vec<_>>>()?;
                     Ok(Expr {
                         kind: ExprKind::Call { fun, args },
                         span,
