@@ -4,3 +4,4 @@
 //! to an [`ir::Program`], then derive its infinite-width limit or run it at finite width.
 
 pub mod ir;
+pub mod limit;
