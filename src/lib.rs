@@ -13,6 +13,7 @@
 
 pub mod diag;
 pub mod ir;
+pub mod limit;
 pub mod lower;
 pub mod report;
 pub mod syntax;
