@@ -442,7 +442,10 @@ fn select_degree(
             .iter()
             .zip(&next)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0f64, |a, v| if v.is_nan() { f64::INFINITY } else { a.max(v) });
+            .fold(
+                0.0f64,
+                |a, v| if v.is_nan() { f64::INFINITY } else { a.max(v) },
+            );
         ratio = match prev_diff {
             Some(pd) if pd > 0.0 => (d / pd).clamp(0.05, 0.9),
             _ => 0.5,
@@ -654,7 +657,10 @@ pub fn expect_multi(
         let mut prev = tensor(m);
         loop {
             let m2 = 2 * m;
-            let too_big = m2 > MAX_DEGREE || m2.checked_pow(r as u32).is_none_or(|p| p > MAX_TENSOR_POINTS);
+            let too_big = m2 > MAX_DEGREE
+                || m2
+                    .checked_pow(r as u32)
+                    .is_none_or(|p| p > MAX_TENSOR_POINTS);
             if too_big {
                 return Estimate {
                     value: prev,
@@ -671,7 +677,9 @@ pub fn expect_multi(
             let scale = next.abs().max(1.0);
             let done = d <= tol * scale;
             let next_too_big = 2 * m2 > MAX_DEGREE
-                || (2 * m2).checked_pow(r as u32).is_none_or(|p| p > MAX_TENSOR_POINTS);
+                || (2 * m2)
+                    .checked_pow(r as u32)
+                    .is_none_or(|p| p > MAX_TENSOR_POINTS);
             if done || next_too_big {
                 return Estimate {
                     value: next,
@@ -760,7 +768,10 @@ mod tests {
             ev.sort_by(|a, b| a.total_cmp(b));
             let r = rule(n);
             for (a, b) in r.nodes.iter().zip(&ev) {
-                assert!((a - b).abs() < 1e-12 * b.abs().max(1.0), "n={n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-12 * b.abs().max(1.0),
+                    "n={n}: {a} vs {b}"
+                );
             }
         }
     }
@@ -815,7 +826,12 @@ mod tests {
             ] {
                 let q = expect2(&th, &th, a, b, cc, c.degree);
                 let hi = expect2(&th, &th, a, b, cc, MAX_DEGREE);
-                assert!((q - hi).abs() <= 1e-10, "v={v} m={}: {}", c.degree, (q - hi).abs());
+                assert!(
+                    (q - hi).abs() <= 1e-10,
+                    "v={v} m={}: {}",
+                    c.degree,
+                    (q - hi).abs()
+                );
             }
         }
     }
@@ -831,14 +847,24 @@ mod tests {
             let th = rho.acos();
             let exact = (th.sin() + (PI - th) * rho) / (2.0 * PI);
             let q = expect2(&relu, &relu, 1.0, rho, 1.0, c.degree);
-            assert!((q - exact).abs() <= c.error, "rho={rho}: {} > {}", (q - exact).abs(), c.error);
+            assert!(
+                (q - exact).abs() <= c.error,
+                "rho={rho}: {} > {}",
+                (q - exact).abs(),
+                c.error
+            );
         }
         let step = |x: f64| if x > 0.0 { 1.0 } else { 0.0 };
         let c = choose_degree_2d(&step, &step, 1.0, 1e-10, 128);
         for &rho in &[-0.9f64, 0.0, 0.5, 0.95] {
             let exact = (PI - rho.acos()) / (2.0 * PI);
             let q = expect2(&step, &step, 1.0, rho, 1.0, c.degree);
-            assert!((q - exact).abs() <= c.error, "step rho={rho}: {} > {}", (q - exact).abs(), c.error);
+            assert!(
+                (q - exact).abs() <= c.error,
+                "step rho={rho}: {} > {}",
+                (q - exact).abs(),
+                c.error
+            );
         }
     }
 
@@ -858,18 +884,24 @@ mod tests {
         let cov = &a * a.transpose();
         // E[x0 x1 x2 x3] by Isserlis = S01 S23 + S02 S13 + S03 S12
         let f = |x: &[f64]| x[0] * x[1] * x[2] * x[3];
-        let exact = cov[(0, 1)] * cov[(2, 3)] + cov[(0, 2)] * cov[(1, 3)] + cov[(0, 3)] * cov[(1, 2)];
+        let exact =
+            cov[(0, 1)] * cov[(2, 3)] + cov[(0, 2)] * cov[(1, 3)] + cov[(0, 3)] * cov[(1, 2)];
         let e = expect_multi(&f, &cov, 1e-12, 1);
-        assert!(matches!(e.method, Method::GaussHermite { dims: 2, .. }), "{e}");
+        assert!(
+            matches!(e.method, Method::GaussHermite { dims: 2, .. }),
+            "{e}"
+        );
         assert!((e.value - exact).abs() < 1e-12, "{e} vs {exact}");
         // Same through rank 4 -> QMC, within 4 SE.
         let cov4 = &cov + DMatrix::<f64>::identity(4, 4) * 0.5;
-        let exact4 = cov4[(0, 1)] * cov4[(2, 3)]
-            + cov4[(0, 2)] * cov4[(1, 3)]
-            + cov4[(0, 3)] * cov4[(1, 2)];
+        let exact4 =
+            cov4[(0, 1)] * cov4[(2, 3)] + cov4[(0, 2)] * cov4[(1, 3)] + cov4[(0, 3)] * cov4[(1, 2)];
         let e4 = expect_multi(&f, &cov4, 1e-3, 7);
         assert!(matches!(e4.method, Method::Qmc { .. }), "{e4}");
-        assert!((e4.value - exact4).abs() < 4.0 * e4.error, "{e4} vs {exact4}");
+        assert!(
+            (e4.value - exact4).abs() < 4.0 * e4.error,
+            "{e4} vs {exact4}"
+        );
         // Rank 0 and non-finite input.
         let z = expect_multi(&|x: &[f64]| x[0] + 3.0, &DMatrix::zeros(2, 2), 1e-10, 0);
         assert_eq!(z.value, 3.0);

@@ -107,7 +107,11 @@ pub fn sobol_points(dim: usize, n: usize) -> Vec<Vec<f64>> {
                 *xj ^= vj[c];
             }
         }
-        out.push(x.iter().map(|&b| b as f64 / 18_446_744_073_709_551_616.0).collect());
+        out.push(
+            x.iter()
+                .map(|&b| b as f64 / 18_446_744_073_709_551_616.0)
+                .collect(),
+        );
     }
     out
 }
@@ -350,7 +354,11 @@ mod tests {
             let x = inv_norm_cdf(p);
             // Phi amplifies a relative change of x by x^2: one ulp of x is ~x^2 1e-16.
             let bound = 1e-14 * x * x;
-            assert!(((phi(x) - p) / p).abs() < bound.max(1e-14), "p=1e-{k}: {}", phi(x));
+            assert!(
+                ((phi(x) - p) / p).abs() < bound.max(1e-14),
+                "p=1e-{k}: {}",
+                phi(x)
+            );
         }
         for i in 1..1000 {
             let p = i as f64 / 1000.0;
@@ -375,7 +383,10 @@ mod tests {
         let f = |z: &[f64]| z.iter().map(|x| x.max(0.0)).product::<f64>();
         let exact = (2.0 * PI).powf(-2.5);
         let r = gaussian_mean(&f, 5, 4096, 16, 11);
-        assert!((r.mean - exact).abs() < 4.0 * r.std_error, "{r:?} vs {exact}");
+        assert!(
+            (r.mean - exact).abs() < 4.0 * r.std_error,
+            "{r:?} vs {exact}"
+        );
         // E[relu(u) relu(v)] with u = z0 + z1 + z2, v = z2 + z3 + z4 (Var 3, Cov 1):
         // arc-cosine kernel (theory.md §3.2).
         let g = |z: &[f64]| (z[0] + z[1] + z[2]).max(0.0) * (z[2] + z[3] + z[4]).max(0.0);
@@ -383,7 +394,10 @@ mod tests {
         let th = rho.acos();
         let exact = 3.0 * (th.sin() + (PI - th) * rho) / (2.0 * PI);
         let r = gaussian_mean(&g, 5, 4096, 16, 12);
-        assert!((r.mean - exact).abs() < 4.0 * r.std_error, "{r:?} vs {exact}");
+        assert!(
+            (r.mean - exact).abs() < 4.0 * r.std_error,
+            "{r:?} vs {exact}"
+        );
         assert!(r.std_error < 1e-3);
     }
 
