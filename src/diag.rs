@@ -209,6 +209,10 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0026", "malformed `observe`"),
     ("E0027", "a statement that is not allowed here"),
     ("E0028", "bad input data (`--inputs`)"),
+    (
+        "E0030",
+        "the limit engine cannot compute this program's limit",
+    ),
     ("W0001", "parameter is never used"),
     ("W0002", "value is computed but never used"),
     ("W0101", "parameterization blows up at initialization"),

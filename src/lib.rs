@@ -11,6 +11,7 @@
 //! assert_eq!(prog.output_names(), ["f"]);
 //! ```
 
+pub mod data;
 pub mod diag;
 pub mod ir;
 pub mod limit;

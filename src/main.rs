@@ -41,6 +41,15 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// The infinite-width limit: Z derivation, NNGP and NTK over the points, observes
+    Limit {
+        file: PathBuf,
+        /// CSV of input points, one per row (cli.md)
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Explain a diagnostic code
     Explain { code: String },
 }
@@ -82,11 +91,57 @@ fn run(cli: Cli) -> Result<(), Reported> {
             };
             print_out(&text)
         }
+        Cmd::Limit {
+            file,
+            inputs,
+            format,
+        } => {
+            let prog = compile_file(&file)?;
+            let points = load_points(&prog, inputs.as_deref())?;
+            let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let r = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let text = if format == Format::Json {
+                serde_json::to_string_pretty(&tpc::report::limit::json(&r))
+                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
+                    + "\n"
+            } else {
+                tpc::report::limit::text(&tpc::limit::derivation_text(&prog, &der), &r)
+            };
+            print_out(&text)
+        }
         Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
             Some((c, m)) => print_out(&format!("{c}: {m}\n")),
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
         },
     }
+}
+
+/// Reads `--inputs`, or the default points (training data, or none needed).
+fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, Reported> {
+    match inputs {
+        Some(path) => {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+            tpc::data::parse_points(prog, &name, &text).map_err(|e| fail(&e.0))
+        }
+        None => tpc::data::default_points(prog).ok_or_else(|| {
+            fail("this program has inputs: pass points with `--inputs FILE` (CSV, one point per row)")
+        }),
+    }
+}
+
+/// A limit that cannot be computed, reported against the node responsible.
+fn limit_fail(file: &Path, prog: &Program, e: &tpc::limit::LimitError) -> Reported {
+    let name = file.display().to_string();
+    match (e.node, std::fs::read_to_string(file)) {
+        (Some(node), Ok(src)) => {
+            let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), prog.node(node).span, "here")
+                .with_help("see theory.md for what the Master Theorem covers; `tpc run` still works at finite width");
+            emit(&name, &src, &[d]);
+        }
+        _ => eprintln!("error: no limit: {}", e.message),
+    }
+    Reported
 }
 
 fn print_out(s: &str) -> Result<(), Reported> {

@@ -395,7 +395,7 @@ fn atom_pair(a: Atom, b: Atom, s11: f64, s12: f64, s22: f64) -> Option<(f64, Fam
     }
     use Atom::*;
     let (sd1, sd2) = (s11.sqrt(), s22.sqrt());
-    let rho = (s12 / (sd1 * sd2)).clamp(-1.0, 1.0);
+    let rho = snap_rho(s12 / (sd1 * sd2));
     let r = match (a, b) {
         (One, One) => (1.0, Families::LINEAR),
         (One, X) => (0.0, Families::LINEAR),
@@ -739,7 +739,7 @@ impl PairKernel {
                     // zero variance: relu(0) = step(0) = 0
                     return (0.0, 0.0);
                 }
-                let rho = (x / n).clamp(-1.0, 1.0);
+                let rho = snap_rho(x / n);
                 let th = rho.acos();
                 let k1 = n * (((1.0 - rho) * (1.0 + rho)).sqrt() + (PI - th) * rho) / (2.0 * PI);
                 let k0 = (PI - th) / (2.0 * PI);
@@ -802,7 +802,7 @@ fn relu_relu(n: f64, s12: f64) -> f64 {
     if n <= 0.0 {
         return 0.0;
     }
-    let rho = (s12 / n).clamp(-1.0, 1.0);
+    let rho = snap_rho(s12 / n);
     n * arccos1(rho) / (2.0 * PI)
 }
 
@@ -815,7 +815,7 @@ fn step_step(n: f64, s12: f64) -> f64 {
     if n <= 0.0 {
         return 0.0;
     }
-    let rho = (s12 / n).clamp(-1.0, 1.0);
+    let rho = snap_rho(s12 / n);
     (PI - rho.acos()) / (2.0 * PI)
 }
 
@@ -1084,6 +1084,24 @@ impl MeanKernel {
 /// larger of the two variances).
 pub fn pair_expectation(f: &Expr, g: &Expr, s11: f64, s12: f64, s22: f64, tol: f64) -> Estimate {
     PairKernel::new(f, g, s11.max(s22), tol).estimate(s11, s12, s22)
+}
+
+/// A correlation clamped to [-1, 1], with values within 1e-14 of ±1 taken as exactly ±1.
+///
+/// Why: `acos` is not Lipschitz at ±1 (θ ≈ sqrt(2(1-ρ))), so the few ulps of round-off
+/// that every covariance recursion leaves on collinear inputs (ρ exactly 1 in exact
+/// arithmetic) would become errors of 1e-8 in θ. Snapping reads such inputs as what they
+/// are; a genuine 1 - ρ below 1e-14 is below the accuracy ρ is known to anyway.
+#[inline]
+pub fn snap_rho(r: f64) -> f64 {
+    const SNAP: f64 = 1e-14;
+    if r >= 1.0 - SNAP {
+        1.0
+    } else if r <= -1.0 + SNAP {
+        -1.0
+    } else {
+        r
+    }
 }
 
 #[cfg(test)]

@@ -1,16 +1,413 @@
-//! Numerics of the infinite-width limit: Gaussian expectations.
+//! The infinite-width limit of a tensor program: the Master Theorem.
 //!
-//! The Master Theorem reduces every limit quantity to expectations of coordinatewise
-//! functions of centered Gaussian vectors (theory.md §1.2). This module computes them:
-//!
+//! * [`zform`]: the Z derivation (theory.md §1.2, §2.1): every vector's `Z^x` as a
+//!   function of base Gaussians, Ż included for programs linear in the Gaussians;
+//! * [`engine`]: the numbers over all points at once: P x P covariance blocks, NNGP, and
+//!   the NTK by tangent kernels under gradient independence (theory.md §2.2–2.3);
 //! * [`dual`]: closed-form kernels ("dual activations", theory.md §3.2) recognized from
-//!   the IR's [`crate::ir::expr::Expr`], with Gauss–Hermite fallback, evaluated on whole
-//!   covariance blocks (the hot path of the NNGP/NTK recursions of theory.md §3.1);
+//!   the IR's expressions, with Gauss–Hermite fallback, on whole covariance blocks;
 //! * [`gauss`]: Gauss–Hermite rules and 1-, 2- and k-dimensional expectations with
-//!   degree selection for a stated accuracy (theory.md §3.3), and the [`gauss::Estimate`]
-//!   type (value, error, method) that is reported to users;
+//!   degree selection for a stated accuracy (theory.md §3.3), and [`gauss::Estimate`];
 //! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3.
+//!
+//! This module knows the IR, never the syntax.
 
 pub mod dual;
+pub mod engine;
 pub mod gauss;
 pub mod qmc;
+pub mod zform;
+
+use std::collections::HashMap;
+
+use nalgebra::DMatrix;
+
+use crate::ir::{Monomial, NodeId, Op, OutTerm, Program, Rational, Shape};
+use engine::{Engine, Scaled};
+use zform::{Derivation, GaussKind};
+
+/// The limit quantities of a program on a set of points (cli.md's `limit` JSON).
+#[derive(Clone, Debug)]
+pub struct LimitResult {
+    pub outputs: Vec<String>,
+    pub points: Vec<Vec<f64>>,
+    /// O*P x O*P, output-major; None with a note when the limit is not finite.
+    pub nngp: Option<DMatrix<f64>>,
+    pub nngp_note: Option<String>,
+    pub ntk: Option<DMatrix<f64>>,
+    pub ntk_note: Option<String>,
+    /// Each observe: one value per point (one value when it does not depend on the point).
+    pub observe: Vec<(String, Vec<f64>)>,
+    /// How the numbers were computed.
+    pub methods: Vec<String>,
+    /// Largest stated absolute error of any expectation used.
+    pub max_error: f64,
+}
+
+/// Why the limit could not be computed.
+#[derive(Clone, Debug)]
+pub struct LimitError {
+    pub node: Option<NodeId>,
+    pub message: String,
+}
+
+impl std::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The Z derivation of a program.
+pub fn derivation(prog: &Program) -> Result<Derivation, LimitError> {
+    Derivation::new(prog).map_err(|u| LimitError {
+        node: u.node,
+        message: u.reason,
+    })
+}
+
+/// P x d values of every input node from rows of points (all inputs concatenated, each
+/// sequence time-major, cli.md). A program without inputs has one (empty) point.
+fn input_values(prog: &Program, points: &[Vec<f64>]) -> HashMap<NodeId, DMatrix<f64>> {
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    for d in &prog.inputs {
+        offsets.push(off);
+        off += d.row_len();
+    }
+    let mut out = HashMap::new();
+    for id in prog.ids() {
+        if let Op::Input { input, time } = prog.node(id).op {
+            let d = prog.inputs[input].dim;
+            let base = offsets[input] + (time.unwrap_or(1) - 1) * d;
+            let m = DMatrix::from_fn(points.len(), d, |p, j| {
+                points[p].get(base + j).copied().unwrap_or(0.0)
+            });
+            out.insert(id, m);
+        }
+    }
+    out
+}
+
+/// Everything `tpc limit` reports.
+pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitError> {
+    let der = derivation(prog)?;
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points.to_vec()
+    };
+    let p = points.len();
+    let mut eng = Engine::new(prog, &der, p, input_values(prog, &points));
+    let err = |e: engine::NumError| LimitError {
+        node: None,
+        message: e.0,
+    };
+
+    let o = prog.outputs.len();
+    let mut nngp = DMatrix::zeros(o * p, o * p);
+    let mut ntk = DMatrix::zeros(o * p, o * p);
+    let mut nngp_note = None;
+    let mut ntk_note = None;
+    let mut ntk_exp = Rational::ZERO;
+    let mut nngp_ok = true;
+    let gia = !der.has_transpose;
+    if !gia {
+        ntk_note = Some(
+            "not derived: the forward program multiplies by a matrix and its transpose, so the gradient \
+             independence assumption behind tpc's NTK (theory.md §2.2) does not hold"
+                .to_string(),
+        );
+    }
+    for (a, &oa) in prog.outputs.iter().enumerate() {
+        for (b, &ob) in prog.outputs.iter().enumerate().skip(a) {
+            let (k, t) = output_pair(prog, &mut eng, oa, ob, gia).map_err(err)?;
+            match k.limit_of() {
+                Some(m) => set_block(&mut nngp, a, b, p, &m),
+                None => {
+                    nngp_ok = false;
+                    nngp_note = Some(format!(
+                        "the outputs grow like n^({}) at initialization: the NNGP has no finite limit",
+                        k.exp * Rational::HALF
+                    ));
+                }
+            }
+            if let Some(t) = t {
+                if t.exp > ntk_exp {
+                    ntk_exp = t.exp;
+                }
+                if let Some(m) = t.limit_of() {
+                    set_block(&mut ntk, a, b, p, &m);
+                }
+            }
+        }
+    }
+    let ntk = if !gia {
+        None
+    } else if ntk_exp > Rational::ZERO {
+        ntk_note = Some(format!(
+            "the NTK grows like n^({ntk_exp}): with these learning rates one step moves the output by a \
+             diverging amount (the kernel divided by n^({ntk_exp}) has a limit)"
+        ));
+        None
+    } else {
+        Some(ntk)
+    };
+
+    let mut observe = Vec::new();
+    for &m in &prog.observes {
+        let Op::Moment(e) = &prog.node(m).op else {
+            continue;
+        };
+        let ops = prog.operands(m);
+        let zs: Vec<zform::ZForm> = ops
+            .iter()
+            .map(|o| {
+                der.zform(*o).cloned().ok_or_else(|| LimitError {
+                    node: Some(m),
+                    message: "moment of a non-vector".into(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let z = zform::apply(e, &zs);
+        let v = eng.zmean(&z).map_err(err)?;
+        let vals: Vec<f64> = v.iter().copied().collect();
+        let constant = vals
+            .iter()
+            .all(|x| (x - vals[0]).abs() <= 1e-14 * (1.0 + x.abs()));
+        observe.push((prog.label(m), if constant { vec![vals[0]] } else { vals }));
+    }
+    Ok(LimitResult {
+        outputs: prog.output_names(),
+        points: if prog.inputs.is_empty() {
+            Vec::new()
+        } else {
+            points
+        },
+        nngp: nngp_ok.then_some(nngp),
+        nngp_note,
+        ntk,
+        ntk_note,
+        observe,
+        methods: eng.methods.iter().cloned().collect(),
+        max_error: eng.max_error,
+    })
+}
+
+fn set_block(dst: &mut DMatrix<f64>, a: usize, b: usize, p: usize, m: &DMatrix<f64>) {
+    dst.view_mut((a * p, b * p), (p, p)).copy_from(m);
+    if a != b {
+        dst.view_mut((b * p, a * p), (p, p))
+            .copy_from(&m.transpose());
+    }
+}
+
+impl Scaled {
+    /// The n -> infinity limit: the block when the exponent is 0, zero when negative,
+    /// None when it diverges.
+    pub fn limit_of(&self) -> Option<DMatrix<f64>> {
+        if self.exp.is_zero() || self.m.iter().all(|v| *v == 0.0) {
+            Some(self.m.clone())
+        } else if self.exp < Rational::ZERO {
+            Some(DMatrix::zeros(self.m.nrows(), self.m.ncols()))
+        } else {
+            None
+        }
+    }
+}
+
+/// NNGP and NTK blocks between two outputs (theory.md §1.2 GP corollary, §2.3).
+fn output_pair(
+    prog: &Program,
+    eng: &mut Engine<'_>,
+    oa: NodeId,
+    ob: NodeId,
+    gia: bool,
+) -> Result<(Scaled, Option<Scaled>), engine::NumError> {
+    let p = eng.p;
+    let terms = |o: NodeId| -> Vec<(f64, NodeId, Option<NodeId>)> {
+        let ops = prog.operands(o);
+        match &prog.node(o).op {
+            Op::Output { terms, .. } => terms
+                .iter()
+                .map(|t| match t {
+                    OutTerm::Readout {
+                        coef,
+                        readout,
+                        vector,
+                    } => (*coef, ops[*readout], Some(ops[*vector])),
+                    OutTerm::Scalar { coef, param } => (*coef, ops[*param], None),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let (ta, tb) = (terms(oa), terms(ob));
+    let mut k = Scaled {
+        m: DMatrix::zeros(p, p),
+        exp: Rational::ZERO,
+    };
+    let mut t = Scaled {
+        m: DMatrix::zeros(p, p),
+        exp: Rational::ZERO,
+    };
+    let n = Monomial::n_pow(Rational::ONE);
+    for &(ca, ra, xa) in &ta {
+        for &(cb, rb, xb) in &tb {
+            if ra != rb {
+                continue; // independent readouts (or biases) do not covary
+            }
+            let Some(prm) = prog.param_of(ra) else {
+                continue;
+            };
+            let law = prm.law;
+            let c = Monomial::constant(ca * cb);
+            match (xa, xb, prm.shape) {
+                (Some(xa), Some(xb), Shape::Readout) => {
+                    // f = v . x: Cov = n Var(v_a) E[Z^x Z^x'] = sigma_v^2 E[Z^x Z^x'].
+                    let e = eng.vv(xa, xb)?;
+                    let s2 = n * law.entry_var() * c;
+                    k = add_scaled(
+                        k,
+                        Scaled {
+                            m: e.clone(),
+                            exp: Rational::ZERO,
+                        }
+                        .mul_mono(s2),
+                    );
+                    if gia {
+                        // d f/d v: lr mult^2 (x . x') = lr mult^2 n E[Z^x Z^x'];
+                        // through x: Var(v_a) sum_a T(x_a, x'_a) = sigma_v^2 T(x, x').
+                        let own = Scaled {
+                            m: e,
+                            exp: Rational::ZERO,
+                        }
+                        .mul_mono(law.lr * law.mult.powi(2) * n * c);
+                        let through = eng.tvec(xa, xb)?.mul_mono(s2);
+                        t = add_scaled(add_scaled(t, own), through);
+                    }
+                }
+                (None, None, _) => {
+                    let ones = DMatrix::from_element(p, p, 1.0);
+                    k = add_scaled(
+                        k,
+                        Scaled {
+                            m: ones.clone(),
+                            exp: Rational::ZERO,
+                        }
+                        .mul_mono(law.entry_var() * c),
+                    );
+                    t = add_scaled(
+                        t,
+                        Scaled {
+                            m: ones,
+                            exp: Rational::ZERO,
+                        }
+                        .mul_mono(law.lr * law.mult.powi(2) * c),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((k, gia.then_some(t)))
+}
+
+fn add_scaled(a: Scaled, b: Scaled) -> Scaled {
+    a.plus(b)
+}
+
+/// The Z derivation as text, one line per vector (what `tpc limit` prints first).
+pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
+    let mut out = String::new();
+    let z = |id: NodeId| format!("Z^{}", prog.label(id));
+    for id in prog.ids() {
+        let ops = prog.operands(id);
+        let line = match &prog.node(id).op {
+            Op::Param(pi) if prog.params[*pi].shape == Shape::Vector => match der.own[id.index()] {
+                Some(g) => match der.gauss[g].kind {
+                    GaussKind::Initial { var, .. } => format!("{} ~ N(0, {})", z(id), fmt(var)),
+                    _ => continue,
+                },
+                _ => format!("{} = 0", z(id)),
+            },
+            Op::MatMul { transpose } => {
+                let w = prog.label(ops[0]);
+                let t = if *transpose { ".T" } else { "" };
+                match der.own[id.index()].map(|g| der.gauss[g].kind.clone()) {
+                    Some(GaussKind::InputLayer { var, input, .. }) => {
+                        let x = prog.label(input);
+                        format!(
+                            "{} = Ẑ^{{{w} {x}}},  Ẑ ~ N(0, {} {x}·{x}')",
+                            z(id),
+                            fmt(var)
+                        )
+                    }
+                    Some(GaussKind::Hat { sigma2, arg, .. }) => {
+                        let mut s = format!("{} = Ẑ^{{{w}{t} {}}}", z(id), prog.label(arg));
+                        for (_g, c, y) in &der.zdot[id.index()] {
+                            s.push_str(&format!(" + {}·{}", fmt(*c), z(*y)));
+                        }
+                        let fam = der.gauss.iter().filter(|g| matches!(&g.kind, GaussKind::Hat { param, transpose: tt, .. } if prog.params[*param].node == ops[0] && tt == transpose)).count();
+                        s.push_str(&format!(
+                            ",  Cov(Ẑ^{{{w}{t} a}}, Ẑ^{{{w}{t} b}}) = {} E[Z^a Z^b]  ({fam} in this family)",
+                            fmt(sigma2)
+                        ));
+                        if !der.zdot[id.index()].is_empty() {
+                            s.push_str(&format!(",  Ż from {w} and {w}.T (theory.md §2.1)"));
+                        }
+                        s
+                    }
+                    _ => format!("{} = 0  (the variance vanishes as n grows)", z(id)),
+                }
+            }
+            Op::Nonlin(e) => {
+                let names: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                format!("{} = {}", z(id), e.display(&|i| names[i].clone()))
+            }
+            Op::Moment(e) => {
+                let names: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                format!(
+                    "{} -> E[{}]",
+                    prog.label(id),
+                    e.display(&|i| names[i].clone())
+                )
+            }
+            Op::Output { terms, .. } => {
+                let parts: Vec<String> = terms
+                    .iter()
+                    .map(|t| match t {
+                        OutTerm::Readout {
+                            readout, vector, ..
+                        } => {
+                            let prm = prog.param_of(ops[*readout]);
+                            let s2 =
+                                prm.map(|p| Monomial::n_pow(Rational::ONE) * p.law.entry_var());
+                            format!(
+                                "{} E[{} {}']",
+                                s2.map_or("?".into(), |m| m.to_string()),
+                                z(ops[*vector]),
+                                z(ops[*vector])
+                            )
+                        }
+                        OutTerm::Scalar { param, .. } => {
+                            format!("Var({})", prog.label(ops[*param]))
+                        }
+                    })
+                    .collect();
+                format!(
+                    "{} ~ Gaussian process, covariance {}",
+                    prog.label(id),
+                    parts.join(" + ")
+                )
+            }
+            _ => continue,
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+fn fmt(v: f64) -> String {
+    crate::ir::expr::fmt_num((v * 1e12).round() / 1e12)
+}

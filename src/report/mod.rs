@@ -4,3 +4,4 @@
 //! JSON outputs of cli.md stay in one place.
 
 pub mod graph;
+pub mod limit;

@@ -1,0 +1,540 @@
+//! Numerics of the limit over all input points at once.
+//!
+//! Every quantity is a P x P block over the points: the covariance of two base
+//! Gaussians, of two linear forms, or `E[Z^x Z^y]` of two vectors; never P^2 separate
+//! scalar programs. Blocks are memoized, and dropped as soon as the last quantity that
+//! reads them is done (reference counts from a dry run), so a deep MLP holds a few
+//! blocks at a time rather than one per layer.
+//!
+//! The NTK uses forward-mode tangent kernels under gradient independence (theory.md
+//! §2.2–2.3): `T(g, g')` for base Gaussians and `T(x, y)` for vectors, each carrying an
+//! exponent of n, since under muP individual contributions are Θ(n) and only the
+//! readout brings them back to Θ(1). Summing the contributions layer by layer is the
+//! backward formula of §2.3 read in the other order (Horner's rule), which needs only
+//! the current layer's blocks.
+
+use std::collections::{BTreeSet, HashMap};
+
+use nalgebra::{DMatrix, DVector};
+
+use super::dual::{MeanKernel, PairKernel};
+use super::gauss;
+use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, ZForm};
+use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational};
+
+/// A block with an exponent of n: the quantity is `m * n^exp` to leading order.
+#[derive(Clone, Debug)]
+pub struct Scaled {
+    pub m: DMatrix<f64>,
+    pub exp: Rational,
+}
+
+impl Scaled {
+    fn zero(p: usize) -> Scaled {
+        Scaled {
+            m: DMatrix::zeros(p, p),
+            exp: Rational::ZERO,
+        }
+    }
+    /// Leading-order sum: the term with the larger exponent wins.
+    fn add(self, o: Scaled) -> Scaled {
+        if o.m.iter().all(|v| *v == 0.0) {
+            return self;
+        }
+        if self.m.iter().all(|v| *v == 0.0) {
+            return o;
+        }
+        match self.exp.cmp(&o.exp) {
+            std::cmp::Ordering::Less => o,
+            std::cmp::Ordering::Greater => self,
+            std::cmp::Ordering::Equal => Scaled {
+                m: self.m + o.m,
+                exp: self.exp,
+            },
+        }
+    }
+    /// `self + o` to leading order.
+    pub fn plus(self, o: Scaled) -> Scaled {
+        self.add(o)
+    }
+    /// `self * c` for a monomial c.
+    pub fn mul_mono(self, c: Monomial) -> Scaled {
+        self.times(c)
+    }
+    fn times(mut self, c: Monomial) -> Scaled {
+        self.m *= c.coef;
+        self.exp = self.exp + c.exp;
+        self
+    }
+}
+
+/// Accuracy target of quadrature (absolute, relative to max(1, |value|)).
+pub const TOL: f64 = 1e-11;
+
+/// The numerical engine for one program on one set of points.
+pub struct Engine<'a> {
+    prog: &'a Program,
+    der: &'a Derivation,
+    pub p: usize,
+    /// P x d values of each `Input` node.
+    inputs: HashMap<NodeId, DMatrix<f64>>,
+    /// Interned linear forms.
+    forms: Vec<LinForm>,
+    lcov: HashMap<(usize, usize), DMatrix<f64>>,
+    vv: HashMap<(NodeId, NodeId), DMatrix<f64>>,
+    tg: HashMap<(GaussId, GaussId), Scaled>,
+    tv: HashMap<(NodeId, NodeId), Scaled>,
+    kernels: HashMap<(String, String), (PairKernel, f64)>,
+    /// How the numbers were computed, for the report.
+    pub methods: BTreeSet<String>,
+    /// Largest stated error of any expectation used (absolute).
+    pub max_error: f64,
+    seed: u64,
+}
+
+/// An error in evaluating the limit (non-finite numbers).
+#[derive(Debug, Clone)]
+pub struct NumError(pub String);
+
+type R<T> = Result<T, NumError>;
+
+impl<'a> Engine<'a> {
+    pub fn new(
+        prog: &'a Program,
+        der: &'a Derivation,
+        p: usize,
+        inputs: HashMap<NodeId, DMatrix<f64>>,
+    ) -> Engine<'a> {
+        Engine {
+            prog,
+            der,
+            p,
+            inputs,
+            forms: Vec::new(),
+            lcov: HashMap::new(),
+            vv: HashMap::new(),
+            tg: HashMap::new(),
+            tv: HashMap::new(),
+            kernels: HashMap::new(),
+            methods: BTreeSet::new(),
+            max_error: 0.0,
+            seed: 0x7bc_2024,
+        }
+    }
+
+    fn intern(&mut self, l: &LinForm) -> usize {
+        match self.forms.iter().position(|x| x == l) {
+            Some(i) => i,
+            None => {
+                self.forms.push(l.clone());
+                self.forms.len() - 1
+            }
+        }
+    }
+
+    // ---- covariances ------------------------------------------------------------
+
+    /// `Cov(G_j(xi_p), G_k(xi_q))`, or None when independent.
+    fn gcov(&mut self, j: GaussId, k: GaussId) -> R<Option<DMatrix<f64>>> {
+        let (gj, gk) = (&self.der.gauss[j], &self.der.gauss[k]);
+        if gj.family() != gk.family() {
+            return Ok(None);
+        }
+        let p = self.p;
+        Ok(Some(match (&gj.kind, &gk.kind) {
+            (GaussKind::Initial { var, .. }, _) => DMatrix::from_element(p, p, *var),
+            (
+                GaussKind::InputLayer { input: a, var, .. },
+                GaussKind::InputLayer { input: b, .. },
+            ) => {
+                let (xa, xb) = (&self.inputs[a], &self.inputs[b]);
+                (xa * xb.transpose()) * *var
+            }
+            (GaussKind::Hat { arg: a, sigma2, .. }, GaussKind::Hat { arg: b, .. }) => {
+                let s2 = *sigma2;
+                self.vv(*a, *b)? * s2
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// `Cov(L(xi_p), M(xi_q))` of two linear forms.
+    fn lcov(&mut self, l: &LinForm, m: &LinForm) -> R<DMatrix<f64>> {
+        let (a, b) = (self.intern(l), self.intern(m));
+        if let Some(c) = self.lcov.get(&(a, b)) {
+            return Ok(c.clone());
+        }
+        if let Some(c) = self.lcov.get(&(b, a)) {
+            return Ok(c.transpose());
+        }
+        let mut out = DMatrix::zeros(self.p, self.p);
+        for &(j, cj) in &l.0 {
+            for &(k, ck) in &m.0 {
+                if let Some(c) = self.gcov(j, k)? {
+                    out += c * (cj * ck);
+                }
+            }
+        }
+        check(&out, "a covariance")?;
+        self.lcov.insert((a, b), out.clone());
+        Ok(out)
+    }
+
+    // ---- expectations -------------------------------------------------------------
+
+    /// `E[Z^x(xi_p) Z^y(xi_q)]` for two vector nodes.
+    pub fn vv(&mut self, x: NodeId, y: NodeId) -> R<DMatrix<f64>> {
+        if let Some(m) = self.vv.get(&(x, y)) {
+            return Ok(m.clone());
+        }
+        if let Some(m) = self.vv.get(&(y, x)) {
+            return Ok(m.transpose());
+        }
+        let (zx, zy) = (self.zf(x)?, self.zf(y)?);
+        let m = self.zz(&zx, &zy, x == y)?;
+        self.vv.insert((x, y), m.clone());
+        Ok(m)
+    }
+
+    fn zf(&self, x: NodeId) -> R<ZForm> {
+        self.der
+            .zform(x)
+            .cloned()
+            .ok_or_else(|| NumError(format!("`{}` has no Z", self.prog.label(x))))
+    }
+
+    /// The terms of a Z: (coefficient, atom); the linear part is the atom `id(L)` and the
+    /// constant is the atom `1`.
+    fn terms(z: &ZForm) -> Vec<(f64, Atom)> {
+        let mut t = Vec::new();
+        if !z.lin.is_zero() {
+            t.push((
+                1.0,
+                Atom {
+                    f: Expr::Arg(0),
+                    args: vec![z.lin.clone()],
+                },
+            ));
+        }
+        t.extend(z.atoms.iter().cloned());
+        if z.constant != 0.0 {
+            t.push((
+                z.constant,
+                Atom {
+                    f: Expr::Const(1.0),
+                    args: vec![],
+                },
+            ));
+        }
+        t
+    }
+
+    /// `E[Z_a(xi_p) Z_b(xi_q)]` for two Z forms.
+    pub fn zz(&mut self, za: &ZForm, zb: &ZForm, symmetric: bool) -> R<DMatrix<f64>> {
+        let mut out = DMatrix::zeros(self.p, self.p);
+        let (ta, tb) = (Self::terms(za), Self::terms(zb));
+        for (ca, a) in &ta {
+            for (cb, b) in &tb {
+                let blk = self.atom_pair(a, b, symmetric && ta == tb)?;
+                out += blk * (ca * cb);
+            }
+        }
+        check(&out, "an expectation")?;
+        Ok(out)
+    }
+
+    /// Per-point mean `E[Z(xi_p)]`.
+    pub fn zmean(&mut self, z: &ZForm) -> R<DVector<f64>> {
+        let mut out = DVector::from_element(self.p, 0.0);
+        for (c, a) in Self::terms(z) {
+            out += self.atom_mean(&a)? * c;
+        }
+        Ok(out)
+    }
+
+    fn atom_mean(&mut self, a: &Atom) -> R<DVector<f64>> {
+        let p = self.p;
+        match a.args.len() {
+            0 => Ok(DVector::from_element(p, a.f.eval(&[]))),
+            1 => {
+                let d = self.lcov(&a.args[0], &a.args[0])?.diagonal();
+                let k = MeanKernel::new(&a.f, d.max().max(1e-3), TOL);
+                self.note(k.method().to_string(), k.error_bound());
+                Ok(DVector::from_iterator(p, d.iter().map(|&s| k.eval(s))))
+            }
+            _ => {
+                let mut out = DVector::zeros(p);
+                for i in 0..p {
+                    let cov = self.joint_cov(&a.args, i, &[], i)?;
+                    let f = a.f.clone();
+                    let est =
+                        gauss::expect_multi(&move |x: &[f64]| f.eval(x), &cov, TOL, self.seed);
+                    self.note(est.method.to_string(), est.error);
+                    out[i] = est.value;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Covariance of `[L_1(xi_p) .. L_m(xi_p), M_1(xi_q) .. M_k(xi_q)]`.
+    fn joint_cov(&mut self, la: &[LinForm], p: usize, lb: &[LinForm], q: usize) -> R<DMatrix<f64>> {
+        let all: Vec<(&LinForm, usize)> = la
+            .iter()
+            .map(|l| (l, p))
+            .chain(lb.iter().map(|l| (l, q)))
+            .collect();
+        let k = all.len();
+        let mut c = DMatrix::zeros(k, k);
+        for i in 0..k {
+            for j in i..k {
+                let blk = self.lcov(all[i].0, all[j].0)?;
+                let v = blk[(all[i].1, all[j].1)];
+                c[(i, j)] = v;
+                c[(j, i)] = v;
+            }
+        }
+        Ok(c)
+    }
+
+    fn atom_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<DMatrix<f64>> {
+        let p = self.p;
+        // A constant function of its forms is a constant atom.
+        let konst = |x: &Atom| {
+            if x.f.is_constant() && !x.args.is_empty() {
+                Some(Atom {
+                    f: x.f.clone(),
+                    args: vec![],
+                })
+            } else {
+                None
+            }
+        };
+        if let Some(a) = konst(a) {
+            return self.atom_pair(&a, b, false);
+        }
+        if let Some(b) = konst(b) {
+            return self.atom_pair(a, &b, false);
+        }
+        match (a.args.len(), b.args.len()) {
+            (0, _) => {
+                let mb = self.atom_mean(b)?;
+                let c = a.f.eval(&[]);
+                Ok(DMatrix::from_fn(p, p, |_, q| c * mb[q]))
+            }
+            (_, 0) => {
+                let ma = self.atom_mean(a)?;
+                let c = b.f.eval(&[]);
+                Ok(DMatrix::from_fn(p, p, |i, _| c * ma[i]))
+            }
+            (1, 1) => {
+                let cross = self.lcov(&a.args[0], &b.args[0])?;
+                if a.f == Expr::Arg(0) && b.f == Expr::Arg(0) {
+                    return Ok(cross);
+                }
+                let d1: Vec<f64> = self
+                    .lcov(&a.args[0], &a.args[0])?
+                    .diagonal()
+                    .iter()
+                    .copied()
+                    .collect();
+                let d2: Vec<f64> = self
+                    .lcov(&b.args[0], &b.args[0])?
+                    .diagonal()
+                    .iter()
+                    .copied()
+                    .collect();
+                let vmax = d1.iter().chain(&d2).fold(0.0f64, |x, &v| x.max(v));
+                let key = self.kernel(&a.f, &b.f, vmax);
+                let sym = symmetric && a.args[0] == b.args[0] && a.f == b.f;
+                Ok(self.kernels[&key].0.block(&d1, &d2, &cross, sym))
+            }
+            _ => {
+                let mut out = DMatrix::zeros(p, p);
+                let m = a.args.len();
+                for i in 0..p {
+                    for j in 0..p {
+                        if symmetric && j < i {
+                            out[(i, j)] = out[(j, i)];
+                            continue;
+                        }
+                        let cov = self.joint_cov(&a.args, i, &b.args, j)?;
+                        let (fa, fb) = (a.f.clone(), b.f.clone());
+                        let f = move |x: &[f64]| fa.eval(&x[..m]) * fb.eval(&x[m..]);
+                        let est = gauss::expect_multi(&f, &cov, TOL, self.seed);
+                        self.note(est.method.to_string(), est.error);
+                        out[(i, j)] = est.value;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Prepares (once) the pair kernel of two functions; returns its cache key.
+    /// Prepares the pair kernel of two functions for variances up to `vmax` (once per
+    /// pair, again only if larger variances appear); returns its cache key.
+    fn kernel(&mut self, f: &Expr, g: &Expr, vmax: f64) -> (String, String) {
+        let key = (format!("{f:?}"), format!("{g:?}"));
+        let fresh = self.kernels.get(&key).is_none_or(|k| k.1 < vmax);
+        if fresh {
+            let v = vmax.max(1e-3);
+            let k = PairKernel::new(f, g, v, TOL);
+            self.note(k.method().to_string(), k.error_bound());
+            self.kernels.insert(key.clone(), (k, v));
+        }
+        key
+    }
+
+    fn note(&mut self, method: String, err: f64) {
+        self.methods.insert(method);
+        if err.is_finite() {
+            self.max_error = self.max_error.max(err);
+        }
+    }
+
+    // ---- tangent kernels (NTK) -------------------------------------------------------
+
+    /// Tangent kernel of two base Gaussians: `sum_w lr_w <dG/dw, dG'/dw>` per coordinate.
+    fn tgauss(&mut self, j: GaussId, k: GaussId) -> R<Option<Scaled>> {
+        if let Some(s) = self.tg.get(&(j, k)) {
+            return Ok(Some(s.clone()));
+        }
+        let (gj, gk) = (self.der.gauss[j].clone(), self.der.gauss[k].clone());
+        if gj.family() != gk.family() {
+            return Ok(None);
+        }
+        let p = self.p;
+        let out = match (&gj.kind, &gk.kind) {
+            (GaussKind::Initial { param, .. }, _) => {
+                let law = self.prog.params[*param].law;
+                Scaled {
+                    m: DMatrix::from_element(p, p, 1.0),
+                    exp: Rational::ZERO,
+                }
+                .times(law.lr * law.mult.powi(2))
+            }
+            (
+                GaussKind::InputLayer {
+                    param, input: a, ..
+                },
+                GaussKind::InputLayer { input: b, .. },
+            ) => {
+                let law = self.prog.params[*param].law;
+                let m = &self.inputs[a] * self.inputs[b].transpose();
+                Scaled {
+                    m,
+                    exp: Rational::ZERO,
+                }
+                .times(law.lr * law.mult.powi(2))
+            }
+            (
+                GaussKind::Hat {
+                    param,
+                    arg: a,
+                    sigma2,
+                    ..
+                },
+                GaussKind::Hat { arg: b, .. },
+            ) => {
+                // d(W h)_a/dW: lr mult^2 (h . h') = lr mult^2 n E[Z^h Z^h'];
+                // through h: sigma^2 times the tangent kernel of h.
+                let law = self.prog.params[*param].law;
+                let (a, b, s2) = (*a, *b, *sigma2);
+                let own = Scaled {
+                    m: self.vv(a, b)?,
+                    exp: Rational::ZERO,
+                }
+                .times(law.lr * law.mult.powi(2) * Monomial::n_pow(Rational::ONE));
+                let through = self.tvec(a, b)?.times(Monomial::constant(s2));
+                own.add(through)
+            }
+            _ => return Ok(None),
+        };
+        self.tg.insert((j, k), out.clone());
+        Ok(Some(out))
+    }
+
+    fn tlin(&mut self, l: &LinForm, m: &LinForm) -> R<Scaled> {
+        let mut out = Scaled::zero(self.p);
+        for &(j, cj) in &l.0 {
+            for &(k, ck) in &m.0 {
+                if let Some(t) = self.tgauss(j, k)? {
+                    out = out.add(t.times(Monomial::constant(cj * ck)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tangent kernel of two vectors (per coordinate, the diagonal of the n x n kernel).
+    pub fn tvec(&mut self, x: NodeId, y: NodeId) -> R<Scaled> {
+        if let Some(s) = self.tv.get(&(x, y)) {
+            return Ok(s.clone());
+        }
+        if let Some(s) = self.tv.get(&(y, x)) {
+            return Ok(Scaled {
+                m: s.m.transpose(),
+                exp: s.exp,
+            });
+        }
+        let (zx, zy) = (self.zf(x)?, self.zf(y)?);
+        let out = self.tz(&zx, &zy, x == y)?;
+        self.tv.insert((x, y), out.clone());
+        Ok(out)
+    }
+
+    /// Tangent kernel of two Z forms: for atoms f(L), g(M) of one form each,
+    /// `E[f'(L) g'(M)] * T(L, M)`; for several forms, the sum over pairs of partials.
+    pub fn tz(&mut self, za: &ZForm, zb: &ZForm, symmetric: bool) -> R<Scaled> {
+        let mut out = Scaled::zero(self.p);
+        let (ta, tb) = (Self::terms(za), Self::terms(zb));
+        for (ca, a) in &ta {
+            for (cb, b) in &tb {
+                for i in 0..a.args.len() {
+                    for j in 0..b.args.len() {
+                        let t = self.tlin(&a.args[i], &b.args[j])?;
+                        if t.m.iter().all(|v| *v == 0.0) {
+                            continue;
+                        }
+                        let da = Atom {
+                            f: a.f.diff(i),
+                            args: a.args.clone(),
+                        };
+                        let db = Atom {
+                            f: b.f.diff(j),
+                            args: b.args.clone(),
+                        };
+                        let e = self.atom_pair(&da, &db, symmetric && ta == tb && i == j)?;
+                        let m = e.component_mul(&t.m) * (ca * cb);
+                        out = out.add(Scaled { m, exp: t.exp });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The inputs of the engine, for reports.
+    pub fn input_node_values(&self) -> &HashMap<NodeId, DMatrix<f64>> {
+        &self.inputs
+    }
+
+    /// Whether a node is a vector the engine knows.
+    pub fn is_vector(&self, x: NodeId) -> bool {
+        !matches!(
+            self.prog.node(x).op,
+            Op::Input { .. } | Op::Output { .. } | Op::Moment(_)
+        )
+    }
+}
+
+fn check(m: &DMatrix<f64>, what: &str) -> R<()> {
+    if m.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(NumError(format!(
+            "{what} is not finite (overflow or NaN in the limit)"
+        )))
+    }
+}

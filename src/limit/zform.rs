@@ -1,0 +1,484 @@
+//! The Z derivation of the Master Theorem (theory.md §1.2, §2.1): for every vector of the
+//! program, its limit `Z^x` as a function of base Gaussians.
+//!
+//! Base Gaussians ("G-vars") are the Ẑ parts of matrix products and the initial vectors.
+//! Every `Z^x` is put in a canonical form
+//!
+//! ```text
+//!   Z^x = L(G) + sum_k c_k f_k(L_k1(G), ..., L_km(G)) + c_0
+//! ```
+//!
+//! with centered linear forms `L` over base Gaussians. Most networks give atoms of one
+//! linear form (`tanh(Ẑ^{W h} + Ẑ^{U x} + Z^b)` is `tanh` of one Gaussian), whose pair
+//! expectations have closed forms or 2-D quadrature; programs whose Z are linear (random
+//! matrix moments) are handled exactly, Ż included.
+
+use std::collections::BTreeMap;
+
+use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational, Shape, Ty};
+
+/// Index of a base Gaussian.
+pub type GaussId = usize;
+
+/// What a base Gaussian is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GaussKind {
+    /// An initial vector `param b : n`, the same at every point; variance `var`.
+    Initial { param: usize, var: f64 },
+    /// `U @ x` for an input-layer matrix: `sum_i x_i Z^{U_i}`, covariance `var * x.x'`.
+    InputLayer {
+        param: usize,
+        input: NodeId,
+        var: f64,
+    },
+    /// Ẑ of a hidden `W @ h` or `W.T @ h`: covariance `sigma2 * E[Z^h Z^h']` within the
+    /// family (W, transpose), independent of everything else (theory.md §2.1).
+    Hat {
+        param: usize,
+        transpose: bool,
+        arg: NodeId,
+        node: NodeId,
+        sigma2: f64,
+    },
+}
+
+/// A base Gaussian and the family it belongs to (only same-family Gaussians correlate).
+#[derive(Clone, Debug)]
+pub struct Gauss {
+    pub kind: GaussKind,
+    pub name: String,
+}
+
+impl Gauss {
+    /// Two base Gaussians correlate only within one family.
+    pub fn family(&self) -> (usize, u8) {
+        match self.kind {
+            GaussKind::Initial { param, .. } => (param, 0),
+            GaussKind::InputLayer { param, .. } => (param, 1),
+            GaussKind::Hat {
+                param, transpose, ..
+            } => (param, 2 + u8::from(transpose)),
+        }
+    }
+}
+
+/// A centered linear form `sum_j a_j G_j`, sorted by Gaussian, no zero coefficients.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct LinForm(pub Vec<(GaussId, f64)>);
+
+impl LinForm {
+    pub fn single(g: GaussId) -> LinForm {
+        LinForm(vec![(g, 1.0)])
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// `self + c * other`.
+    pub fn axpy(&mut self, c: f64, other: &LinForm) {
+        if c == 0.0 {
+            return;
+        }
+        let mut m: BTreeMap<GaussId, f64> = self.0.iter().copied().collect();
+        for &(g, a) in &other.0 {
+            *m.entry(g).or_insert(0.0) += c * a;
+        }
+        self.0 = m.into_iter().filter(|&(_, a)| a != 0.0).collect();
+    }
+    pub fn coef(&self, g: GaussId) -> f64 {
+        self.0.iter().find(|x| x.0 == g).map_or(0.0, |x| x.1)
+    }
+}
+
+/// A nonlinear term: `f` applied to linear forms (its `Arg(i)` is `args[i]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Atom {
+    pub f: Expr,
+    pub args: Vec<LinForm>,
+}
+
+/// `Z = lin + sum_k c_k atom_k + constant`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ZForm {
+    pub lin: LinForm,
+    pub atoms: Vec<(f64, Atom)>,
+    pub constant: f64,
+}
+
+impl ZForm {
+    pub fn is_linear(&self) -> bool {
+        self.atoms.is_empty()
+    }
+    fn scaled_add(&mut self, c: f64, o: &ZForm) {
+        self.lin.axpy(c, &o.lin);
+        for (k, a) in &o.atoms {
+            if let Some(slot) = self.atoms.iter_mut().find(|x| x.1 == *a) {
+                slot.0 += c * k;
+            } else {
+                self.atoms.push((c * k, a.clone()));
+            }
+        }
+        self.atoms.retain(|x| x.0 != 0.0);
+        self.constant += c * o.constant;
+    }
+    /// The form as an expression over a list of linear forms (extended as needed).
+    fn as_expr(&self, forms: &mut Vec<LinForm>) -> Expr {
+        let mut idx = |l: &LinForm| match forms.iter().position(|x| x == l) {
+            Some(i) => i,
+            None => {
+                forms.push(l.clone());
+                forms.len() - 1
+            }
+        };
+        let mut e = Expr::Const(self.constant);
+        if !self.lin.is_zero() {
+            e = Expr::add(Expr::Arg(idx(&self.lin)), e);
+        }
+        for (c, a) in &self.atoms {
+            let map: Vec<usize> = a.args.iter().map(&mut idx).collect();
+            let t = a.f.substitute(&|i| Expr::Arg(map[i]));
+            e = Expr::add(e, Expr::mul(Expr::Const(*c), t));
+        }
+        e
+    }
+}
+
+/// Why the limit engine cannot handle a program (yet).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unsupported {
+    pub node: Option<NodeId>,
+    pub reason: String,
+}
+
+/// The derivation of a whole program.
+#[derive(Clone, Debug)]
+pub struct Derivation {
+    pub gauss: Vec<Gauss>,
+    /// Z of every vector node (None for non-vectors).
+    pub z: Vec<Option<ZForm>>,
+    /// Ż contributions added to each MatMul node: (Gaussian of the transposed family,
+    /// coefficient, vector whose Z is added).
+    pub zdot: Vec<Vec<(GaussId, f64, NodeId)>>,
+    /// The program multiplies by some W and its transpose (Ż may be nonzero).
+    pub has_transpose: bool,
+    /// The base Gaussian each MatMul or initial vector introduced (its Ẑ).
+    pub own: Vec<Option<GaussId>>,
+}
+
+/// The n -> infinity limit of a variance monomial, or why it has none.
+fn limit_var(m: Monomial, what: &str) -> Result<f64, String> {
+    match m.limit() {
+        Some(v) => Ok(v),
+        None => Err(format!(
+            "{what} grows like n^{} at initialization, so the limit does not exist",
+            m.exp
+        )),
+    }
+}
+
+impl Derivation {
+    pub fn new(prog: &Program) -> Result<Derivation, Unsupported> {
+        let mut d = Derivation {
+            gauss: Vec::new(),
+            z: vec![None; prog.len()],
+            zdot: vec![Vec::new(); prog.len()],
+            has_transpose: false,
+            own: vec![None; prog.len()],
+        };
+        for id in prog.ids() {
+            let z = d.node(prog, id).map_err(|reason| Unsupported {
+                node: Some(id),
+                reason,
+            })?;
+            d.z[id.index()] = z;
+        }
+        Ok(d)
+    }
+
+    fn push(&mut self, kind: GaussKind, name: String) -> GaussId {
+        let node = match kind {
+            GaussKind::Hat { node, .. } => Some(node),
+            _ => None,
+        };
+        self.gauss.push(Gauss { kind, name });
+        let g = self.gauss.len() - 1;
+        if let Some(n) = node {
+            self.own[n.index()] = Some(g);
+        }
+        g
+    }
+
+    pub fn zform(&self, id: NodeId) -> Option<&ZForm> {
+        self.z[id.index()].as_ref()
+    }
+
+    fn node(&mut self, prog: &Program, id: NodeId) -> Result<Option<ZForm>, String> {
+        let ops = prog.operands(id);
+        Ok(match &prog.node(id).op {
+            Op::Input { .. } | Op::Output { .. } | Op::Moment(_) => None,
+            Op::Param(p) => {
+                let prm = &prog.params[*p];
+                if prm.shape != Shape::Vector {
+                    return Ok(None);
+                }
+                let var = limit_var(
+                    prm.law.entry_var(),
+                    &format!("the variance of `{}`", prm.name),
+                )?;
+                if var == 0.0 {
+                    return Ok(Some(ZForm::default()));
+                }
+                let g = self.push(GaussKind::Initial { param: *p, var }, prm.name.clone());
+                self.own[id.index()] = Some(g);
+                Some(ZForm {
+                    lin: LinForm::single(g),
+                    ..ZForm::default()
+                })
+            }
+            Op::MatMul { transpose } => {
+                let p = match prog.node(ops[0]).op {
+                    Op::Param(p) => p,
+                    _ => return Err("matrix operand is not a parameter".into()),
+                };
+                let prm = &prog.params[p];
+                let arg = ops[1];
+                match prm.shape {
+                    Shape::Input(_) => {
+                        let var = limit_var(
+                            prm.law.entry_var(),
+                            &format!("the entry variance of `{}`", prm.name),
+                        )?;
+                        if var == 0.0 {
+                            return Ok(Some(ZForm::default()));
+                        }
+                        let g = self.push(
+                            GaussKind::InputLayer {
+                                param: p,
+                                input: arg,
+                                var,
+                            },
+                            format!("{} {}", prm.name, prog.label(arg)),
+                        );
+                        self.own[id.index()] = Some(g);
+                        Some(ZForm {
+                            lin: LinForm::single(g),
+                            ..ZForm::default()
+                        })
+                    }
+                    Shape::Hidden => {
+                        // sigma^2 = n * Var(entry): Z^{Wh} has variance sigma^2 E[(Z^h)^2].
+                        let s2 = Monomial::n_pow(Rational::ONE) * prm.law.entry_var();
+                        let sigma2 = limit_var(
+                            s2,
+                            &format!("n times the entry variance of `{}`", prm.name),
+                        )?;
+                        if *transpose {
+                            self.has_transpose = true;
+                        }
+                        let mut z = ZForm::default();
+                        if sigma2 != 0.0 {
+                            let name = if *transpose {
+                                format!("{}.T {}", prm.name, prog.label(arg))
+                            } else {
+                                format!("{} {}", prm.name, prog.label(arg))
+                            };
+                            let g = self.push(
+                                GaussKind::Hat {
+                                    param: p,
+                                    transpose: *transpose,
+                                    arg,
+                                    node: id,
+                                    sigma2,
+                                },
+                                name,
+                            );
+                            z.lin = LinForm::single(g);
+                            self.add_zdot(p, *transpose, arg, id, sigma2, &mut z)?;
+                        }
+                        Some(z)
+                    }
+                    _ => return Err(format!("`{}` cannot multiply a vector", prm.name)),
+                }
+            }
+            Op::Nonlin(e) => {
+                let mut zs = Vec::with_capacity(ops.len());
+                for &o in &ops {
+                    match prog.ty(o) {
+                        Ty::Vector => zs.push(self.z[o.index()].clone().ok_or("operand without Z")?),
+                        Ty::Moment => {
+                            return Err(format!(
+                                "a moment (`{}`) inside a vector expression is not supported by the limit engine yet",
+                                prog.label(o)
+                            ))
+                        }
+                        _ => return Err("operand is not a vector".into()),
+                    }
+                }
+                Some(apply(e, &zs))
+            }
+        })
+    }
+
+    /// Ż (theory.md §2.1): `Ż^{W x} = sigma^2 sum_y Z^y E[dZ^x / dẐ^{W.T y}]`, and
+    /// symmetrically for `W.T`. Exact when `Z^x` is linear in the transposed family's
+    /// Gaussians (the coefficient is the derivative); otherwise unsupported here.
+    fn add_zdot(
+        &mut self,
+        param: usize,
+        transpose: bool,
+        arg: NodeId,
+        node: NodeId,
+        sigma2: f64,
+        z: &mut ZForm,
+    ) -> Result<(), String> {
+        let Some(zx) = self.z[arg.index()].clone() else {
+            return Ok(());
+        };
+        let partner = |k: &GaussKind| matches!(k, GaussKind::Hat { param: q, transpose: t, .. } if *q == param && *t != transpose);
+        for (g, a) in &zx.lin.0 {
+            if let GaussKind::Hat { arg: y, .. } = self.gauss[*g].kind.clone() {
+                if partner(&self.gauss[*g].kind) {
+                    let zy = self.z[y.index()].clone().ok_or("missing Z")?;
+                    z.scaled_add(sigma2 * a, &zy);
+                    self.zdot[node.index()].push((*g, sigma2 * a, y));
+                }
+            }
+        }
+        let nonlinear_dep = zx.atoms.iter().any(|(_, at)| {
+            at.args
+                .iter()
+                .any(|l| l.0.iter().any(|(g, _)| partner(&self.gauss[*g].kind)))
+        });
+        if nonlinear_dep {
+            return Err(
+                "this program multiplies by a matrix and its transpose through a nonlinearity; \
+                        the limit engine computes Ż exactly only for Z linear in the Gaussians"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Z of a coordinatewise expression of operands with known Z (theory.md §1.2: `Z^h = phi(Z^g...)`).
+pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
+    if e.is_affine() {
+        let zero = vec![0.0; zs.len()];
+        let mut out = ZForm {
+            constant: e.eval(&zero),
+            ..ZForm::default()
+        };
+        for (i, z) in zs.iter().enumerate() {
+            let c = e.diff(i).eval(&zero);
+            out.scaled_add(c, z);
+        }
+        return out;
+    }
+    let mut forms = Vec::new();
+    let exprs: Vec<Expr> = zs.iter().map(|z| z.as_expr(&mut forms)).collect();
+    let composed = e.substitute(&|i| exprs[i].clone());
+    let (f, args) = absorb_affine(&composed, &forms);
+    if f.is_constant() {
+        return ZForm {
+            constant: f.eval(&[]),
+            ..ZForm::default()
+        };
+    }
+    ZForm {
+        atoms: vec![(1.0, Atom { f, args })],
+        ..ZForm::default()
+    }
+}
+
+/// Replaces every maximal affine subexpression that involves the linear forms by one
+/// new linear form, so `tanh(a0 + a1 + 0.5)` over three forms becomes `tanh(b0 + 0.5)`
+/// over their sum: one Gaussian, not three.
+fn absorb_affine(e: &Expr, forms: &[LinForm]) -> (Expr, Vec<LinForm>) {
+    let mut out: Vec<LinForm> = Vec::new();
+    let f = absorb(e, forms, &mut out);
+    (f, out)
+}
+
+fn absorb(e: &Expr, forms: &[LinForm], out: &mut Vec<LinForm>) -> Expr {
+    if e.is_constant() {
+        return Expr::Const(e.eval(&[]));
+    }
+    if e.is_affine() {
+        let zero = vec![0.0; forms.len()];
+        let c0 = e.eval(&zero);
+        let mut l = LinForm::default();
+        for (i, f) in forms.iter().enumerate() {
+            if e.uses(i) {
+                l.axpy(e.diff(i).eval(&zero), f);
+            }
+        }
+        if l.is_zero() {
+            return Expr::Const(c0);
+        }
+        let k = match out.iter().position(|x| *x == l) {
+            Some(k) => k,
+            None => {
+                out.push(l);
+                out.len() - 1
+            }
+        };
+        return Expr::add(Expr::Arg(k), Expr::Const(c0));
+    }
+    let rec = |x: &Expr, out: &mut Vec<LinForm>| absorb(x, forms, out);
+    match e {
+        Expr::Call(f, x) => Expr::call(*f, rec(x, out)),
+        Expr::Neg(x) => Expr::neg(rec(x, out)),
+        Expr::Powi(x, k) => Expr::powi(rec(x, out), *k),
+        Expr::Add(a, b) => {
+            let a = rec(a, out);
+            Expr::add(a, rec(b, out))
+        }
+        Expr::Sub(a, b) => {
+            let a = rec(a, out);
+            Expr::sub(a, rec(b, out))
+        }
+        Expr::Mul(a, b) => {
+            let a = rec(a, out);
+            Expr::mul(a, rec(b, out))
+        }
+        Expr::Div(a, b) => {
+            let a = rec(a, out);
+            Expr::div(a, rec(b, out))
+        }
+        Expr::Arg(_) | Expr::Const(_) => e.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::Fun;
+
+    #[test]
+    fn fused_preactivation_is_one_gaussian() {
+        let z = |g| ZForm {
+            lin: LinForm::single(g),
+            ..ZForm::default()
+        };
+        let e = Expr::call(
+            Fun::Tanh,
+            Expr::add(Expr::add(Expr::Arg(0), Expr::Arg(1)), Expr::Arg(2)),
+        );
+        let out = apply(&e, &[z(0), z(1), z(2)]);
+        assert_eq!(out.atoms.len(), 1);
+        let a = &out.atoms[0].1;
+        assert_eq!(a.args.len(), 1);
+        assert_eq!(a.args[0].0, vec![(0, 1.0), (1, 1.0), (2, 1.0)]);
+    }
+
+    #[test]
+    fn linear_combinations_stay_linear() {
+        let z = |g| ZForm {
+            lin: LinForm::single(g),
+            ..ZForm::default()
+        };
+        let e = Expr::div(Expr::add(Expr::Arg(0), Expr::Arg(1)), Expr::Const(4.0));
+        let out = apply(&e, &[z(0), z(1)]);
+        assert!(out.is_linear());
+        assert_eq!(out.lin.0, vec![(0, 0.25), (1, 0.25)]);
+    }
+}

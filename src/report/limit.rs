@@ -1,0 +1,117 @@
+//! `tpc limit`: the derivation, then the kernels and moments, as text or cli.md's JSON.
+
+use nalgebra::DMatrix;
+use serde_json::{json, Map, Value};
+
+use crate::limit::LimitResult;
+
+fn matrix_json(m: &DMatrix<f64>) -> Value {
+    Value::Array(
+        (0..m.nrows())
+            .map(|i| Value::Array((0..m.ncols()).map(|j| num(m[(i, j)])).collect()))
+            .collect(),
+    )
+}
+
+/// A finite number as JSON (non-finite numbers never reach here: engines report them).
+pub fn num(v: f64) -> Value {
+    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+}
+
+/// cli.md's `limit` JSON.
+pub fn json(r: &LimitResult) -> Value {
+    let mut obs = Map::new();
+    for (name, v) in &r.observe {
+        obs.insert(
+            name.clone(),
+            if v.len() == 1 {
+                num(v[0])
+            } else {
+                Value::Array(v.iter().map(|x| num(*x)).collect())
+            },
+        );
+    }
+    let mut out = json!({
+        "outputs": r.outputs,
+        "points": r.points,
+        "nngp": r.nngp.as_ref().map(matrix_json),
+        "ntk": r.ntk.as_ref().map(matrix_json),
+        "observe": obs,
+    });
+    let mut notes = Map::new();
+    if let Some(n) = &r.nngp_note {
+        notes.insert("nngp".into(), json!(n));
+    }
+    if let Some(n) = &r.ntk_note {
+        notes.insert("ntk".into(), json!(n));
+    }
+    if !notes.is_empty() {
+        out["notes"] = Value::Object(notes);
+    }
+    out["methods"] = json!(r.methods);
+    out["max_error"] = num(r.max_error);
+    out
+}
+
+fn matrix_text(m: &DMatrix<f64>, labels: &[String]) -> String {
+    let w = labels.iter().map(|l| l.len()).max().unwrap_or(0);
+    let mut s = String::new();
+    for i in 0..m.nrows() {
+        s.push_str(&format!(
+            "  {:w$} ",
+            labels.get(i).map(String::as_str).unwrap_or("")
+        ));
+        for j in 0..m.ncols() {
+            s.push_str(&format!(" {:>12.8}", m[(i, j)]));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Row labels `f(p1)`: output-major over points.
+pub fn labels(r: &LimitResult) -> Vec<String> {
+    let p = r.points.len().max(1);
+    r.outputs
+        .iter()
+        .flat_map(|o| (1..=p).map(move |i| format!("{o}(p{i})")))
+        .collect()
+}
+
+/// The text report: derivation first, then the numbers.
+pub fn text(derivation: &str, r: &LimitResult) -> String {
+    let mut s = String::from("# Z derivation (Master Theorem, theory.md §1-2)\n");
+    s.push_str(derivation);
+    let l = labels(r);
+    if !r.outputs.is_empty() {
+        s.push_str("\n# NNGP (output-major: row k = output*P + point)\n");
+        match &r.nngp {
+            Some(m) => s.push_str(&matrix_text(m, &l)),
+            None => s.push_str(&format!(
+                "  none: {}\n",
+                r.nngp_note.as_deref().unwrap_or("")
+            )),
+        }
+        s.push_str("\n# NTK (lr-weighted, theory.md §2.3)\n");
+        match &r.ntk {
+            Some(m) => s.push_str(&matrix_text(m, &l)),
+            None => s.push_str(&format!(
+                "  none: {}\n",
+                r.ntk_note.as_deref().unwrap_or("")
+            )),
+        }
+    }
+    if !r.observe.is_empty() {
+        s.push_str("\n# observe\n");
+        for (name, v) in &r.observe {
+            let vals: Vec<String> = v.iter().map(|x| format!("{x:.12}")).collect();
+            s.push_str(&format!("  {name} = {}\n", vals.join(", ")));
+        }
+    }
+    s.push_str(&format!(
+        "\n# methods: {}; largest stated error {:.1e}\n",
+        r.methods.join("; "),
+        r.max_error
+    ));
+    s
+}
