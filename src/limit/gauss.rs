@@ -36,7 +36,7 @@ pub const SQRT_PI: f64 = 1.772_453_850_905_516;
 /// nodes starts from `e^{-x^2/2}` at the largest node `~ sqrt(2m)`, which stays above
 /// the smallest normal double up to `m ~ 700`; 512 leaves margin and is more than any
 /// smooth integrand needs (tanh to 1e-10 needs ~256 at variance 4).
-pub const MAX_DEGREE: usize = 512;
+pub const MAX_DEGREE: usize = 2048;
 
 /// Variances at or below this are treated as exactly zero (the coordinate is the
 /// constant 0). Anything this small is round-off of a zero variance.
@@ -164,8 +164,18 @@ fn newton_polish(n: usize, mut z: f64) -> f64 {
 }
 
 fn weight(n: usize, z: f64) -> f64 {
+    // Beyond |z| ~ 26 the weight is below 1e-300 and the Hermite functions underflow:
+    // such nodes contribute nothing representable, so their weight is 0.
+    if z * z > 690.0 {
+        return 0.0;
+    }
     let (_, pn1) = hermite_fn(n, z);
-    (-z * z).exp() / (n as f64 * pn1 * pn1)
+    let w = (-z * z).exp() / (n as f64 * pn1 * pn1);
+    if w.is_finite() {
+        w
+    } else {
+        0.0
+    }
 }
 
 /// Mirrors the non-negative half (largest first) into an increasing rule.
