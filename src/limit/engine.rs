@@ -68,6 +68,63 @@ impl Scaled {
     }
 }
 
+/// A memo table whose entries are dropped at their last use.
+///
+/// Why: a depth-L network has O(L) blocks of P x P numbers, but each is read only by
+/// the next layer. A dry run of the same computation at P = 0 (which costs nothing)
+/// counts how often each block is looked up; the real run then hands the block out by
+/// value at its last lookup and forgets it, so memory follows the live blocks only.
+struct Memo<K, V> {
+    map: HashMap<K, V>,
+    /// Remaining lookups per key (None during the dry run: count instead).
+    left: Option<HashMap<K, usize>>,
+    counts: HashMap<K, usize>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
+    fn new() -> Self {
+        Memo { map: HashMap::new(), left: None, counts: HashMap::new() }
+    }
+    /// Looks a key up, counting (dry run) or consuming one use (real run).
+    fn take(&mut self, k: &K) -> Option<V> {
+        match &mut self.left {
+            None => {
+                *self.counts.entry(k.clone()).or_insert(0) += 1;
+                self.map.get(k).cloned()
+            }
+            Some(left) => {
+                let n = left.get_mut(k)?;
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    left.remove(k);
+                    self.map.remove(k)
+                } else {
+                    self.map.get(k).cloned()
+                }
+            }
+        }
+    }
+    /// Stores a freshly computed value that has just been used once.
+    fn put(&mut self, k: K, v: &V) {
+        match &mut self.left {
+            None => {
+                *self.counts.entry(k.clone()).or_insert(0) += 0;
+                self.map.insert(k, v.clone());
+            }
+            Some(left) => {
+                if left.get(&k).is_some_and(|n| *n > 0) {
+                    self.map.insert(k, v.clone());
+                }
+            }
+        }
+    }
+    /// Ends the dry run: the counts become the uses left.
+    fn arm(&mut self) {
+        self.map.clear();
+        self.left = Some(std::mem::take(&mut self.counts));
+    }
+}
+
 /// Accuracy target of quadrature (absolute, relative to max(1, |value|)).
 pub const TOL: f64 = 1e-11;
 
@@ -80,10 +137,10 @@ pub struct Engine<'a> {
     inputs: HashMap<NodeId, DMatrix<f64>>,
     /// Interned linear forms.
     forms: Vec<LinForm>,
-    lcov: HashMap<(usize, usize), DMatrix<f64>>,
-    vv: HashMap<(NodeId, NodeId), DMatrix<f64>>,
-    tg: HashMap<(GaussId, GaussId), Scaled>,
-    tv: HashMap<(NodeId, NodeId), Scaled>,
+    lcov: Memo<(usize, usize), DMatrix<f64>>,
+    vv: Memo<(NodeId, NodeId), DMatrix<f64>>,
+    tg: Memo<(GaussId, GaussId), Scaled>,
+    tv: Memo<(NodeId, NodeId), Scaled>,
     kernels: HashMap<(String, String), (PairKernel, f64)>,
     /// How the numbers were computed, for the report.
     pub methods: BTreeSet<String>,
@@ -111,15 +168,25 @@ impl<'a> Engine<'a> {
             p,
             inputs,
             forms: Vec::new(),
-            lcov: HashMap::new(),
-            vv: HashMap::new(),
-            tg: HashMap::new(),
-            tv: HashMap::new(),
+            lcov: Memo::new(),
+            vv: Memo::new(),
+            tg: Memo::new(),
+            tv: Memo::new(),
             kernels: HashMap::new(),
             methods: BTreeSet::new(),
             max_error: 0.0,
             seed: 0x7bc_2024,
         }
+    }
+
+    /// Switches from the dry run (P = 0, counting lookups) to the real run on `p` points.
+    pub fn arm(&mut self, p: usize, inputs: HashMap<NodeId, DMatrix<f64>>) {
+        self.p = p;
+        self.inputs = inputs;
+        self.lcov.arm();
+        self.vv.arm();
+        self.tg.arm();
+        self.tv.arm();
     }
 
     fn intern(&mut self, l: &LinForm) -> usize {
@@ -161,39 +228,47 @@ impl<'a> Engine<'a> {
     /// `Cov(L(xi_p), M(xi_q))` of two linear forms.
     fn lcov(&mut self, l: &LinForm, m: &LinForm) -> R<DMatrix<f64>> {
         let (a, b) = (self.intern(l), self.intern(m));
-        if let Some(c) = self.lcov.get(&(a, b)) {
-            return Ok(c.clone());
-        }
-        if let Some(c) = self.lcov.get(&(b, a)) {
-            return Ok(c.transpose());
-        }
-        let mut out = DMatrix::zeros(self.p, self.p);
-        for &(j, cj) in &l.0 {
-            for &(k, ck) in &m.0 {
-                if let Some(c) = self.gcov(j, k)? {
-                    out += c * (cj * ck);
+        let key = if a <= b { (a, b) } else { (b, a) };
+        let out = match self.lcov.take(&key) {
+            Some(c) => c,
+            None => {
+                let mut out: Option<DMatrix<f64>> = None;
+                for &(j, cj) in &l.0 {
+                    for &(k, ck) in &m.0 {
+                        if let Some(c) = self.gcov(j, k)? {
+                            let c = c * (cj * ck);
+                            out = Some(match out {
+                                None => c,
+                                Some(o) => o + c,
+                            });
+                        }
+                    }
                 }
+                let out = out.unwrap_or_else(|| DMatrix::zeros(self.p, self.p));
+                check(&out, "a covariance")?;
+                let out = if a <= b { out } else { out.transpose() };
+                self.lcov.put(key, &out);
+                out
             }
-        }
-        check(&out, "a covariance")?;
-        self.lcov.insert((a, b), out.clone());
-        Ok(out)
+        };
+        Ok(if a <= b { out } else { out.transpose() })
     }
 
     // ---- expectations -------------------------------------------------------------
 
     /// `E[Z^x(xi_p) Z^y(xi_q)]` for two vector nodes.
     pub fn vv(&mut self, x: NodeId, y: NodeId) -> R<DMatrix<f64>> {
-        if let Some(m) = self.vv.get(&(x, y)) {
-            return Ok(m.clone());
-        }
-        if let Some(m) = self.vv.get(&(y, x)) {
-            return Ok(m.transpose());
-        }
-        let (zx, zy) = (self.zf(x)?, self.zf(y)?);
-        let m = self.zz(&zx, &zy, x == y)?;
-        self.vv.insert((x, y), m.clone());
-        Ok(m)
+        let (a, b, flip) = if x <= y { (x, y, false) } else { (y, x, true) };
+        let m = match self.vv.take(&(a, b)) {
+            Some(m) => m,
+            None => {
+                let (za, zb) = (self.zf(a)?, self.zf(b)?);
+                let m = self.zz(&za, &zb, a == b)?;
+                self.vv.put((a, b), &m);
+                m
+            }
+        };
+        Ok(if flip { m.transpose() } else { m })
     }
 
     fn zf(&self, x: NodeId) -> R<ZForm> {
@@ -231,14 +306,18 @@ impl<'a> Engine<'a> {
 
     /// `E[Z_a(xi_p) Z_b(xi_q)]` for two Z forms.
     pub fn zz(&mut self, za: &ZForm, zb: &ZForm, symmetric: bool) -> R<DMatrix<f64>> {
-        let mut out = DMatrix::zeros(self.p, self.p);
+        let mut out: Option<DMatrix<f64>> = None;
         let (ta, tb) = (Self::terms(za), Self::terms(zb));
         for (ca, a) in &ta {
             for (cb, b) in &tb {
-                let blk = self.atom_pair(a, b, symmetric && ta == tb)?;
-                out += blk * (ca * cb);
+                let blk = self.atom_pair(a, b, symmetric && ta == tb)? * (ca * cb);
+                out = Some(match out {
+                    None => blk,
+                    Some(o) => o + blk,
+                });
             }
         }
+        let out = out.unwrap_or_else(|| DMatrix::zeros(self.p, self.p));
         check(&out, "an expectation")?;
         Ok(out)
     }
@@ -397,12 +476,12 @@ impl<'a> Engine<'a> {
 
     /// Tangent kernel of two base Gaussians: `sum_w lr_w <dG/dw, dG'/dw>` per coordinate.
     fn tgauss(&mut self, j: GaussId, k: GaussId) -> R<Option<Scaled>> {
-        if let Some(s) = self.tg.get(&(j, k)) {
-            return Ok(Some(s.clone()));
-        }
         let (gj, gk) = (self.der.gauss[j].clone(), self.der.gauss[k].clone());
         if gj.family() != gk.family() {
             return Ok(None);
+        }
+        if let Some(s) = self.tg.take(&(j, k)) {
+            return Ok(Some(s));
         }
         let p = self.p;
         let out = match (&gj.kind, &gk.kind) {
@@ -451,16 +530,22 @@ impl<'a> Engine<'a> {
             }
             _ => return Ok(None),
         };
-        self.tg.insert((j, k), out.clone());
+        self.tg.put((j, k), &out);
         Ok(Some(out))
     }
 
-    fn tlin(&mut self, l: &LinForm, m: &LinForm) -> R<Scaled> {
-        let mut out = Scaled::zero(self.p);
+    /// Tangent kernel of two linear forms; None when structurally zero (no two of their
+    /// Gaussians share a parameter).
+    fn tlin(&mut self, l: &LinForm, m: &LinForm) -> R<Option<Scaled>> {
+        let mut out: Option<Scaled> = None;
         for &(j, cj) in &l.0 {
             for &(k, ck) in &m.0 {
                 if let Some(t) = self.tgauss(j, k)? {
-                    out = out.add(t.times(Monomial::constant(cj * ck)));
+                    let t = t.times(Monomial::constant(cj * ck));
+                    out = Some(match out {
+                        None => t,
+                        Some(o) => o.add(t),
+                    });
                 }
             }
         }
@@ -469,19 +554,17 @@ impl<'a> Engine<'a> {
 
     /// Tangent kernel of two vectors (per coordinate, the diagonal of the n x n kernel).
     pub fn tvec(&mut self, x: NodeId, y: NodeId) -> R<Scaled> {
-        if let Some(s) = self.tv.get(&(x, y)) {
-            return Ok(s.clone());
-        }
-        if let Some(s) = self.tv.get(&(y, x)) {
-            return Ok(Scaled {
-                m: s.m.transpose(),
-                exp: s.exp,
-            });
-        }
-        let (zx, zy) = (self.zf(x)?, self.zf(y)?);
-        let out = self.tz(&zx, &zy, x == y)?;
-        self.tv.insert((x, y), out.clone());
-        Ok(out)
+        let (a, b, flip) = if x <= y { (x, y, false) } else { (y, x, true) };
+        let out = match self.tv.take(&(a, b)) {
+            Some(s) => s,
+            None => {
+                let (za, zb) = (self.zf(a)?, self.zf(b)?);
+                let out = self.tz(&za, &zb, a == b)?;
+                self.tv.put((a, b), &out);
+                out
+            }
+        };
+        Ok(if flip { Scaled { m: out.m.transpose(), exp: out.exp } } else { out })
     }
 
     /// Tangent kernel of two Z forms: for atoms f(L), g(M) of one form each,
@@ -493,10 +576,9 @@ impl<'a> Engine<'a> {
             for (cb, b) in &tb {
                 for i in 0..a.args.len() {
                     for j in 0..b.args.len() {
-                        let t = self.tlin(&a.args[i], &b.args[j])?;
-                        if t.m.iter().all(|v| *v == 0.0) {
+                        let Some(t) = self.tlin(&a.args[i], &b.args[j])? else {
                             continue;
-                        }
+                        };
                         let da = Atom {
                             f: a.f.diff(i),
                             args: a.args.clone(),

@@ -97,12 +97,31 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
         points.to_vec()
     };
     let p = points.len();
-    let mut eng = Engine::new(prog, &der, p, input_values(prog, &points));
-    let err = |e: engine::NumError| LimitError {
-        node: None,
-        message: e.0,
-    };
+    let err = |e: engine::NumError| LimitError { node: None, message: e.0 };
+    // Dry run on no points: counts block uses so the real run can free each block at
+    // its last use (engine::Memo).
+    let mut eng = Engine::new(prog, &der, 0, input_values(prog, &[]));
+    compute(prog, &der, &mut eng, 0).map_err(err)?;
+    eng.arm(p, input_values(prog, &points));
+    let (nngp, nngp_note, ntk, ntk_note, observe) = compute(prog, &der, &mut eng, p).map_err(err)?;
+    Ok(LimitResult {
+        outputs: prog.output_names(),
+        points: if prog.inputs.is_empty() { Vec::new() } else { points },
+        nngp,
+        nngp_note,
+        ntk,
+        ntk_note,
+        observe,
+        methods: eng.methods.iter().cloned().collect(),
+        max_error: eng.max_error,
+    })
+}
 
+type Computed = (Option<DMatrix<f64>>, Option<String>, Option<DMatrix<f64>>, Option<String>, Vec<(String, Vec<f64>)>);
+
+/// The kernels and moments, in an order both runs (dry and real) share.
+fn compute(prog: &Program, der: &Derivation, eng: &mut Engine<'_>, p: usize) -> Result<Computed, engine::NumError> {
+    let err = |e: LimitError| engine::NumError(e.message);
     let o = prog.outputs.len();
     let mut nngp = DMatrix::zeros(o * p, o * p);
     let mut ntk = DMatrix::zeros(o * p, o * p);
@@ -120,7 +139,7 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
     }
     for (a, &oa) in prog.outputs.iter().enumerate() {
         for (b, &ob) in prog.outputs.iter().enumerate().skip(a) {
-            let (k, t) = output_pair(prog, &mut eng, oa, ob, gia).map_err(err)?;
+            let (k, t) = output_pair(prog, eng, oa, ob, gia)?;
             match k.limit_of() {
                 Some(m) => set_block(&mut nngp, a, b, p, &m),
                 None => {
@@ -167,30 +186,17 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
                     message: "moment of a non-vector".into(),
                 })
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
         let z = zform::apply(e, &zs);
-        let v = eng.zmean(&z).map_err(err)?;
+        let v = eng.zmean(&z)?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals
             .iter()
             .all(|x| (x - vals[0]).abs() <= 1e-14 * (1.0 + x.abs()));
-        observe.push((prog.label(m), if constant { vec![vals[0]] } else { vals }));
+        observe.push((prog.label(m), if constant && !vals.is_empty() { vec![vals[0]] } else { vals }));
     }
-    Ok(LimitResult {
-        outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points
-        },
-        nngp: nngp_ok.then_some(nngp),
-        nngp_note,
-        ntk,
-        ntk_note,
-        observe,
-        methods: eng.methods.iter().cloned().collect(),
-        max_error: eng.max_error,
-    })
+    Ok((nngp_ok.then_some(nngp), nngp_note, ntk, ntk_note, observe))
 }
 
 fn set_block(dst: &mut DMatrix<f64>, a: usize, b: usize, p: usize, m: &DMatrix<f64>) {
