@@ -520,8 +520,63 @@ enum Plan {
     GaussGauss { c: f64, a1: f64, a2: f64 },
     /// Any recognized combination.
     Terms(Terms, Terms),
+    /// `scale * (S12 or 1) * E[h(w)]`: a 1-D Gauss–Hermite integral, see [`OneDim`].
+    OneDim {
+        kind: OneDim,
+        scale: f64,
+        h: Expr,
+        degree: usize,
+    },
     /// 2-D Gauss–Hermite of the given degree.
     Quad { degree: usize },
+}
+
+/// Pairs without a closed form that still reduce to one dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OneDim {
+    /// `f` constant: `E[f g(v)] = f(0) E[g(v)]`, `h = g` at `Var = S22`.
+    ConstF,
+    /// `g` constant: `g(0) E[f(u)]`, `h = f` at `Var = S11`.
+    ConstG,
+    /// `f(u) = a u`: Stein's lemma `E[a u g(v)] = a S12 E[g'(v)]`, `h = g'`.
+    SteinF,
+    /// `g(v) = b v`: `b S12 E[f'(u)]`, `h = f'`.
+    SteinG,
+}
+
+/// `a` if `t` is `a u` (only `X` atoms).
+fn linear_coef(t: &Terms) -> Option<f64> {
+    t.iter()
+        .try_fold(0.0, |acc, (c, a)| (*a == Atom::X).then_some(acc + c))
+}
+
+/// Stein's lemma needs the weak derivative of `h`; `Fun::deriv` writes step' = 0, which
+/// misses the jump's delta, so expressions calling step are excluded.
+fn has_jump(e: &Expr) -> bool {
+    let mut j = false;
+    e.visit_funs(&mut |f| j |= f == Fun::Step);
+    j
+}
+
+/// The 1-D reduction of `(f, g)`, if any: `(kind, scale, h)`.
+fn one_dim(f: &Expr, g: &Expr, f0: f64, g0: f64) -> Option<(OneDim, f64, Expr)> {
+    if f.is_constant() {
+        return Some((OneDim::ConstF, f0, g.clone()));
+    }
+    if g.is_constant() {
+        return Some((OneDim::ConstG, g0, f.clone()));
+    }
+    if let Some(a) = recognize(f).as_ref().and_then(linear_coef) {
+        if !has_jump(g) {
+            return Some((OneDim::SteinF, a, g.diff(0)));
+        }
+    }
+    if let Some(b) = recognize(g).as_ref().and_then(linear_coef) {
+        if !has_jump(f) {
+            return Some((OneDim::SteinG, b, f.diff(0)));
+        }
+    }
+    None
 }
 
 /// Second output of [`PairKernel::block_pair_in_place`]: overwrite it, or multiply it
@@ -591,6 +646,31 @@ impl PairKernel {
                 };
             }
         }
+        if let Some((kind, scale, h)) = one_dim(f, g, f0, g0) {
+            let he = |x: f64| h.eval(&[x]);
+            let c = gauss::choose_degree_1d(&he, max_var, tol);
+            let stein = matches!(kind, OneDim::SteinF | OneDim::SteinG);
+            // |S12| <= max_var multiplies the 1-D error in the Stein case.
+            let error = c.error * scale.abs() * if stein { max_var.abs() } else { 1.0 };
+            return PairKernel {
+                f: f.clone(),
+                g: g.clone(),
+                f0,
+                g0,
+                method: Method::GaussHermite {
+                    degree: c.degree,
+                    dims: 1,
+                    kinked: is_kinked(&h),
+                },
+                plan: Plan::OneDim {
+                    kind,
+                    scale,
+                    h,
+                    degree: c.degree,
+                },
+                error,
+            };
+        }
         let kinked = is_kinked(f) || is_kinked(g);
         let fe = |x: f64| f.eval(&[x]);
         let ge = |x: f64| g.eval(&[x]);
@@ -658,6 +738,20 @@ impl PairKernel {
                     (true, false) => self.f0 * terms_mean(tg, s22),
                     (false, true) => self.g0 * terms_mean(tf, s11),
                     (false, false) => terms_pair(tf, tg, s11, s12, s22).map_or(f64::NAN, |r| r.0),
+                }
+            }
+            Plan::OneDim {
+                kind,
+                scale,
+                h,
+                degree,
+            } => {
+                let e = |var: f64| gauss::expect1(&|x| h.eval(&[x]), var, *degree);
+                match kind {
+                    OneDim::ConstF => scale * e(s22),
+                    OneDim::ConstG => scale * e(s11),
+                    OneDim::SteinF => scale * s12 * e(s22),
+                    OneDim::SteinG => scale * s12 * e(s11),
                 }
             }
             Plan::Quad { degree } => {
@@ -1323,6 +1417,49 @@ mod tests {
         assert!(recognize(&Expr::Arg(1)).is_none());
     }
 
+    /// Constant or linear partner without a closed form: 1-D quadrature (Stein's lemma
+    /// for the linear one), checked against 2-D quadrature.
+    #[test]
+    fn one_dimensional_reductions() {
+        let tanh = call(Fun::Tanh);
+        let gelu = call(Fun::Gelu);
+        let two_x = Expr::mul(Expr::Const(2.0), x());
+        let cases = [
+            (Expr::Const(1.5), tanh.clone()),
+            (gelu.clone(), Expr::Const(-0.5)),
+            (two_x.clone(), tanh.clone()),
+            (gelu.clone(), x()),
+            (x(), Expr::add(call(Fun::Relu), call(Fun::Sigmoid))),
+        ];
+        for (f, g) in &cases {
+            let k = PairKernel::new(f, g, 2.0, 1e-11);
+            assert!(
+                matches!(k.method(), Method::GaussHermite { dims: 1, .. }),
+                "{}",
+                k.method()
+            );
+            for &(a, b, c) in &COVS {
+                let q = gauss::expect2(&|t| f.eval(&[t]), &|t| g.eval(&[t]), a, b, c, 512);
+                let v = k.eval(a, b, c);
+                // relu + sigmoid is kinked: 2-D GH itself is only good to ~1e-4 there
+                let tol = if is_kinked(g) { 1e-4 } else { 1e-10 };
+                assert!(
+                    (v - q).abs() < tol,
+                    "{} at ({a},{b},{c}): {v} vs {q}",
+                    k.method()
+                );
+            }
+        }
+        // x against step + tanh: Stein would need the delta of step, so 2-D quadrature
+        let k = PairKernel::new(
+            &x(),
+            &Expr::add(call(Fun::Step), call(Fun::Tanh)),
+            2.0,
+            1e-8,
+        );
+        assert!(matches!(k.method(), Method::GaussHermite { dims: 2, .. }));
+    }
+
     #[test]
     fn zero_variances_use_true_values_at_zero() {
         // step(-x) at u = 0 is step(0) = 0, not 1 - step(0).
@@ -1501,13 +1638,22 @@ mod tests {
         };
         for symmetric in [true, false] {
             let e = time(&mut |a, _| relu.block_in_place(&d, &d, a, symmetric));
-            println!("relu block symmetric={symmetric}: {e:.3} s, {:.2} ns/entry", per(e));
+            println!(
+                "relu block symmetric={symmetric}: {e:.3} s, {:.2} ns/entry",
+                per(e)
+            );
             let e = time(&mut |a, b| {
                 relu.block_pair_in_place(&step, &d, &d, a, b, Combine::Multiply, symmetric)
             });
-            println!("relu+step fused symmetric={symmetric}: {e:.3} s, {:.2} ns/entry", per(e));
+            println!(
+                "relu+step fused symmetric={symmetric}: {e:.3} s, {:.2} ns/entry",
+                per(e)
+            );
             let e = time(&mut |a, _| erf.block_in_place(&d, &d, a, symmetric));
-            println!("erf block symmetric={symmetric}: {e:.3} s, {:.2} ns/entry", per(e));
+            println!(
+                "erf block symmetric={symmetric}: {e:.3} s, {:.2} ns/entry",
+                per(e)
+            );
         }
         let e = time(&mut |a, _| mirror_upper(a));
         println!("mirror alone: {e:.3} s");
