@@ -602,6 +602,12 @@ pub struct PairKernel {
     error: f64,
 }
 
+fn assert_one_argument(e: &Expr) {
+    let mut ok = true;
+    e.visit_args(&mut |i| ok &= i == 0);
+    assert!(ok, "limit::dual expects a function of Arg(0) only");
+}
+
 /// Does `e` call relu, step or abs?
 fn is_kinked(e: &Expr) -> bool {
     let mut k = false;
@@ -626,7 +632,15 @@ impl PairKernel {
     /// `max_var` (larger variances need higher degrees for non-polynomial `f, g`). Kinked
     /// integrands without a closed form are capped at [`MAX_KINKED_DEGREE`] and report
     /// their (larger) estimated error honestly through [`Self::error_bound`].
+    /// Constant or linear partners reduce to 1-D quadrature (`E[c g] = c E g`, and
+    /// Stein's lemma `E[a u g(v)] = a S12 E[g'(v)]`).
+    ///
+    /// # Panics
+    /// If `f` or `g` reads an operand other than `Arg(0)` (a caller bug: substitute the
+    /// operand first).
     pub fn new(f: &Expr, g: &Expr, max_var: f64, tol: f64) -> PairKernel {
+        assert_one_argument(f);
+        assert_one_argument(g);
         let f0 = f.eval(&[0.0]);
         let g0 = g.eval(&[0.0]);
         let scale = max_var.abs().max(1.0);
@@ -1113,7 +1127,10 @@ pub struct MeanKernel {
 }
 
 impl MeanKernel {
+    /// # Panics
+    /// If `f` reads an operand other than `Arg(0)`.
     pub fn new(f: &Expr, max_var: f64, tol: f64) -> MeanKernel {
+        assert_one_argument(f);
         let f0 = f.eval(&[0.0]);
         if let Some(t) = recognize(f) {
             let mut fam = Families::default();
@@ -1458,6 +1475,24 @@ mod tests {
             1e-8,
         );
         assert!(matches!(k.method(), Method::GaussHermite { dims: 2, .. }));
+    }
+
+    #[test]
+    fn estimate_display() {
+        let e = pair_expectation(&call(Fun::Relu), &call(Fun::Relu), 1.0, 0.5, 1.0, 1e-10);
+        let th = 0.5f64.acos();
+        let exact = (th.sin() + (PI - th) * 0.5) / (2.0 * PI);
+        assert!((e.value - exact).abs() < 1e-15);
+        assert!(e.to_string().ends_with("(closed form (arc-cosine))"), "{e}");
+        let e = pair_expectation(&call(Fun::Tanh), &call(Fun::Tanh), 1.0, 0.5, 1.0, 1e-10);
+        assert!(e.to_string().contains("Gauss–Hermite, degree"), "{e}");
+        assert!(e.error <= 1e-10);
+    }
+
+    #[test]
+    #[should_panic(expected = "Arg(0) only")]
+    fn second_operand_is_rejected() {
+        PairKernel::new(&Expr::Arg(1), &x(), 1.0, 1e-8);
     }
 
     #[test]
