@@ -20,10 +20,9 @@
 //! Every number this module hands out is an [`Estimate`]: a value, an error estimate and
 //! the [`Method`] that produced it, because the limit engine prints all three.
 
-use std::collections::HashMap;
 use std::f64::consts::{PI, SQRT_2};
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use nalgebra::DMatrix;
 
@@ -57,19 +56,15 @@ impl Rule {
     }
 }
 
-/// The `m`-point rule, built once per degree and shared (thread-safe cache).
+/// The `m`-point rule, built once per degree and shared.
 ///
-/// `m` is clamped to `1..=MAX_DEGREE`.
-pub fn rule(m: usize) -> Arc<Rule> {
-    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Rule>>>> = OnceLock::new();
+/// One `OnceLock` per degree: after the first call a lookup is a single atomic load, so
+/// per-entry calls from parallel block evaluation do not contend on a lock. `m` is
+/// clamped to `1..=MAX_DEGREE`.
+pub fn rule(m: usize) -> &'static Rule {
+    static RULES: [OnceLock<Rule>; MAX_DEGREE + 1] = [const { OnceLock::new() }; MAX_DEGREE + 1];
     let m = m.clamp(1, MAX_DEGREE);
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    // A panic elsewhere while holding the lock cannot leave a half-built rule in the
-    // map (insertion is the last step), so a poisoned lock is still usable.
-    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
-    map.entry(m)
-        .or_insert_with(|| Arc::new(compute_rule(m)))
-        .clone()
+    RULES[m].get_or_init(|| compute_rule(m))
 }
 
 /// Orthonormal Hermite functions `psi_k(x) = p_k(x) e^{-x^2/2}` at `x`, returning
