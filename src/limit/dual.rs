@@ -830,6 +830,8 @@ impl PairKernel {
     /// kernel and `second_out` receives `second` (overwritten or multiplied into,
     /// per `mode`). When `self` is relu·relu and `second` is step·step (the NNGP and
     /// `Sdot` of a ReLU layer, theory.md §3.1) both come from one `acos` per entry.
+    /// With `symmetric`, only upper triangles are computed and mirrored, so in
+    /// [`Combine::Multiply`] mode `second_out` must be symmetric on entry (as an NTK is).
     #[allow(clippy::too_many_arguments)]
     pub fn block_pair_in_place(
         &self,
