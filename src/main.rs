@@ -50,8 +50,35 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Time the limit computation (benchmarks; not part of CI)
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Explain a diagnostic code
     Explain { code: String },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// NNGP+NTK of FILE on the points: seconds per repeat (warm, in process) and peak RSS
+    Limit {
+        file: PathBuf,
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// A failure already reported to the user.
@@ -106,6 +133,41 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     + "\n"
             } else {
                 tpc::report::limit::text(&tpc::limit::derivation_text(&prog, &der), &r)
+            };
+            print_out(&text)
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Limit {
+                    file,
+                    inputs,
+                    repeat,
+                    format,
+                },
+        } => {
+            let prog = compile_file(&file)?;
+            let points = load_points(&prog, inputs.as_deref())?;
+            let mut secs = Vec::new();
+            for _ in 0..repeat.max(1) {
+                let t = std::time::Instant::now();
+                let r =
+                    tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+                secs.push(t.elapsed().as_secs_f64());
+                drop(r);
+            }
+            let rss = peak_rss();
+            let text = if format == Format::Json {
+                serde_json::json!({"seconds": secs, "peak_rss_bytes": rss, "points": points.len()})
+                    .to_string()
+                    + "\n"
+            } else {
+                let best = secs.iter().copied().fold(f64::INFINITY, f64::min);
+                format!(
+                    "{} points: best {best:.3} s of {} (all: {secs:?}); peak RSS {:.1} MiB\n",
+                    points.len(),
+                    secs.len(),
+                    rss.unwrap_or(0) as f64 / 1048576.0
+                )
             };
             print_out(&text)
         }

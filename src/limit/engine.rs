@@ -83,7 +83,11 @@ struct Memo<K, V> {
 
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
     fn new() -> Self {
-        Memo { map: HashMap::new(), left: None, counts: HashMap::new() }
+        Memo {
+            map: HashMap::new(),
+            left: None,
+            counts: HashMap::new(),
+        }
     }
     /// Looks a key up, counting (dry run) or consuming one use (real run).
     fn take(&mut self, k: &K) -> Option<V> {
@@ -116,6 +120,26 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
                     self.map.insert(k, v.clone());
                 }
             }
+        }
+    }
+    /// Stores a value computed ahead of its uses (does not consume one).
+    fn warm(&mut self, k: K, v: V) {
+        if self
+            .left
+            .as_ref()
+            .is_some_and(|l| l.get(&k).is_some_and(|n| *n > 0))
+        {
+            self.map.insert(k, v);
+        }
+    }
+    fn has(&self, k: &K) -> bool {
+        self.map.contains_key(k)
+    }
+    /// Keys looked up during the dry run.
+    fn keys(&self) -> Vec<K> {
+        match &self.left {
+            None => self.counts.keys().cloned().collect(),
+            Some(l) => l.keys().cloned().collect(),
         }
     }
     /// Ends the dry run: the counts become the uses left.
@@ -187,6 +211,34 @@ impl<'a> Engine<'a> {
         self.vv.arm();
         self.tg.arm();
         self.tv.arm();
+    }
+
+    /// Computes the vector blocks of the real run in topological order: for each node,
+    /// its `E[Z Z']` blocks, then its tangent blocks. Each layer then reads only the
+    /// previous layer's blocks, which are freed as soon as it is done.
+    pub fn warm_up(&mut self) -> R<()> {
+        let mut keys: Vec<(NodeId, u8, NodeId, NodeId)> = self
+            .vv
+            .keys()
+            .into_iter()
+            .map(|(a, b)| (b.max(a), 0, a, b))
+            .collect();
+        keys.extend(self.tv.keys().into_iter().map(|(a, b)| (b.max(a), 1, a, b)));
+        keys.sort();
+        for (_, kind, a, b) in keys {
+            if kind == 0 {
+                if !self.vv.has(&(a, b)) {
+                    let (za, zb) = (self.zf(a)?, self.zf(b)?);
+                    let m = self.zz(&za, &zb, a == b)?;
+                    self.vv.warm((a, b), m);
+                }
+            } else if !self.tv.has(&(a, b)) {
+                let (za, zb) = (self.zf(a)?, self.zf(b)?);
+                let t = self.tz(&za, &zb, a == b)?;
+                self.tv.warm((a, b), t);
+            }
+        }
+        Ok(())
     }
 
     fn intern(&mut self, l: &LinForm) -> usize {
@@ -564,7 +616,14 @@ impl<'a> Engine<'a> {
                 out
             }
         };
-        Ok(if flip { Scaled { m: out.m.transpose(), exp: out.exp } } else { out })
+        Ok(if flip {
+            Scaled {
+                m: out.m.transpose(),
+                exp: out.exp,
+            }
+        } else {
+            out
+        })
     }
 
     /// Tangent kernel of two Z forms: for atoms f(L), g(M) of one form each,
@@ -587,8 +646,9 @@ impl<'a> Engine<'a> {
                             f: b.f.diff(j),
                             args: b.args.clone(),
                         };
-                        let e = self.atom_pair(&da, &db, symmetric && ta == tb && i == j)?;
-                        let m = e.component_mul(&t.m) * (ca * cb);
+                        let mut m = self.atom_pair(&da, &db, symmetric && ta == tb && i == j)?;
+                        m.component_mul_assign(&t.m);
+                        m *= ca * cb;
                         out = out.add(Scaled { m, exp: t.exp });
                     }
                 }

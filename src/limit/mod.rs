@@ -97,16 +97,25 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
         points.to_vec()
     };
     let p = points.len();
-    let err = |e: engine::NumError| LimitError { node: None, message: e.0 };
+    let err = |e: engine::NumError| LimitError {
+        node: None,
+        message: e.0,
+    };
     // Dry run on no points: counts block uses so the real run can free each block at
     // its last use (engine::Memo).
     let mut eng = Engine::new(prog, &der, 0, input_values(prog, &[]));
     compute(prog, &der, &mut eng, 0).map_err(err)?;
     eng.arm(p, input_values(prog, &points));
-    let (nngp, nngp_note, ntk, ntk_note, observe) = compute(prog, &der, &mut eng, p).map_err(err)?;
+    eng.warm_up().map_err(err)?;
+    let (nngp, nngp_note, ntk, ntk_note, observe) =
+        compute(prog, &der, &mut eng, p).map_err(err)?;
     Ok(LimitResult {
         outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() { Vec::new() } else { points },
+        points: if prog.inputs.is_empty() {
+            Vec::new()
+        } else {
+            points
+        },
         nngp,
         nngp_note,
         ntk,
@@ -117,10 +126,21 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
     })
 }
 
-type Computed = (Option<DMatrix<f64>>, Option<String>, Option<DMatrix<f64>>, Option<String>, Vec<(String, Vec<f64>)>);
+type Computed = (
+    Option<DMatrix<f64>>,
+    Option<String>,
+    Option<DMatrix<f64>>,
+    Option<String>,
+    Vec<(String, Vec<f64>)>,
+);
 
 /// The kernels and moments, in an order both runs (dry and real) share.
-fn compute(prog: &Program, der: &Derivation, eng: &mut Engine<'_>, p: usize) -> Result<Computed, engine::NumError> {
+fn compute(
+    prog: &Program,
+    der: &Derivation,
+    eng: &mut Engine<'_>,
+    p: usize,
+) -> Result<Computed, engine::NumError> {
     let err = |e: LimitError| engine::NumError(e.message);
     let o = prog.outputs.len();
     let mut nngp = DMatrix::zeros(o * p, o * p);
@@ -194,7 +214,14 @@ fn compute(prog: &Program, der: &Derivation, eng: &mut Engine<'_>, p: usize) -> 
         let constant = vals
             .iter()
             .all(|x| (x - vals[0]).abs() <= 1e-14 * (1.0 + x.abs()));
-        observe.push((prog.label(m), if constant && !vals.is_empty() { vec![vals[0]] } else { vals }));
+        observe.push((
+            prog.label(m),
+            if constant && !vals.is_empty() {
+                vec![vals[0]]
+            } else {
+                vals
+            },
+        ));
     }
     Ok((nngp_ok.then_some(nngp), nngp_note, ntk, ntk_note, observe))
 }
