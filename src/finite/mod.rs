@@ -1,0 +1,15 @@
+//! Finite-width execution kernels: parameter sampling and dense products.
+//!
+//! A finite-width run of a Tensor Program spends its time in two places: drawing
+//! every Gaussian parameter (N×N, N×d matrices, N-vectors) and multiplying those
+//! matrices by N×P blocks of activations for all P input points at once. When P is
+//! small, sampling dominates; when P is large, the products do. These two modules
+//! make both run at hardware speed while keeping `nalgebra` types at the API.
+//!
+//! - [`sample`]: a counter-based seeding scheme (reproducible whatever the thread
+//!   count or the number of draws run) and a fast, exact ziggurat N(0,1) sampler.
+//! - [`linalg`]: `C = αAB + βC` products (with either operand transposed, without
+//!   materialising the transpose) on nalgebra storage, computed by faer.
+
+pub mod linalg;
+pub mod sample;
