@@ -1,4 +1,5 @@
-//! Finite-width execution kernels: parameter sampling and dense products.
+//! Finite-width execution: sample every parameter at a concrete width N and run the
+//! program ([`exec`], `tpc run`), on top of the sampling and product kernels.
 //!
 //! A finite-width run of a Tensor Program spends its time in two places: drawing
 //! every Gaussian parameter (N×N, N×d matrices, N-vectors) and multiplying those
@@ -10,6 +11,9 @@
 //!   count or the number of draws run) and a fast, exact ziggurat N(0,1) sampler.
 //! - [`linalg`]: `C = αAB + βC` products (with either operand transposed, without
 //!   materialising the transpose) on nalgebra storage, computed by faer.
+//! - [`exec`]: the executor: forward and reverse passes over the IR on N×P blocks,
+//!   exact empirical NTK and conditional NNGP per draw, means and standard errors.
 
+pub mod exec;
 pub mod linalg;
 pub mod sample;
