@@ -291,32 +291,73 @@ fn eval_block(e: &Expr, vals: &[Val], ops: &[NodeId], n: usize, c: usize) -> Opt
     Some(out)
 }
 
-/// Runs one draw: sample, forward, backward, kernels.
-fn run_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+/// How a parameter's `w` is stored at width `n`; a readout is a column (f = w · x).
+fn stored_shape(shape: Shape, n: usize) -> (usize, usize) {
+    match shape {
+        Shape::Hidden => (n, n),
+        Shape::Input(d) => (n, d),
+        Shape::Readout | Shape::Vector => (n, 1),
+        Shape::Scalar => (1, 1),
+    }
+}
+
+/// Samples every parameter's trainable `w` for draw `draw` of seed `seed` at width `n`:
+/// parameter `i` from stream `StreamKey(seed, draw, i)`, entries N(0, var(n)).
+/// Shapes: hidden N×N, input N×d, readout and vector N×1, scalar 1×1.
+pub fn sample_params(
+    prog: &Program,
+    n: usize,
+    seed: u64,
+    draw: usize,
+) -> Result<Vec<DMatrix<f64>>, RunError> {
+    let nf = n as f64;
+    prog.params
+        .iter()
+        .enumerate()
+        .map(|(i, prm)| {
+            let (rows, cols) = stored_shape(prm.shape, n);
+            let std = prm.law.var.at(nf).max(0.0).sqrt();
+            normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
+                .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
+        })
+        .collect()
+}
+
+/// Runs one draw on given trainable values `ws` (as [`sample_params`] shapes them):
+/// forward, backward, kernels. `draw` only labels error messages.
+fn run_draw(
+    plan: &Plan<'_>,
+    n: usize,
+    ws: Vec<DMatrix<f64>>,
+    draw: usize,
+) -> Result<Draw, RunError> {
     let prog = plan.prog;
     let (p, o) = (plan.p, plan.o);
     let op_cols = o * p;
     let nf = n as f64;
-
-    // ---- sampling -----------------------------------------------------------------
-    let mut sampled = Vec::with_capacity(prog.params.len());
-    for (i, prm) in prog.params.iter().enumerate() {
-        let (rows, cols) = match prm.shape {
-            Shape::Hidden => (n, n),
-            Shape::Input(d) => (n, d),
-            // A readout is stored as a column: f = w · x.
-            Shape::Readout | Shape::Vector => (n, 1),
-            Shape::Scalar => (1, 1),
-        };
-        let var = prm.law.var.at(nf);
-        let std = var.max(0.0).sqrt();
-        let w = normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
-            .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))?;
-        sampled.push(Sampled {
+    if ws.len() != prog.params.len() {
+        return Err(bug(None, "one value per parameter is needed"));
+    }
+    for (w, prm) in ws.iter().zip(&prog.params) {
+        if w.shape() != stored_shape(prm.shape, n) {
+            return Err(bug(
+                Some(prm.node),
+                format!(
+                    "{} has shape {:?}, not the stored shape at width {n}",
+                    prm.name,
+                    w.shape()
+                ),
+            ));
+        }
+    }
+    let sampled: Vec<Sampled> = ws
+        .into_iter()
+        .zip(&prog.params)
+        .map(|(w, prm)| Sampled {
             w,
             mult: prm.law.mult.at(nf),
-        });
-    }
+        })
+        .collect();
 
     // ---- forward ------------------------------------------------------------------
     let mut vals: Vec<Val> = vec![Val::None; prog.len()];
@@ -772,7 +813,8 @@ pub fn run(
         let got: Vec<Result<Draw, RunError>> = chunk
             .par_iter()
             .map(|&k| {
-                let d = run_draw(&plan, cfg.width, cfg.seed, k);
+                let d = sample_params(prog, cfg.width, cfg.seed, k)
+                    .and_then(|ws| run_draw(&plan, cfg.width, ws, k));
                 progress();
                 d
             })
@@ -811,7 +853,7 @@ pub fn run(
     })
 }
 
-/// Runs draw `k` alone (for tests and tools): the same numbers as inside [`run`].
+/// Runs draw `k` of seed `seed` alone: the same numbers as inside [`run`].
 pub fn run_one(
     prog: &Program,
     points: &[Vec<f64>],
@@ -819,13 +861,25 @@ pub fn run_one(
     seed: u64,
     draw: usize,
 ) -> Result<Draw, RunError> {
+    let ws = sample_params(prog, width, seed, draw)?;
+    run_with(prog, points, width, ws)
+}
+
+/// Runs the program at width `width` on given trainable values (shaped as
+/// [`sample_params`] returns them): for gradient checks and tools that perturb weights.
+pub fn run_with(
+    prog: &Program,
+    points: &[Vec<f64>],
+    width: usize,
+    ws: Vec<DMatrix<f64>>,
+) -> Result<Draw, RunError> {
     let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
         vec![vec![]]
     } else {
         points.to_vec()
     };
     let plan = Plan::new(prog, &points)?;
-    run_draw(&plan, width, seed, draw)
+    run_draw(&plan, width, ws, 0)
 }
 
 /// Mean and standard error (sd/√K, sd with K−1) over draws, summed in draw order so
