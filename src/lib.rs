@@ -13,6 +13,7 @@
 
 pub mod data;
 pub mod diag;
+pub mod finite;
 pub mod ir;
 pub mod limit;
 pub mod lower;

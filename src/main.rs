@@ -55,6 +55,24 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Run at finite width: sample the parameters K times, estimate NNGP, NTK and observes
+    Run {
+        file: PathBuf,
+        /// The width n = N
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        width: u64,
+        /// The number of independent draws K
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        seeds: u64,
+        /// The run's seed S: draw k of seed S is the same whatever K and the thread count
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// CSV of input points, one per row (cli.md)
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Explain a diagnostic code
     Explain { code: String },
 }
@@ -171,6 +189,36 @@ fn run(cli: Cli) -> Result<(), Reported> {
             };
             print_out(&text)
         }
+        Cmd::Run {
+            file,
+            width,
+            seeds,
+            seed,
+            inputs,
+            format,
+        } => {
+            let prog = compile_file(&file)?;
+            let points = load_points(&prog, inputs.as_deref())?;
+            let cfg = tpc::finite::exec::RunConfig {
+                width: usize::try_from(width)
+                    .map_err(|_| fail("the width is too large for this machine"))?,
+                seeds: usize::try_from(seeds)
+                    .map_err(|_| fail("too many seeds for this machine"))?,
+                seed,
+            };
+            let r = with_progress(cfg.seeds, |tick| {
+                tpc::finite::exec::run(&prog, &points, &cfg, tick)
+            })
+            .map_err(|e| run_fail(&file, &prog, &e))?;
+            let text = if format == Format::Json {
+                serde_json::to_string_pretty(&tpc::report::run::json(&r))
+                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
+                    + "\n"
+            } else {
+                tpc::report::run::text(&r)
+            };
+            print_out(&text)
+        }
         Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
             Some((c, m)) => print_out(&format!("{c}: {m}\n")),
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
@@ -202,6 +250,51 @@ fn limit_fail(file: &Path, prog: &Program, e: &tpc::limit::LimitError) -> Report
             emit(&name, &src, &[d]);
         }
         _ => eprintln!("error: no limit: {}", e.message),
+    }
+    Reported
+}
+
+/// Runs `f` with a progress bar on stderr that appears only when stderr is a terminal
+/// and the run has taken more than a second (quick runs and pipes stay silent).
+fn with_progress<T>(draws: usize, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::with_draw_target(Some(draws as u64), ProgressDrawTarget::hidden());
+    if let Ok(style) =
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} draws, eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let start = std::time::Instant::now();
+    let shown = AtomicBool::new(false);
+    let tick = || {
+        bar.inc(1);
+        if tty && !shown.load(Ordering::Relaxed) && start.elapsed().as_secs_f64() > 1.0 {
+            shown.store(true, Ordering::Relaxed);
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+    };
+    let out = f(&tick);
+    bar.finish_and_clear();
+    out
+}
+
+/// A run that failed (memory, overflow), reported against the node responsible.
+fn run_fail(file: &Path, prog: &Program, e: &tpc::finite::exec::RunError) -> Reported {
+    let name = file.display().to_string();
+    match (e.node, std::fs::read_to_string(file)) {
+        (Some(node), Ok(src)) => {
+            let d = Diagnostic::error(
+                "E0024",
+                e.message.clone(),
+                prog.node(node).span,
+                "this value",
+            )
+            .with_help("a smaller width, other laws or bounded functions keep values finite");
+            emit(&name, &src, &[d]);
+        }
+        _ => eprintln!("error: {}", e.message),
     }
     Reported
 }

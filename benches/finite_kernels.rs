@@ -1,0 +1,464 @@
+//! Finite-width kernels benchmark: Gaussian sampling and the products of a
+//! depth-3 relu MLP's forward and backward pass on P points at once.
+//!
+//! ```text
+//! cargo bench --bench finite_kernels                      # markdown tables
+//! cargo bench --bench finite_kernels -- --json            # one JSON object per line
+//! cargo bench --bench finite_kernels -- --sizes 1024,2048 --reps 5
+//! cargo bench --bench finite_kernels -- --calibrate       # Seq vs rayon crossover
+//! ```
+//!
+//! `benches/numpy_products.py` runs this binary with `--json` and times numpy on the
+//! same product shapes in the same run, then prints one comparison table.
+//!
+//! The network (d = 32 inputs, width N, P points as columns):
+//!
+//! ```text
+//! forward:  h1 = W1 x   g1 = relu(h1)      W1: N×d, x: d×P
+//!           h2 = W2 g1  g2 = relu(h2)      W2: N×N
+//!           h3 = W3 g2  g3 = relu(h3)      W3: N×N
+//!           f  = vᵀ g3                     v: N×1 (readout), f: 1×P
+//! backward: dg3 = v·1ᵀ  dh3 = dg3 ⊙ [h3>0]
+//!           dg2 = W3ᵀ dh3  dh2 = dg2 ⊙ [h2>0]
+//!           dg1 = W2ᵀ dh2  dh1 = dg1 ⊙ [h1>0]
+//!           dx  = W1ᵀ dh1
+//! ```
+//!
+//! Each repetition samples all parameters afresh (a new draw, as a Monte-Carlo run
+//! over initialisations would) and then runs the pass; the medians are reported.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use nalgebra::DMatrix;
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+use rand_distr::StandardNormal;
+use std::time::Instant;
+use tpc::finite::linalg::{matmul_into, matmul_tn_into};
+use tpc::finite::sample::{fill_normal, fill_normal_seq, normal_matrix, StreamKey};
+
+const D: usize = 32;
+const P: usize = 64;
+
+struct Args {
+    json: bool,
+    sizes: Vec<usize>,
+    reps: Option<usize>,
+    calibrate: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        json: false,
+        sizes: vec![1024, 2048, 4096, 8192],
+        reps: None,
+        calibrate: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => a.json = true,
+            "--calibrate" => a.calibrate = true,
+            "--bench" => {} // passed by `cargo bench`
+            "--sizes" => {
+                let v = it.next().ok_or("--sizes needs a value")?;
+                a.sizes = v
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("bad size {s:?}: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--reps" => {
+                let v = it.next().ok_or("--reps needs a value")?;
+                a.reps = Some(v.parse().map_err(|e| format!("bad --reps {v:?}: {e}"))?);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Runs `f` once to warm up, then `reps` times; returns the median seconds.
+fn time_median(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f();
+        t.push(s.elapsed().as_secs_f64());
+    }
+    median(t)
+}
+
+// ---------------------------------------------------------------------------
+// Sampler throughput
+// ---------------------------------------------------------------------------
+
+struct SamplerResult {
+    ns_seq: f64,
+    ns_par: f64,
+    ns_rand_distr: f64,
+    ns_raw_u64: f64,
+}
+
+fn bench_sampler() -> SamplerResult {
+    let rows = 4096;
+    let cols = 4096;
+    let n = (rows * cols) as f64;
+    let mut buf = vec![0.0; rows * cols];
+    let key = StreamKey::new(1, 0, 0);
+    let reps = 5;
+    let t_seq = time_median(reps, || {
+        fill_normal_seq(&mut buf, rows, 1.0, key).expect("valid shape")
+    });
+    let t_par = time_median(reps, || {
+        fill_normal(&mut buf, rows, 1.0, key).expect("valid shape")
+    });
+    // Reference points: rand_distr's ziggurat on the same generator, and the raw
+    // generator alone (the floor for any one-u64-per-value sampler).
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(1);
+    let t_rd = time_median(reps, || {
+        for v in buf.iter_mut() {
+            *v = rng.sample(StandardNormal);
+        }
+    });
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(2);
+    let t_raw = time_median(reps, || {
+        for v in buf.iter_mut() {
+            *v = f64::from_bits(rand::Rng::next_u64(&mut rng) >> 12);
+        }
+    });
+    std::hint::black_box(&buf);
+    SamplerResult {
+        ns_seq: t_seq / n * 1e9,
+        ns_par: t_par / n * 1e9,
+        ns_rand_distr: t_rd / n * 1e9,
+        ns_raw_u64: t_raw / n * 1e9,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// MLP forward + backward
+// ---------------------------------------------------------------------------
+
+/// One product of the pass: `m×k` (transposed or not) times `k×n`.
+struct Product {
+    name: &'static str,
+    trans_a: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    seconds: f64,
+}
+
+struct MlpResult {
+    n: usize,
+    reps: usize,
+    sample_s: f64,
+    normals: usize,
+    products_s: f64,
+    flops: f64,
+    other_s: f64,
+    products: Vec<Product>,
+}
+
+fn relu_into(dst: &mut DMatrix<f64>, src: &DMatrix<f64>) {
+    for (d, &s) in dst.as_mut_slice().iter_mut().zip(src.as_slice()) {
+        *d = s.max(0.0);
+    }
+}
+
+fn mask_in_place(g: &mut DMatrix<f64>, h: &DMatrix<f64>) {
+    for (d, &s) in g.as_mut_slice().iter_mut().zip(h.as_slice()) {
+        if s <= 0.0 {
+            *d = 0.0;
+        }
+    }
+}
+
+fn bench_mlp(n: usize, reps: usize) -> Result<MlpResult, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let x = normal_matrix(D, P, 1.0, StreamKey::new(7, 0, 100)).map_err(|x| e(&x))?;
+    let mut w1 = DMatrix::<f64>::zeros(n, D);
+    let mut w2 = DMatrix::<f64>::zeros(n, n);
+    let mut w3 = DMatrix::<f64>::zeros(n, n);
+    let mut v = DMatrix::<f64>::zeros(n, 1);
+    let dout = DMatrix::<f64>::from_element(1, P, 1.0);
+    let z = || DMatrix::<f64>::zeros(n, P);
+    let (mut h1, mut h2, mut h3) = (z(), z(), z());
+    let (mut g1, mut g2, mut g3) = (z(), z(), z());
+    let (mut dg1, mut dg2, mut dg3) = (z(), z(), z());
+    let mut f = DMatrix::<f64>::zeros(1, P);
+    let mut dx = DMatrix::<f64>::zeros(D, P);
+
+    let names: [(&str, bool, usize, usize, usize); 8] = [
+        ("W1·x", false, n, D, P),
+        ("W2·g1", false, n, n, P),
+        ("W3·g2", false, n, n, P),
+        ("vᵀ·g3", true, 1, n, P),
+        ("v·1ᵀ", false, n, 1, P),
+        ("W3ᵀ·dh3", true, n, n, P),
+        ("W2ᵀ·dh2", true, n, n, P),
+        ("W1ᵀ·dh1", true, D, n, P),
+    ];
+    let mut t_prod = vec![Vec::new(); names.len()];
+    let (mut t_sample, mut t_other) = (Vec::new(), Vec::new());
+
+    // Repetition 0 is a warm-up (page faults of fresh buffers, rayon start-up).
+    for rep in 0..=reps {
+        let draw = rep as u64;
+        let s = Instant::now();
+        let sd_in = 1.0 / (D as f64).sqrt();
+        let sd = 1.0 / (n as f64).sqrt();
+        fill_normal(w1.as_mut_slice(), n, sd_in, StreamKey::new(7, draw, 0)).map_err(|x| e(&x))?;
+        fill_normal(w2.as_mut_slice(), n, sd, StreamKey::new(7, draw, 1)).map_err(|x| e(&x))?;
+        fill_normal(w3.as_mut_slice(), n, sd, StreamKey::new(7, draw, 2)).map_err(|x| e(&x))?;
+        fill_normal(v.as_mut_slice(), n, sd, StreamKey::new(7, draw, 3)).map_err(|x| e(&x))?;
+        let sample = s.elapsed().as_secs_f64();
+
+        let mut tp = [0.0; 8];
+        let mut other = 0.0;
+        macro_rules! timed {
+            ($acc:expr, $body:expr) => {{
+                let s = Instant::now();
+                $body;
+                $acc += s.elapsed().as_secs_f64();
+            }};
+        }
+        timed!(
+            tp[0],
+            matmul_into(&mut h1, 1.0, &w1, &x, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(other, relu_into(&mut g1, &h1));
+        timed!(
+            tp[1],
+            matmul_into(&mut h2, 1.0, &w2, &g1, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(other, relu_into(&mut g2, &h2));
+        timed!(
+            tp[2],
+            matmul_into(&mut h3, 1.0, &w3, &g2, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(other, relu_into(&mut g3, &h3));
+        timed!(
+            tp[3],
+            matmul_tn_into(&mut f, 1.0, &v, &g3, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(
+            tp[4],
+            matmul_into(&mut dg3, 1.0, &v, &dout, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(other, mask_in_place(&mut dg3, &h3));
+        timed!(
+            tp[5],
+            matmul_tn_into(&mut dg2, 1.0, &w3, &dg3, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(other, mask_in_place(&mut dg2, &h2));
+        timed!(
+            tp[6],
+            matmul_tn_into(&mut dg1, 1.0, &w2, &dg2, 0.0).map_err(|x| e(&x))?
+        );
+        timed!(other, mask_in_place(&mut dg1, &h1));
+        timed!(
+            tp[7],
+            matmul_tn_into(&mut dx, 1.0, &w1, &dg1, 0.0).map_err(|x| e(&x))?
+        );
+        std::hint::black_box((&f, &dx));
+        if rep > 0 {
+            t_sample.push(sample);
+            t_other.push(other);
+            for (acc, t) in t_prod.iter_mut().zip(tp) {
+                acc.push(t);
+            }
+        }
+    }
+    let products: Vec<Product> = names
+        .iter()
+        .zip(t_prod)
+        .map(|(&(name, trans_a, m, k, nn), t)| Product {
+            name,
+            trans_a,
+            m,
+            k,
+            n: nn,
+            seconds: median(t),
+        })
+        .collect();
+    let flops = products
+        .iter()
+        .map(|p| 2.0 * (p.m * p.k * p.n) as f64)
+        .sum();
+    Ok(MlpResult {
+        n,
+        reps,
+        sample_s: median(t_sample),
+        normals: n * D + 2 * n * n + n,
+        products_s: products.iter().map(|p| p.seconds).sum(),
+        flops,
+        other_s: median(t_other),
+        products,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Par threshold calibration
+// ---------------------------------------------------------------------------
+
+fn calibrate() {
+    println!("\n### Par threshold: faer Seq vs rayon, square m = n = k (GFLOP/s)\n");
+    println!("| size | MACs | Seq | rayon | rayon/Seq |\n|---|---|---|---|---|");
+    for s in [16usize, 24, 32, 40, 48, 56, 64, 80, 96, 128, 192, 256] {
+        let a = vec![1.0; s * s];
+        let b = vec![1.0; s * s];
+        let mut c = vec![0.0; s * s];
+        let flops = 2.0 * (s * s * s) as f64;
+        let inner = ((2e8 / flops) as usize).max(1);
+        let mut run = |par: Par| {
+            time_median(7, || {
+                for _ in 0..inner {
+                    matmul(
+                        MatMut::from_column_major_slice_mut(&mut c, s, s),
+                        Accum::Replace,
+                        MatRef::from_column_major_slice(&a, s, s),
+                        MatRef::from_column_major_slice(&b, s, s),
+                        1.0,
+                        par,
+                    );
+                }
+            }) / inner as f64
+        };
+        let seq = run(Par::Seq);
+        let par = run(Par::rayon(0));
+        println!(
+            "| {s} | {} | {:.1} | {:.1} | {:.2} |",
+            s * s * s,
+            flops / seq / 1e9,
+            flops / par / 1e9,
+            seq / par
+        );
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("finite_kernels: {msg}");
+            std::process::exit(2);
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if args.calibrate {
+        calibrate();
+        return;
+    }
+    let s = bench_sampler();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kind": "sampler", "threads": threads,
+                "ns_per_normal_1t": s.ns_seq, "ns_per_normal_par": s.ns_par,
+                "ns_per_normal_rand_distr_1t": s.ns_rand_distr, "ns_per_u64_raw_1t": s.ns_raw_u64,
+            })
+        );
+    } else {
+        println!("### Sampling N(0,1), f64, 4096×4096 buffer ({threads} rayon threads)\n");
+        println!("| sampler | ns/normal | normals/s |\n|---|---|---|");
+        for (name, ns) in [
+            ("tpc ziggurat, 1 thread", s.ns_seq),
+            (
+                &*format!("tpc ziggurat, {threads} threads (per-column streams)"),
+                s.ns_par,
+            ),
+            (
+                "rand_distr StandardNormal + Xoshiro256++, 1 thread",
+                s.ns_rand_distr,
+            ),
+            ("raw Xoshiro256++ u64 (floor), 1 thread", s.ns_raw_u64),
+        ] {
+            println!("| {name} | {ns:.2} | {:.2e} |", 1e9 / ns);
+        }
+        println!("\n### Depth-3 relu MLP forward + backward, d = {D}, P = {P}, {threads} threads (medians)\n");
+        println!(
+            "| N | sample s | normals/s | products s | products GFLOP/s | relu/mask s | total s |\n|---|---|---|---|---|---|---|"
+        );
+    }
+    let mut per_product = Vec::new();
+    for &n in &args.sizes {
+        let reps = args.reps.unwrap_or(if n >= 8192 { 3 } else { 5 });
+        let r = match bench_mlp(n, reps) {
+            Ok(r) => r,
+            Err(msg) => {
+                eprintln!("finite_kernels: N = {n}: {msg}");
+                std::process::exit(1);
+            }
+        };
+        if args.json {
+            let products: Vec<_> = r
+                .products
+                .iter()
+                .map(|p| {
+                    serde_json::json!({"name": p.name, "trans_a": p.trans_a, "m": p.m, "k": p.k, "n": p.n, "seconds": p.seconds})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "kind": "mlp", "n": r.n, "p": P, "d": D, "reps": r.reps, "threads": threads,
+                    "sample_s": r.sample_s, "normals": r.normals, "products_s": r.products_s,
+                    "flops": r.flops, "other_s": r.other_s, "products": products,
+                })
+            );
+        } else {
+            println!(
+                "| {} | {:.4} | {:.2e} | {:.4} | {:.1} | {:.4} | {:.4} |",
+                r.n,
+                r.sample_s,
+                r.normals as f64 / r.sample_s,
+                r.products_s,
+                r.flops / r.products_s / 1e9,
+                r.other_s,
+                r.sample_s + r.products_s + r.other_s
+            );
+            per_product.push(r);
+        }
+    }
+    if !args.json {
+        println!("\n### Per product (GFLOP/s)\n");
+        println!(
+            "| N | {} |",
+            per_product.first().map_or(String::new(), |r| r
+                .products
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(" | "))
+        );
+        println!("|---|{}", "---|".repeat(8));
+        for r in &per_product {
+            let cells: Vec<String> = r
+                .products
+                .iter()
+                .map(|p| format!("{:.1}", 2.0 * (p.m * p.k * p.n) as f64 / p.seconds / 1e9))
+                .collect();
+            println!("| {} | {} |", r.n, cells.join(" | "));
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Finite-width execution: sample every parameter at a concrete width N and run the
+//! program ([`exec`], `tpc run`), on top of the sampling and product kernels.
+//!
+//! A finite-width run of a Tensor Program spends its time in two places: drawing
+//! every Gaussian parameter (N×N, N×d matrices, N-vectors) and multiplying those
+//! matrices by N×P blocks of activations for all P input points at once. When P is
+//! small, sampling dominates; when P is large, the products do. These two modules
+//! make both run at hardware speed while keeping `nalgebra` types at the API.
+//!
+//! - [`sample`]: a counter-based seeding scheme (reproducible whatever the thread
+//!   count or the number of draws run) and a fast, exact ziggurat N(0,1) sampler.
+//! - [`linalg`]: `C = αAB + βC` products (with either operand transposed, without
+//!   materialising the transpose) on nalgebra storage, computed by faer.
+//! - [`exec`]: the executor: forward and reverse passes over the IR on N×P blocks,
+//!   exact empirical NTK and conditional NNGP per draw, means and standard errors.
+
+pub mod exec;
+pub mod linalg;
+pub mod sample;
