@@ -43,7 +43,7 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use super::linalg::{gemm, matmul_tn, Trans};
-use super::sample::{normal_matrix, StreamKey};
+use super::sample::{fill_normal_matrix, normal_matrix, StreamKey};
 use crate::ir::{Expr, NodeId, Op, OutTerm, Program, Shape};
 
 /// What to run.
@@ -145,8 +145,8 @@ enum Val {
 }
 
 /// A sampled parameter: the trainable `w` and its multiplier.
-struct Sampled {
-    w: DMatrix<f64>,
+struct Sampled<'w> {
+    w: &'w DMatrix<f64>,
     mult: f64,
 }
 
@@ -323,14 +323,30 @@ pub fn sample_params(
         .collect()
 }
 
+/// [`sample_params`] into buffers kept from an earlier draw (same program and width),
+/// so that a long run does not pay the kernel's page zeroing for every draw.
+fn sample_params_into(
+    prog: &Program,
+    n: usize,
+    seed: u64,
+    draw: usize,
+    ws: &mut Vec<DMatrix<f64>>,
+) -> Result<(), RunError> {
+    if ws.len() != prog.params.len() {
+        *ws = sample_params(prog, n, seed, draw)?;
+        return Ok(());
+    }
+    for (i, (w, prm)) in ws.iter_mut().zip(&prog.params).enumerate() {
+        let std = prm.law.var.at(n as f64).max(0.0).sqrt();
+        fill_normal_matrix(w, std, StreamKey::new(seed, draw as u64, i as u64))
+            .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))?;
+    }
+    Ok(())
+}
+
 /// Runs one draw on given trainable values `ws` (as [`sample_params`] shapes them):
 /// forward, backward, kernels. `draw` only labels error messages.
-fn run_draw(
-    plan: &Plan<'_>,
-    n: usize,
-    ws: Vec<DMatrix<f64>>,
-    draw: usize,
-) -> Result<Draw, RunError> {
+fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Result<Draw, RunError> {
     let prog = plan.prog;
     let (p, o) = (plan.p, plan.o);
     let op_cols = o * p;
@@ -351,7 +367,7 @@ fn run_draw(
         }
     }
     let sampled: Vec<Sampled> = ws
-        .into_iter()
+        .iter()
         .zip(&prog.params)
         .map(|(w, prm)| Sampled {
             w,
@@ -369,7 +385,7 @@ fn run_draw(
             Op::Param(pi) => match prog.params[*pi].shape {
                 Shape::Vector => {
                     let s = &sampled[*pi];
-                    Val::Vector(&s.w * s.mult)
+                    Val::Vector(s.w * s.mult)
                 }
                 _ => Val::None,
             },
@@ -385,14 +401,14 @@ fn run_draw(
                     if *transpose {
                         return Err(bug(Some(id), "an input layer used transposed"));
                     }
-                    gemm(&mut out, s.mult, &s.w, Trans::No, x, Trans::Yes, 0.0)
+                    gemm(&mut out, s.mult, s.w, Trans::No, x, Trans::Yes, 0.0)
                         .map_err(shape_err)?;
                 } else {
                     let Val::Vector(x) = &vals[ops[1].index()] else {
                         return Err(bug(Some(id), "a product of a non-vector"));
                     };
                     let t = if *transpose { Trans::Yes } else { Trans::No };
-                    gemm(&mut out, s.mult, &s.w, t, x, Trans::No, 0.0).map_err(shape_err)?;
+                    gemm(&mut out, s.mult, s.w, t, x, Trans::No, 0.0).map_err(shape_err)?;
                 }
                 Val::Vector(out)
             }
@@ -506,7 +522,7 @@ fn run_draw(
                     None => (DMatrix::zeros(n, op_cols), 0.0),
                 };
                 let mut dx = dx;
-                gemm(&mut dx, s.mult, &s.w, t, &dy, Trans::No, beta)
+                gemm(&mut dx, s.mult, s.w, t, &dy, Trans::No, beta)
                     .map_err(|e| bug(Some(id), format!("internal shape error: {e}")))?;
                 delta[xi] = Some(dx);
                 delta[id.index()] = Some(dy);
@@ -809,12 +825,15 @@ pub fn run(
     let at_once = concurrency(prog, cfg, plan.p);
     let mut draws: Vec<Draw> = Vec::with_capacity(cfg.seeds);
     let ids: Vec<usize> = (0..cfg.seeds).collect();
+    // One parameter buffer set per concurrent draw, refilled in place draw after draw.
+    let mut buffers: Vec<Vec<DMatrix<f64>>> = vec![Vec::new(); at_once];
     for chunk in ids.chunks(at_once) {
         let got: Vec<Result<Draw, RunError>> = chunk
             .par_iter()
-            .map(|&k| {
-                let d = sample_params(prog, cfg.width, cfg.seed, k)
-                    .and_then(|ws| run_draw(&plan, cfg.width, ws, k));
+            .zip(buffers.par_iter_mut())
+            .map(|(&k, ws)| {
+                let d = sample_params_into(prog, cfg.width, cfg.seed, k, ws)
+                    .and_then(|()| run_draw(&plan, cfg.width, ws, k));
                 progress();
                 d
             })
@@ -879,7 +898,7 @@ pub fn run_with(
         points.to_vec()
     };
     let plan = Plan::new(prog, &points)?;
-    run_draw(&plan, width, ws, 0)
+    run_draw(&plan, width, &ws, 0)
 }
 
 /// Mean and standard error (sd/√K, sd with K−1) over draws, summed in draw order so
