@@ -158,3 +158,41 @@ fn derivations_of_the_examples() {
         insta::assert_snapshot!(format!("derivation_{name}"), text);
     }
 }
+
+#[test]
+fn chain_fast_path_equals_the_general_engine() {
+    // Programs the layer-chain path recognizes, computed both ways.
+    let cases = [
+        (
+            common::example("mlp3"),
+            common::shared().join("refs/programs/X1.csv"),
+        ),
+        (
+            common::example("erf_deep"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/erf_X5.csv"),
+        ),
+        (
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/programs/tanh_2hidden.tp"),
+            )
+            .unwrap(),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/X2_4.csv"),
+        ),
+    ];
+    for (src, csv) in cases {
+        let prog = tpc::compile(&src).unwrap();
+        let points =
+            tpc::data::parse_points(&prog, "pts", &std::fs::read_to_string(csv).unwrap()).unwrap();
+        let der = tpc::limit::derivation(&prog).unwrap();
+        let fast = tpc::limit::limit(&prog, &points).unwrap();
+        assert!(fast.methods.iter().all(|m| !m.is_empty()));
+        let slow = tpc::limit::limit_general(&prog, &der, points.clone()).unwrap();
+        for (a, b) in [
+            (fast.nngp.unwrap(), slow.nngp.unwrap()),
+            (fast.ntk.unwrap(), slow.ntk.unwrap()),
+        ] {
+            let scale = b.amax().max(1.0);
+            assert!((&a - &b).amax() <= 1e-11 * scale, "fast {a} vs general {b}");
+        }
+    }
+}

@@ -12,6 +12,7 @@
 //!
 //! This module knows the IR, never the syntax.
 
+pub mod chain;
 pub mod dual;
 pub mod engine;
 pub mod gauss;
@@ -96,6 +97,42 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
     } else {
         points.to_vec()
     };
+    let p = points.len();
+    if let Some((nngp, ntk, methods, max_error)) =
+        chain::chain_kernels(prog, &der, &input_values(prog, &points), p)
+    {
+        return Ok(LimitResult {
+            outputs: prog.output_names(),
+            points: if prog.inputs.is_empty() {
+                Vec::new()
+            } else {
+                points
+            },
+            nngp: Some(nngp),
+            nngp_note: None,
+            ntk: Some(ntk),
+            ntk_note: None,
+            observe: Vec::new(),
+            methods,
+            max_error,
+        });
+    }
+    limit_general(prog, &der, points)
+}
+
+/// The general block engine, for every program the derivation covers (the layer-chain
+/// fast path of [`chain`] must agree with it).
+pub fn limit_general(
+    prog: &Program,
+    der: &Derivation,
+    points: Vec<Vec<f64>>,
+) -> Result<LimitResult, LimitError> {
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points
+    };
+    let der = der.clone();
     let p = points.len();
     let err = |e: engine::NumError| LimitError {
         node: None,
