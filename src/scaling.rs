@@ -95,13 +95,11 @@ impl Ex {
 
     /// `self^k`.
     pub fn powi(self, k: i32) -> Ex {
-        match k.cmp(&0) {
-            Ordering::Equal => Ex::ONE,
-            Ordering::Greater => match self {
-                Ex::Pow(p) => Ex::Pow(p * Rational::int(k as i64)),
-                e => e,
-            },
-            Ordering::Less => self.recip().powi(-k),
+        match (self, k.cmp(&0)) {
+            (_, Ordering::Equal) => Ex::ONE,
+            (Ex::Pow(p), _) => Ex::Pow(p * Rational::int(k as i64)),
+            (e, Ordering::Greater) => e,
+            (e, Ordering::Less) => e.recip(),
         }
     }
 
@@ -399,13 +397,21 @@ pub struct Step {
 pub struct Exponents {
     /// Size at initialization, per node.
     pub init: Vec<Ex>,
+    /// The first step.
     pub step: Option<Step>,
+    /// With `steps >= 2`: a later step, from the sizes after the first one, where the
+    /// gradient also flows through the updated readouts. Approximate: the low-rank
+    /// first updates of matrices enter only through the vectors' sizes.
+    pub later: Option<Step>,
 }
 
 struct Ctx<'a> {
     prog: &'a Program,
     flats: Vec<Option<FlatExpr>>,
     ops: Vec<Vec<NodeId>>,
+    /// Entry size of each parameter as the step sees it (at initialization for the
+    /// first step; readouts include their first update for later steps).
+    entries: Vec<Ex>,
 }
 
 impl<'a> Ctx<'a> {
@@ -419,11 +425,20 @@ impl<'a> Ctx<'a> {
             });
             ops.push(prog.operands(id));
         }
-        Ctx { prog, flats, ops }
+        let entries = prog.params.iter().map(|p| entry(&p.law)).collect();
+        Ctx {
+            prog,
+            flats,
+            ops,
+            entries,
+        }
     }
 
-    fn law_of(&self, id: NodeId) -> Option<&Law> {
-        self.prog.param_of(id).map(|p| &p.law)
+    fn entry_of(&self, id: NodeId) -> Ex {
+        match self.prog.node(id).op {
+            Op::Param(p) => self.entries[p],
+            _ => Ex::Zero,
+        }
     }
 
     fn is_scalar(&self, id: NodeId) -> bool {
@@ -446,7 +461,7 @@ impl<'a> Ctx<'a> {
                 Op::Input { .. } => Ex::ONE,
                 Op::Param(p) => entry(&prog.params[*p].law),
                 Op::MatMul { .. } => {
-                    let w = self.law_of(ops[0]).map_or(Ex::Zero, entry);
+                    let w = self.entry_of(ops[0]);
                     if matches!(prog.ty(ops[1]), Ty::Point(_)) {
                         w
                     } else {
@@ -465,7 +480,7 @@ impl<'a> Ctx<'a> {
                                 readout,
                                 vector,
                             } => {
-                                let v = self.law_of(ops[readout]).map_or(Ex::Zero, entry);
+                                let v = self.entry_of(ops[readout]);
                                 nz(coef, Ex::half().mul(v).mul(e[ops[vector].index()]))
                             }
                             OutTerm::Scalar { coef, param } => nz(coef, e[ops[param].index()]),
@@ -494,7 +509,7 @@ impl<'a> Ctx<'a> {
             match &prog.node(id).op {
                 Op::MatMul { .. } => {
                     if !matches!(prog.ty(ops[1]), Ty::Point(_)) {
-                        let w = self.law_of(ops[0]).map_or(Ex::Zero, entry);
+                        let w = self.entry_of(ops[0]);
                         let a = ops[1].index();
                         g[a] = g[a].max(Ex::half().mul(w).mul(gy));
                     }
@@ -526,7 +541,7 @@ impl<'a> Ctx<'a> {
                                 readout,
                                 vector,
                             } => {
-                                let v = self.law_of(ops[readout]).map_or(Ex::Zero, entry);
+                                let v = self.entry_of(ops[readout]);
                                 let x = ops[vector].index();
                                 g[x] = g[x].max(nz(coef, v.mul(gy)));
                             }
@@ -656,7 +671,7 @@ impl<'a> Ctx<'a> {
                         Ex::Zero
                     } else {
                         // W_0 Δy: a CLT sum
-                        let w = self.law_of(ops[0]).map_or(Ex::Zero, entry);
+                        let w = self.entry_of(ops[0]);
                         Ex::half().mul(w).mul(d[ops[1].index()])
                     }
                 }
@@ -689,7 +704,7 @@ impl<'a> Ctx<'a> {
                                 readout,
                                 vector,
                             } => {
-                                let v = self.law_of(ops[readout]).map_or(Ex::Zero, entry);
+                                let v = self.entry_of(ops[readout]);
                                 nz(coef, Ex::n().mul(v).mul(d[ops[vector].index()]))
                             }
                             OutTerm::Scalar { coef, param } => nz(coef, d[ops[param].index()]),
@@ -737,63 +752,85 @@ fn nz(coef: f64, e: Ex) -> Ex {
     }
 }
 
+/// One step from sizes `base` (vectors at the step's start) with loss derivatives `chi`.
+fn one_step(cx: &Ctx, base: &[Ex], chi: Vec<Ex>, lr: f64) -> Step {
+    let prog = cx.prog;
+    let grad = cx.backward(base, &chi);
+    let mut delta = vec![Ex::Zero; prog.len()];
+    let mut by_param = Vec::new();
+    let mut direct = Vec::new();
+    let mut update = Vec::new();
+    let terms = cx.readout_terms();
+    for p in 0..prog.params.len() {
+        let dir = cx.direct(p, base, &grad, &chi, lr);
+        let d = cx.propagate(base, &dir);
+        for (t, x) in delta.iter_mut().zip(&d) {
+            *t = (*t).max(*x);
+        }
+        update.push(match prog.params[p].role() {
+            Role::Output => {
+                let k = kappa(&prog.params[p].law, lr);
+                let mut dv = Ex::Zero;
+                for &(o, _, v, x) in &terms {
+                    if v == prog.params[p].node {
+                        dv = dv.max(chi[o].mul(base[x.index()]));
+                    }
+                }
+                k.mul(dv)
+            }
+            _ => dir.iter().map(|x| x.1).max().unwrap_or(Ex::Zero),
+        });
+        by_param.push(d);
+        direct.push(dir);
+    }
+    let mut readout_init_term = vec![Ex::Zero; prog.params.len()];
+    for &(_, _, v, x) in &terms {
+        if let Op::Param(p) = prog.node(v).op {
+            let e = Ex::n().mul(cx.entries[p]).mul(delta[x.index()]);
+            readout_init_term[p] = readout_init_term[p].max(e);
+        }
+    }
+    let after: Vec<Ex> = base.iter().zip(&delta).map(|(a, b)| (*a).max(*b)).collect();
+    let chi1 = cx.chi(&after);
+    Step {
+        chi0: chi,
+        chi1,
+        grad,
+        update,
+        delta,
+        by_param,
+        direct,
+        readout_init_term,
+    }
+}
+
 /// The exponents of every node at initialization and, with `train`, after one step.
 pub fn exponents(prog: &Program) -> Exponents {
     let cx = Ctx::new(prog);
     let init = cx.init();
+    let mut later = None;
     let step = prog.train.as_ref().map(|train| {
-        let out_sizes: Vec<Ex> = init.clone();
-        let chi0 = cx.chi(&out_sizes);
-        let grad = cx.backward(&init, &chi0);
-        let mut delta = vec![Ex::Zero; prog.len()];
-        let mut by_param = Vec::new();
-        let mut direct = Vec::new();
-        let mut update = Vec::new();
-        for p in 0..prog.params.len() {
-            let dir = cx.direct(p, &init, &grad, &chi0, train.lr);
-            let d = cx.propagate(&init, &dir);
-            for (t, x) in delta.iter_mut().zip(&d) {
-                *t = (*t).max(*x);
-            }
-            update.push(match prog.params[p].role() {
-                Role::Output => {
-                    let k = kappa(&prog.params[p].law, train.lr);
-                    let mut dv = Ex::Zero;
-                    for (o, _, v, x) in cx.readout_terms() {
-                        if v == prog.params[p].node {
-                            dv = dv.max(chi0[o].mul(init[x.index()]));
-                        }
-                    }
-                    k.mul(dv)
+        let first = one_step(&cx, &init, cx.chi(&init), train.lr);
+        if train.steps >= 2 {
+            // From the second update on, the gradient reaching the features also flows
+            // through the updated readouts (theory.md §5.2, "First step vs later steps":
+            // TP4's min(a+b, 2a+c)), and the loss derivative is chi_1.
+            let mut cx2 = Ctx::new(prog);
+            for (p, par) in prog.params.iter().enumerate() {
+                if par.role() == Role::Output {
+                    cx2.entries[p] = cx2.entries[p].max(first.update[p]);
                 }
-                _ => dir.iter().map(|x| x.1).max().unwrap_or(Ex::Zero),
-            });
-            by_param.push(d);
-            direct.push(dir);
-        }
-        let mut readout_init_term = vec![Ex::Zero; prog.params.len()];
-        for (_, _, v, x) in cx.readout_terms() {
-            if let Op::Param(p) = prog.node(v).op {
-                let e = Ex::n()
-                    .mul(entry(&prog.params[p].law))
-                    .mul(delta[x.index()]);
-                readout_init_term[p] = readout_init_term[p].max(e);
             }
+            let base: Vec<Ex> = init
+                .iter()
+                .zip(&first.delta)
+                .map(|(a, b)| (*a).max(*b))
+                .collect();
+            later = Some(one_step(&cx2, &base, first.chi1.clone(), train.lr));
         }
-        let after: Vec<Ex> = init.iter().zip(&delta).map(|(a, b)| (*a).max(*b)).collect();
-        let chi1 = cx.chi(&after);
-        Step {
-            chi0,
-            chi1,
-            grad,
-            update,
-            delta,
-            by_param,
-            direct,
-            readout_init_term,
-        }
+        first
     });
-    Exponents { init, step }
+    Exponents { init, step, later }
 }
 
 // ---------------------------------------------------------------------------------
@@ -859,6 +896,8 @@ pub struct Classification {
     /// Every width-dependent parameter updated (and every readout initialized) maximally
     /// in a feature-learning program: muP up to the abc symmetry.
     pub mup: bool,
+    /// The step the classification comes from: 1 (the first) or 2 (a later one).
+    pub step: usize,
 }
 
 fn is_feature(prog: &Program, id: NodeId) -> bool {
@@ -874,15 +913,31 @@ fn init_factor(prog: &Program, p: usize) -> Ex {
     }
 }
 
-/// The classification, from the exponents (None without `train`).
+/// The classification, from the exponents (None without `train`): from the first step,
+/// unless a later step changes the regime (a zero or small readout passes gradient to
+/// the features only once it has been updated; a blow-up at a later step).
 pub fn classify(prog: &Program, ex: &Exponents) -> Option<Classification> {
-    let step = ex.step.as_ref()?;
+    let first = classify_step(prog, &ex.init, ex.step.as_ref()?, 1);
+    match &ex.later {
+        Some(later) if first.regime != Regime::Unstable => {
+            let later = classify_step(prog, &ex.init, later, 2);
+            Some(if later.regime == first.regime {
+                first
+            } else {
+                later
+            })
+        }
+        _ => Some(first),
+    }
+}
+
+fn classify_step(prog: &Program, init: &[Ex], step: &Step, index: usize) -> Classification {
     let vectors: Vec<NodeId> = prog.ids().filter(|&id| prog.ty(id) == Ty::Vector).collect();
     let max_over = |v: &[Ex], ids: &mut dyn Iterator<Item = NodeId>| {
         ids.map(|i| v[i.index()]).max().unwrap_or(Ex::Zero)
     };
     let init = max_over(
-        &ex.init,
+        init,
         &mut vectors.iter().copied().chain(prog.outputs.iter().copied()),
     );
     let feature = max_over(
@@ -932,14 +987,15 @@ pub fn classify(prog: &Program, ex: &Exponents) -> Option<Classification> {
                 || kappa(&p.law, 1.0) == Ex::Zero
                 || (s.maximal && s.init_maximal != Some(false))
         });
-    Some(Classification {
+    Classification {
         regime,
         feature,
         output,
         init,
         params,
         mup,
-    })
+        step: index,
+    }
 }
 
 /// The regime of a training program, for `tpc limit --format json`.
@@ -1136,10 +1192,7 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
             Role::Output => "a readout needs entries O(n^(-1/2))",
             _ => "it needs entries Θ(1)",
         };
-        let entries = format!(
-            "entries are {} per coordinate; {need}",
-            entry(&par.law).theta()
-        );
+        let entries = format!("entries are {}; {need}", entry(&par.law).theta());
         if f.blows_up() {
             init_blowup = true;
             let per = if prog.ty(first) == Ty::Vector {
@@ -1175,8 +1228,16 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
             );
         }
     }
-    let (Some(cls), Some(step), Some(train)) = (classify(prog, &ex), &ex.step, &prog.train) else {
+    let (Some(cls), Some(train)) = (classify(prog, &ex), &prog.train) else {
         return out;
+    };
+    let Some(step) = (if cls.step == 1 { &ex.step } else { &ex.later }) else {
+        return out;
+    };
+    let one_step = if cls.step == 1 {
+        "one SGD step"
+    } else {
+        "a later SGD step"
     };
     if init_blowup {
         return out;
@@ -1297,12 +1358,18 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
         Regime::Trivial => {
             let best = (0..prog.params.len())
                 .filter(|&p| prog.params[p].role() != Role::OutputBias)
-                .max_by_key(|&p| (cls.params[p].output, std::cmp::Reverse(p)));
+                .max_by_key(|&p| {
+                    (
+                        cls.params[p].output,
+                        prog.params[p].role() == Role::Output,
+                        std::cmp::Reverse(p),
+                    )
+                });
             let span = best.map_or(train.lr_span, lr_label);
             let mut d = Diagnostic::warning(
                 "W0104",
                 format!(
-                    "training is trivial in the limit: one SGD step moves the outputs by {}",
+                    "training is trivial in the limit: {one_step} moves the outputs by {}",
                     cls.output.theta()
                 ),
                 span,
@@ -1322,6 +1389,13 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
             }
             if let Some(p) = best {
                 d = d.with_help(mup_help(prog, p));
+            }
+            if let Some(e) = cls.output.exponent() {
+                // every update is linear in its learning rate (to first order)
+                d = d.with_note(format!(
+                    "multiplying every learning rate by {} would move the outputs by Θ(1)",
+                    n_pow(-e)
+                ));
             }
             out.push(d);
         }
@@ -1344,7 +1418,7 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
             let mut d = Diagnostic::note_diag(
                 "N0101",
                 format!(
-                    "kernel regime: one SGD step moves the outputs by Θ(1) but the features only by {} per coordinate{}",
+                    "kernel regime: {one_step} moves the outputs by Θ(1) but the features only by {} per coordinate{}",
                     cls.feature.theta(),
                     r.map_or(String::new(), |r| format!(" (r = {r})"))
                 ),
@@ -1375,7 +1449,7 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
                 .collect();
             let mut d = Diagnostic::note_diag(
                 "N0102",
-                "feature learning: one SGD step moves the features by Θ(1) per coordinate (r = 0) and the outputs by Θ(1)",
+                format!("feature learning: {one_step} moves the features by Θ(1) per coordinate (r = 0) and the outputs by Θ(1)"),
                 train.lr_span,
                 "trained here",
             );
@@ -1451,9 +1525,14 @@ pub fn table(prog: &Program) -> String {
             ));
         }
         s.push_str(&format!(
-            "regime: {}{}\n",
+            "regime: {}{}{}\n",
             cls.regime,
-            if cls.mup { " (muP)" } else { "" }
+            if cls.mup { " (muP)" } else { "" },
+            if cls.step == 2 {
+                " (from a later step)"
+            } else {
+                ""
+            }
         ));
     }
     s
