@@ -18,6 +18,7 @@ pub mod ir;
 pub mod limit;
 pub mod lower;
 pub mod report;
+pub mod scaling;
 pub mod syntax;
 
 use diag::{Diagnostic, Renderer};
@@ -55,7 +56,16 @@ pub fn check_source(src: &str) -> (Option<ir::Program>, Vec<Diagnostic>) {
     let owned = src.to_string();
     let run = move || match syntax::parse(&owned) {
         Err(d) => (None, vec![*d]),
-        Ok(file) => lower::lower(&file, &owned),
+        Ok(file) => {
+            let (prog, mut diags) = lower::lower(&file, &owned);
+            // Scaling warnings and notes (theory.md §5) once the program is valid.
+            if let Some(p) = &prog {
+                if !diags.iter().any(Diagnostic::is_error) {
+                    diags.extend(scaling::diagnostics(p, &owned));
+                }
+            }
+            (prog, diags)
+        }
     };
     match std::thread::Builder::new()
         .stack_size(FRONT_END_STACK)

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
 
-use tpc::diag::{Diagnostic, Renderer, CODES};
+use tpc::diag::{Diagnostic, Renderer, Severity, CODES};
 use tpc::ir::Program;
 
 #[derive(Parser)]
@@ -118,8 +118,13 @@ fn run(cli: Cli) -> Result<(), Reported> {
             if prog.is_none() {
                 return Err(Reported);
             }
-            let warnings = diags.iter().filter(|d| !d.is_error()).count();
-            eprintln!("{name}: ok ({warnings} warning(s))");
+            let count = |s| diags.iter().filter(|d| d.severity == s).count();
+            let (warnings, notes) = (count(Severity::Warning), count(Severity::Note));
+            if notes == 0 {
+                eprintln!("{name}: ok ({warnings} warning(s))");
+            } else {
+                eprintln!("{name}: ok ({warnings} warning(s), {notes} note(s))");
+            }
             Ok(())
         }
         Cmd::Graph { file, dot, format } => {

@@ -43,6 +43,9 @@ pub struct LimitResult {
     pub methods: Vec<String>,
     /// Largest stated absolute error of any expectation used.
     pub max_error: f64,
+    /// With `train`: TP4's regime from the scaling exponents (`crate::scaling`):
+    /// "kernel", "feature-learning", "unstable" or "trivial".
+    pub regime: Option<String>,
 }
 
 /// Why the limit could not be computed.
@@ -160,6 +163,7 @@ pub fn limit_general(
         observe,
         methods: eng.methods.iter().cloned().collect(),
         max_error: eng.max_error,
+        regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
     })
 }
 

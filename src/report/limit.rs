@@ -48,6 +48,9 @@ pub fn json(r: &LimitResult) -> Value {
     if !notes.is_empty() {
         out["notes"] = Value::Object(notes);
     }
+    if let Some(regime) = &r.regime {
+        out["regime"] = json!(regime);
+    }
     out["methods"] = json!(r.methods);
     out["max_error"] = num(r.max_error);
     out
@@ -107,6 +110,11 @@ pub fn text(derivation: &str, r: &LimitResult) -> String {
             let vals: Vec<String> = v.iter().map(|x| format!("{x:.12}")).collect();
             s.push_str(&format!("  {name} = {}\n", vals.join(", ")));
         }
+    }
+    if let Some(regime) = &r.regime {
+        s.push_str(&format!(
+            "\n# regime (scaling exponents, theory.md §5): {regime}\n"
+        ));
     }
     s.push_str(&format!(
         "\n# methods: {}; largest stated error {:.1e}\n",
