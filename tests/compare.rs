@@ -243,3 +243,64 @@ fn too_few_widths_or_draws_is_a_usage_error() {
         );
     }
 }
+
+#[test]
+fn each_row_is_what_tpc_run_reports_at_that_width() {
+    // Draw k of seed S is `tpc run`'s draw k: the error of the finite mean at width 32
+    // equals the one computed from `tpc run` and `tpc limit` JSON.
+    let dir = scratch("rows");
+    let (f, p) = (erf_deep(), erf_points());
+    let (f, p) = (f.to_str().unwrap(), p.to_str().unwrap());
+    let cmp = ok_json(&tpc(
+        &[
+            "compare", f, "--inputs", p, "--widths", "32,64", "--seeds", "4", "--seed", "7",
+            "--format", "json", "--no-svg",
+        ],
+        &dir,
+        None,
+    ));
+    let run = ok_json(&tpc(
+        &[
+            "run", f, "--inputs", p, "--width", "32", "--seeds", "4", "--seed", "7", "--format",
+            "json",
+        ],
+        &dir,
+        None,
+    ));
+    let lim = ok_json(&tpc(
+        &["limit", f, "--inputs", p, "--format", "json"],
+        &dir,
+        None,
+    ));
+    let flat = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect()
+    };
+    for key in ["nngp", "ntk"] {
+        let (m, l, se) = (
+            flat(&run[key]),
+            flat(&lim[key]),
+            flat(&run[format!("{key}_se")]),
+        );
+        let max = m
+            .iter()
+            .zip(&l)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let se_rms = (se.iter().map(|x| x * x).sum::<f64>() / se.len() as f64).sqrt();
+        let row = &group(&cmp, key)["rows"][0];
+        assert_eq!(row["width"], 32);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1e-300);
+        assert!(
+            close(row["mean_err_max"].as_f64().unwrap(), max),
+            "{key}: {row} vs {max}"
+        );
+        assert!(
+            close(row["se_rms"].as_f64().unwrap(), se_rms),
+            "{key}: {row} vs {se_rms}"
+        );
+    }
+}
