@@ -73,6 +73,39 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Finite width against the limit: error per width, fitted convergence slope, SVG plot
+    ///
+    /// Computes the limit once, then at each width runs K draws (draw k of seed S is
+    /// `tpc run`'s draw k) and reports, for the NNGP, the NTK and the observes, the
+    /// error of the finite mean (max and RMS over entries, with its standard error) and
+    /// the RMS over draws of one draw's deviation from the limit, whose log–log slope
+    /// against the width is fitted by least squares (expected −1/2) with a standard
+    /// error. Writes the plot to `<stem>_convergence.svg` in the current directory.
+    Compare {
+        file: PathBuf,
+        /// Widths, comma-separated (at least two distinct)
+        #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = tpc::report::compare::DEFAULT_WIDTHS,
+              value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        widths: Vec<u64>,
+        /// Draws K per width
+        #[arg(long, default_value_t = tpc::report::compare::DEFAULT_SEEDS,
+              value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
+        seeds: u64,
+        /// The seed S, the same at every width
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// CSV of input points, one per row (cli.md)
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Where to write the plot [default: <stem>_convergence.svg in the current directory]
+        #[arg(long, value_name = "OUT.svg")]
+        svg: Option<PathBuf>,
+        /// Write no plot
+        #[arg(long, conflicts_with = "svg")]
+        no_svg: bool,
+    },
     /// Explain a diagnostic code
     Explain { code: String },
 }
@@ -221,6 +254,79 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     + "\n"
             } else {
                 tpc::report::run::text(&r)
+            };
+            print_out(&text)
+        }
+        Cmd::Compare {
+            file,
+            widths,
+            seeds,
+            seed,
+            inputs,
+            format,
+            svg,
+            no_svg,
+        } => {
+            let mut distinct = widths.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if distinct.len() < 2 {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        "--widths needs at least two distinct widths to fit a slope",
+                    )
+                    .exit();
+            }
+            let prog = compile_file(&file)?;
+            let points = load_points(&prog, inputs.as_deref())?;
+            let lim =
+                tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let cfg = tpc::report::compare::CompareConfig {
+                widths: distinct
+                    .iter()
+                    .map(|&w| usize::try_from(w))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| fail("a width is too large for this machine"))?,
+                seeds: usize::try_from(seeds)
+                    .map_err(|_| fail("too many seeds for this machine"))?,
+                seed,
+            };
+            let name = file.file_name().map_or_else(
+                || file.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let r = with_progress(cfg.seeds * cfg.widths.len(), |tick| {
+                tpc::report::compare::compare(&prog, &points, &lim, &cfg, &name, tick)
+            })
+            .map_err(|e| run_fail(&file, &prog, &e))?;
+            let svg_path = if no_svg {
+                None
+            } else {
+                Some(svg.unwrap_or_else(|| {
+                    let stem = file
+                        .file_stem()
+                        .map_or_else(|| "tpc".to_string(), |s| s.to_string_lossy().into_owned());
+                    PathBuf::from(format!("{stem}_convergence.svg"))
+                }))
+            };
+            if let Some(path) = &svg_path {
+                let doc = tpc::report::compare::svg(&r).map_err(|e| fail(&e))?;
+                std::fs::write(path, doc)
+                    .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display())))?;
+            }
+            let shown = svg_path.as_ref().map(|p| p.display().to_string());
+            let text = if format == Format::Json {
+                serde_json::to_string_pretty(&tpc::report::compare::json(&r, shown.as_deref()))
+                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
+                    + "\n"
+            } else {
+                let mut t = tpc::report::compare::text(&r);
+                if let Some(p) = &shown {
+                    t.push_str(&format!("\n# plot: {p}\n"));
+                }
+                t
             };
             print_out(&text)
         }

@@ -3,6 +3,7 @@
 //! Interpreters return numbers; this module decides how they look, so the text and
 //! JSON outputs of cli.md stay in one place.
 
+pub mod compare;
 pub mod graph;
 pub mod limit;
 pub mod run;
