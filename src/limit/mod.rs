@@ -118,6 +118,7 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
             observe: Vec::new(),
             methods,
             max_error,
+            regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
         });
     }
     limit_general(prog, &der, points)
