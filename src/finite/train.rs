@@ -79,6 +79,10 @@ pub struct CoordSizes {
     pub f_abs: Vec<f64>,
 }
 
+/// Sees, at every step t = 0..steps, the forward values on the training inputs and
+/// the outputs there (O×B).
+pub(super) type Observer<'o> = dyn FnMut(usize, &[Val], &DMatrix<f64>) + 'o;
+
 /// A contribution to ∂L/∂w of one parameter.
 enum Grad {
     /// The whole gradient as a matrix shaped like `w` (vectors, readouts, scalars).
@@ -157,7 +161,7 @@ impl<'a> Trainer<'a> {
         n: usize,
         ws: &mut [DMatrix<f64>],
         draw: usize,
-        observe: &mut dyn FnMut(usize, &[Val], &DMatrix<f64>),
+        observe: &mut Observer<'_>,
     ) -> Result<Trajectory, RunError> {
         let steps = self.train.steps;
         let o = self.prog.outputs.len();
