@@ -406,3 +406,30 @@ fn train_json_is_deterministic_across_threads() {
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert!(v.get("train").is_none());
 }
+
+#[test]
+fn evaluation_points_other_than_the_training_inputs() {
+    let prog = compile(&common::example("sgd_mlp"));
+    let train_pts: Vec<Vec<f64>> = prog
+        .train
+        .as_ref()
+        .unwrap()
+        .data
+        .iter()
+        .map(|s| s.x.clone())
+        .collect();
+    let cfg = RunConfig {
+        width: 50,
+        seeds: 1,
+        seed: 1,
+    };
+    let on_train = train_one(&prog, &train_pts, &cfg, 0).unwrap();
+    // The third and first training inputs, and a new point: the training is the same.
+    let eval = vec![train_pts[2].clone(), train_pts[0].clone(), vec![-1.0, 2.0]];
+    let on_eval = train_one(&prog, &eval, &cfg, 0).unwrap();
+    assert_eq!(on_eval.shape(), (4, 3));
+    for t in 0..4 {
+        assert!((on_eval[(t, 0)] - on_train[(t, 2)]).abs() < 1e-13);
+        assert!((on_eval[(t, 1)] - on_train[(t, 0)]).abs() < 1e-13);
+    }
+}
