@@ -212,13 +212,12 @@ pub fn chain_kernels(
     prog: &Program,
     der: &Derivation,
     inputs: &std::collections::HashMap<NodeId, DMatrix<f64>>,
-    p: usize,
 ) -> Option<(DMatrix<f64>, DMatrix<f64>, Vec<String>, f64)> {
     let (layers, out) = recognize(prog, der)?;
     let mut methods = Vec::new();
     let mut max_err = 0.0f64;
-    let mut cov = DMatrix::zeros(p, p);
-    let mut tan = DMatrix::zeros(p, p);
+    let mut cov = DMatrix::zeros(0, 0);
+    let mut tan = DMatrix::zeros(0, 0);
     for (i, layer) in layers.iter().enumerate() {
         let bv: f64 = layer.biases.iter().map(|(b, v, _)| b * b * v).sum();
         let bt: f64 = layer.biases.iter().map(|(b, _, w)| b * b * w).sum();
@@ -229,9 +228,11 @@ pub fn chain_kernels(
                     return None;
                 }
                 let x = inputs.get(input)?;
-                let gram = x * x.transpose();
-                cov = &gram * (a2 * var);
-                tan = gram * (a2 * tw);
+                // Two P x P matrices in all: the Gram matrix becomes the covariance.
+                cov = x * x.transpose();
+                tan = cov.clone();
+                cov *= a2 * var;
+                tan *= a2 * tw;
                 cov.add_scalar_mut(bv);
                 tan.add_scalar_mut(bt);
             }

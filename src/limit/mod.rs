@@ -100,9 +100,8 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
     } else {
         points.to_vec()
     };
-    let p = points.len();
     if let Some((nngp, ntk, methods, max_error)) =
-        chain::chain_kernels(prog, &der, &input_values(prog, &points), p)
+        chain::chain_kernels(prog, &der, &input_values(prog, &points))
     {
         return Ok(LimitResult {
             outputs: prog.output_names(),
