@@ -348,22 +348,24 @@ fn bench_mlp(n: usize, reps: usize) -> Result<MlpResult, String> {
 // ---------------------------------------------------------------------------
 
 fn calibrate() {
-    println!("\n### Par threshold: faer Seq vs rayon, square m = n = k (GFLOP/s)\n");
-    println!("| size | MACs | Seq | rayon | rayon/Seq |\n|---|---|---|---|---|");
-    for s in [16usize, 24, 32, 40, 48, 56, 64, 80, 96, 128, 192, 256] {
-        let a = vec![1.0; s * s];
-        let b = vec![1.0; s * s];
-        let mut c = vec![0.0; s * s];
-        let flops = 2.0 * (s * s * s) as f64;
+    println!("\n### Par threshold: faer Seq vs rayon (GFLOP/s, median of 7)\n");
+    println!("| m×k · k×n | MACs | Seq | rayon | rayon/Seq |\n|---|---|---|---|---|");
+    let square = [16usize, 24, 32, 48, 64, 96, 128, 192, 256].map(|s| (s, s, s));
+    let thin = [32usize, 64, 128, 192, 256, 384, 512].map(|s| (s, s, P));
+    for (m, k, n) in square.into_iter().chain(thin) {
+        let a = vec![1.0; m * k];
+        let b = vec![1.0; k * n];
+        let mut c = vec![0.0; m * n];
+        let flops = 2.0 * (m * k * n) as f64;
         let inner = ((2e8 / flops) as usize).max(1);
         let mut run = |par: Par| {
             time_median(7, || {
                 for _ in 0..inner {
                     matmul(
-                        MatMut::from_column_major_slice_mut(&mut c, s, s),
+                        MatMut::from_column_major_slice_mut(&mut c, m, n),
                         Accum::Replace,
-                        MatRef::from_column_major_slice(&a, s, s),
-                        MatRef::from_column_major_slice(&b, s, s),
+                        MatRef::from_column_major_slice(&a, m, k),
+                        MatRef::from_column_major_slice(&b, k, n),
                         1.0,
                         par,
                     );
@@ -373,8 +375,8 @@ fn calibrate() {
         let seq = run(Par::Seq);
         let par = run(Par::rayon(0));
         println!(
-            "| {s} | {} | {:.1} | {:.1} | {:.2} |",
-            s * s * s,
+            "| {m}×{k} · {k}×{n} | {} | {:.1} | {:.1} | {:.2} |",
+            m * k * n,
             flops / seq / 1e9,
             flops / par / 1e9,
             seq / par
