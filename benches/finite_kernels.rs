@@ -6,6 +6,7 @@
 //! cargo bench --bench finite_kernels -- --json            # one JSON object per line
 //! cargo bench --bench finite_kernels -- --sizes 1024,2048 --reps 5
 //! cargo bench --bench finite_kernels -- --calibrate       # Seq vs rayon crossover
+//! cargo bench --bench finite_kernels -- --no-sampler / --no-mlp
 //! ```
 //!
 //! `benches/numpy_products.py` runs this binary with `--json` and times numpy on the
@@ -45,6 +46,8 @@ struct Args {
     sizes: Vec<usize>,
     reps: Option<usize>,
     calibrate: bool,
+    sampler: bool,
+    mlp: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,12 +56,16 @@ fn parse_args() -> Result<Args, String> {
         sizes: vec![1024, 2048, 4096, 8192],
         reps: None,
         calibrate: false,
+        sampler: true,
+        mlp: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--json" => a.json = true,
             "--calibrate" => a.calibrate = true,
+            "--no-sampler" => a.sampler = false,
+            "--no-mlp" => a.mlp = false,
             "--bench" => {} // passed by `cargo bench`
             "--sizes" => {
                 let v = it.next().ok_or("--sizes needs a value")?;
@@ -110,46 +117,66 @@ fn time_median(reps: usize, mut f: impl FnMut()) -> f64 {
 // Sampler throughput
 // ---------------------------------------------------------------------------
 
+/// Median and minimum ns per value of each sampler.
 struct SamplerResult {
-    ns_seq: f64,
-    ns_par: f64,
-    ns_rand_distr: f64,
-    ns_raw_u64: f64,
+    seq: (f64, f64),
+    par: (f64, f64),
+    rand_distr: (f64, f64),
+    raw_u64: (f64, f64),
 }
 
-fn bench_sampler() -> SamplerResult {
+/// The samplers are timed in interleaved rounds on a 4096×512 buffer (16 MiB,
+/// ~5 ms a fill), so that all four see the same conditions: on a shared VM the
+/// speed of a core changes from second to second (see the notes in the report).
+fn bench_sampler(rounds: usize) -> SamplerResult {
     let rows = 4096;
-    let cols = 4096;
+    let cols = 512;
     let n = (rows * cols) as f64;
     let mut buf = vec![0.0; rows * cols];
-    let key = StreamKey::new(1, 0, 0);
-    let reps = 5;
-    let t_seq = time_median(reps, || {
-        fill_normal_seq(&mut buf, rows, 1.0, key).expect("valid shape")
-    });
-    let t_par = time_median(reps, || {
-        fill_normal(&mut buf, rows, 1.0, key).expect("valid shape")
-    });
-    // Reference points: rand_distr's ziggurat on the same generator, and the raw
-    // generator alone (the floor for any one-u64-per-value sampler).
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(1);
-    let t_rd = time_median(reps, || {
-        for v in buf.iter_mut() {
-            *v = rng.sample(StandardNormal);
-        }
-    });
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(2);
-    let t_raw = time_median(reps, || {
-        for v in buf.iter_mut() {
-            *v = f64::from_bits(rand::Rng::next_u64(&mut rng) >> 12);
-        }
-    });
-    std::hint::black_box(&buf);
+    let mut rng_rd = Xoshiro256PlusPlus::seed_from_u64(1);
+    let mut rng_raw = Xoshiro256PlusPlus::seed_from_u64(2);
+    let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..=rounds {
+        let key = StreamKey::new(1, round as u64, 0);
+        let mut one = |k: usize, f: &mut dyn FnMut(&mut [f64])| {
+            let s = Instant::now();
+            f(&mut buf);
+            let dt = s.elapsed().as_secs_f64() / n * 1e9;
+            if round > 0 {
+                t[k].push(dt);
+            }
+            std::hint::black_box(&buf);
+        };
+        one(0, &mut |b| {
+            fill_normal_seq(b, rows, 1.0, key).expect("valid shape")
+        });
+        one(1, &mut |b| {
+            fill_normal(b, rows, 1.0, key).expect("valid shape")
+        });
+        // Reference points: rand_distr's ziggurat on the same generator, and the
+        // raw generator alone (the floor for any one-u64-per-value sampler).
+        one(2, &mut |b| {
+            for v in b.iter_mut() {
+                *v = rng_rd.sample(StandardNormal);
+            }
+        });
+        one(3, &mut |b| {
+            for v in b.iter_mut() {
+                *v = f64::from_bits(rand::Rng::next_u64(&mut rng_raw) >> 12);
+            }
+        });
+    }
+    let stat = |v: &Vec<f64>| {
+        (
+            median(v.clone()),
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+        )
+    };
     SamplerResult {
-        ns_seq: t_seq / n * 1e9,
-        ns_par: t_par / n * 1e9,
-        ns_rand_distr: t_rd / n * 1e9,
-        ns_raw_u64: t_raw / n * 1e9,
+        seq: stat(&t[0]),
+        par: stat(&t[1]),
+        rand_distr: stat(&t[2]),
+        raw_u64: stat(&t[3]),
     }
 }
 
@@ -321,22 +348,24 @@ fn bench_mlp(n: usize, reps: usize) -> Result<MlpResult, String> {
 // ---------------------------------------------------------------------------
 
 fn calibrate() {
-    println!("\n### Par threshold: faer Seq vs rayon, square m = n = k (GFLOP/s)\n");
-    println!("| size | MACs | Seq | rayon | rayon/Seq |\n|---|---|---|---|---|");
-    for s in [16usize, 24, 32, 40, 48, 56, 64, 80, 96, 128, 192, 256] {
-        let a = vec![1.0; s * s];
-        let b = vec![1.0; s * s];
-        let mut c = vec![0.0; s * s];
-        let flops = 2.0 * (s * s * s) as f64;
+    println!("\n### Par threshold: faer Seq vs rayon (GFLOP/s, median of 7)\n");
+    println!("| m×k · k×n | MACs | Seq | rayon | rayon/Seq |\n|---|---|---|---|---|");
+    let square = [16usize, 24, 32, 48, 64, 96, 128, 192, 256].map(|s| (s, s, s));
+    let thin = [32usize, 64, 128, 192, 256, 384, 512].map(|s| (s, s, P));
+    for (m, k, n) in square.into_iter().chain(thin) {
+        let a = vec![1.0; m * k];
+        let b = vec![1.0; k * n];
+        let mut c = vec![0.0; m * n];
+        let flops = 2.0 * (m * k * n) as f64;
         let inner = ((2e8 / flops) as usize).max(1);
         let mut run = |par: Par| {
             time_median(7, || {
                 for _ in 0..inner {
                     matmul(
-                        MatMut::from_column_major_slice_mut(&mut c, s, s),
+                        MatMut::from_column_major_slice_mut(&mut c, m, n),
                         Accum::Replace,
-                        MatRef::from_column_major_slice(&a, s, s),
-                        MatRef::from_column_major_slice(&b, s, s),
+                        MatRef::from_column_major_slice(&a, m, k),
+                        MatRef::from_column_major_slice(&b, k, n),
                         1.0,
                         par,
                     );
@@ -346,8 +375,8 @@ fn calibrate() {
         let seq = run(Par::Seq);
         let par = run(Par::rayon(0));
         println!(
-            "| {s} | {} | {:.1} | {:.1} | {:.2} |",
-            s * s * s,
+            "| {m}×{k} · {k}×{n} | {} | {:.1} | {:.1} | {:.2} |",
+            m * k * n,
             flops / seq / 1e9,
             flops / par / 1e9,
             seq / par
@@ -368,33 +397,42 @@ fn main() {
         calibrate();
         return;
     }
-    let s = bench_sampler();
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "kind": "sampler", "threads": threads,
-                "ns_per_normal_1t": s.ns_seq, "ns_per_normal_par": s.ns_par,
-                "ns_per_normal_rand_distr_1t": s.ns_rand_distr, "ns_per_u64_raw_1t": s.ns_raw_u64,
-            })
-        );
-    } else {
-        println!("### Sampling N(0,1), f64, 4096×4096 buffer ({threads} rayon threads)\n");
-        println!("| sampler | ns/normal | normals/s |\n|---|---|---|");
-        for (name, ns) in [
-            ("tpc ziggurat, 1 thread", s.ns_seq),
-            (
-                &*format!("tpc ziggurat, {threads} threads (per-column streams)"),
-                s.ns_par,
-            ),
-            (
-                "rand_distr StandardNormal + Xoshiro256++, 1 thread",
-                s.ns_rand_distr,
-            ),
-            ("raw Xoshiro256++ u64 (floor), 1 thread", s.ns_raw_u64),
-        ] {
-            println!("| {name} | {ns:.2} | {:.2e} |", 1e9 / ns);
+    if args.sampler {
+        let s = bench_sampler(15);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "kind": "sampler", "threads": threads,
+                    "ns_1t": s.seq, "ns_par": s.par, "ns_rand_distr_1t": s.rand_distr, "ns_raw_u64_1t": s.raw_u64,
+                })
+            );
+        } else {
+            println!("### Sampling N(0,1), f64, 4096×512 buffer, 15 interleaved rounds ({threads} rayon threads)\n");
+            println!("| sampler | ns/normal median | ns/normal best | normals/s median |\n|---|---|---|---|");
+            for (name, (med, best)) in [
+                ("tpc ziggurat, 1 thread".to_string(), s.seq),
+                (
+                    format!("tpc ziggurat, {threads} threads (per-column streams)"),
+                    s.par,
+                ),
+                (
+                    "rand_distr StandardNormal + Xoshiro256++, 1 thread".to_string(),
+                    s.rand_distr,
+                ),
+                (
+                    "raw Xoshiro256++ u64 (floor), 1 thread".to_string(),
+                    s.raw_u64,
+                ),
+            ] {
+                println!("| {name} | {med:.2} | {best:.2} | {:.2e} |", 1e9 / med);
+            }
         }
+    }
+    if !args.mlp {
+        return;
+    }
+    if !args.json {
         println!("\n### Depth-3 relu MLP forward + backward, d = {D}, P = {P}, {threads} threads (medians)\n");
         println!(
             "| N | sample s | normals/s | products s | products GFLOP/s | relu/mask s | total s |\n|---|---|---|---|---|---|---|"

@@ -3,11 +3,13 @@
 //! A run keeps activations as N×P blocks (one column per input point) and applies
 //! `W x`, `Wᵀ x` (backward passes, and `W.T @ x` in the language) and sums of such
 //! products. nalgebra stays the matrix type at the API — it is what the rest of tpc
-//! uses — but its own gemm (matrixmultiply, single-threaded unless a cargo feature is
-//! unified in) reaches about half of faer's speed on this machine's 2 cores, and its
-//! transposes materialise a copy. So every product here wraps nalgebra's storage in
-//! zero-copy faer views (transposes are just swapped strides) and calls
-//! `faer::linalg::matmul::matmul`.
+//! uses — but its own gemm (matrixmultiply) is single-threaded unless a cargo
+//! feature is unified in, its matrix-vector product is a plain loop, and `W.T @ x`
+//! through nalgebra materialises the transpose. So every product here wraps
+//! nalgebra's storage in zero-copy faer views (a transpose is just swapped
+//! strides; faer's packing reads either layout) and calls
+//! `faer::linalg::matmul::matmul`, whose x86 kernels are picked at run time
+//! (AVX-512 or AVX2+FMA, whichever the CPU has).
 //!
 //! All entry points accept nalgebra views as well as owned matrices, so the
 //! executor can multiply into a block of a larger buffer, and the `*_into` forms
@@ -58,11 +60,14 @@ pub struct ShapeError {
 }
 
 /// Products with fewer multiply-adds than this run on the calling thread: below
-/// it, waking rayon workers costs more than the second core gives back.
-/// Measured on the 2-core AVX-512 machine (`benches/finite_kernels.rs`,
-/// section "Par threshold"): 2 threads win from about 64×64×64 (256 K
-/// multiply-adds) upwards, with large noise around the crossover.
-pub const PAR_THRESHOLD_MACS: usize = 1 << 18;
+/// it, waking rayon workers costs more than the second core gives back. faer's
+/// own cut-off (32 768 MACs, i.e. 32³) is far too low for a 2-vCPU VM. Measured
+/// with `cargo bench --bench finite_kernels -- --calibrate` while other jobs
+/// used about one core: 2 threads were 3–25× *slower* than one from 32³ to 96³,
+/// reached parity around 192³ and 384×384·64, and won (1.4×) at 512×512·64.
+/// On an idle machine the crossover is lower. 4 M MACs (256×256·64, or 161³)
+/// splits the difference: a wrong choice near it costs well under a millisecond.
+pub const PAR_THRESHOLD_MACS: usize = 1 << 22;
 
 /// The parallelism for an `m×k` by `k×n` product: all rayon threads for large
 /// products, sequential for small ones (see [`PAR_THRESHOLD_MACS`]).
