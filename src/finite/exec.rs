@@ -73,7 +73,7 @@ impl std::fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
-fn bug(node: Option<NodeId>, message: impl Into<String>) -> RunError {
+pub(super) fn bug(node: Option<NodeId>, message: impl Into<String>) -> RunError {
     RunError {
         node,
         message: message.into(),
@@ -115,27 +115,29 @@ pub struct RunResult {
     pub ntk: Estimate,
     /// Each observe by name: a 1×c estimate (c = P, or 1 when it depends on no input).
     pub observe: Vec<(String, Estimate)>,
+    /// With a `train` block: the trajectory f_t on the points ([`super::train`]).
+    pub train: Option<super::train::TrainResult>,
 }
 
 /// The per-program facts every draw needs, computed once.
-struct Plan<'a> {
-    prog: &'a Program,
+pub(super) struct Plan<'a> {
+    pub(super) prog: &'a Program,
     /// Points (at least one; an empty one for a program without inputs).
-    p: usize,
-    o: usize,
+    pub(super) p: usize,
+    pub(super) o: usize,
     /// Node's value depends on no input point: stored as one column, broadcast.
-    shared: Vec<bool>,
+    pub(super) shared: Vec<bool>,
     /// Partial derivatives of each Nonlin/Moment expression, by operand slot.
     derivs: Vec<Vec<Expr>>,
     /// P×d values of every `Input` node.
-    inputs: HashMap<NodeId, DMatrix<f64>>,
+    pub(super) inputs: HashMap<NodeId, DMatrix<f64>>,
     /// Operands of every node (read once from the graph).
-    operands: Vec<Vec<NodeId>>,
+    pub(super) operands: Vec<Vec<NodeId>>,
 }
 
 /// A forward value.
 #[derive(Clone, Debug)]
-enum Val {
+pub(super) enum Val {
     /// Matrices (held in `Sampled`), outputs, unused slots.
     None,
     /// A width-n vector: N×c, c = P or 1 (broadcast).
@@ -145,13 +147,13 @@ enum Val {
 }
 
 /// A sampled parameter: the trainable `w` and its multiplier.
-struct Sampled<'w> {
-    w: &'w DMatrix<f64>,
-    mult: f64,
+pub(super) struct Sampled<'w> {
+    pub(super) w: &'w DMatrix<f64>,
+    pub(super) mult: f64,
 }
 
 impl<'a> Plan<'a> {
-    fn new(prog: &'a Program, points: &[Vec<f64>]) -> Result<Plan<'a>, RunError> {
+    pub(super) fn new(prog: &'a Program, points: &[Vec<f64>]) -> Result<Plan<'a>, RunError> {
         let p = points.len().max(1);
         let o = prog.outputs.len();
         let mut offsets = Vec::new();
@@ -204,7 +206,7 @@ impl<'a> Plan<'a> {
         })
     }
 
-    fn label(&self, id: NodeId) -> String {
+    pub(super) fn label(&self, id: NodeId) -> String {
         let prog = self.prog;
         match &prog.node(id).name {
             Some(n) => n.clone(),
@@ -224,7 +226,7 @@ impl<'a> Plan<'a> {
         }
     }
 
-    fn nonfinite(&self, id: NodeId, n: usize, draw: usize, what: &str) -> RunError {
+    pub(super) fn nonfinite(&self, id: NodeId, n: usize, draw: usize, what: &str) -> RunError {
         RunError {
             node: Some(id),
             message: format!(
@@ -237,7 +239,7 @@ impl<'a> Plan<'a> {
 
 /// Column of a forward block for point `p` (a broadcast block has one column).
 #[inline]
-fn col(m: &DMatrix<f64>, p: usize) -> usize {
+pub(super) fn col(m: &DMatrix<f64>, p: usize) -> usize {
     if m.ncols() == 1 {
         0
     } else {
@@ -292,7 +294,7 @@ fn eval_block(e: &Expr, vals: &[Val], ops: &[NodeId], n: usize, c: usize) -> Opt
 }
 
 /// How a parameter's `w` is stored at width `n`; a readout is a column (f = w · x).
-fn stored_shape(shape: Shape, n: usize) -> (usize, usize) {
+pub(super) fn stored_shape(shape: Shape, n: usize) -> (usize, usize) {
     match shape {
         Shape::Hidden => (n, n),
         Shape::Input(d) => (n, d),
@@ -325,7 +327,7 @@ pub fn sample_params(
 
 /// [`sample_params`] into buffers kept from an earlier draw (same program and width),
 /// so that a long run does not pay the kernel's page zeroing for every draw.
-fn sample_params_into(
+pub(super) fn sample_params_into(
     prog: &Program,
     n: usize,
     seed: u64,
@@ -344,13 +346,13 @@ fn sample_params_into(
     Ok(())
 }
 
-/// Runs one draw on given trainable values `ws` (as [`sample_params`] shapes them):
-/// forward, backward, kernels. `draw` only labels error messages.
-fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Result<Draw, RunError> {
-    let prog = plan.prog;
-    let (p, o) = (plan.p, plan.o);
-    let op_cols = o * p;
-    let nf = n as f64;
+/// Pairs each trainable value with its multiplier at width `n`, after checking that
+/// `ws` has one value per parameter, shaped as [`sample_params`] shapes them.
+pub(super) fn sampled_of<'w>(
+    prog: &Program,
+    n: usize,
+    ws: &'w [DMatrix<f64>],
+) -> Result<Vec<Sampled<'w>>, RunError> {
     if ws.len() != prog.params.len() {
         return Err(bug(None, "one value per parameter is needed"));
     }
@@ -366,16 +368,28 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
             ));
         }
     }
-    let sampled: Vec<Sampled> = ws
+    Ok(ws
         .iter()
         .zip(&prog.params)
         .map(|(w, prm)| Sampled {
             w,
-            mult: prm.law.mult.at(nf),
+            mult: prm.law.mult.at(n as f64),
         })
-        .collect();
+        .collect())
+}
 
-    // ---- forward ------------------------------------------------------------------
+/// The forward pass: the value of every node on the plan's points (matrices, inputs
+/// and outputs are `Val::None`; outputs are read out by the caller). A non-finite
+/// value is an error naming its node; `draw` only labels error messages.
+pub(super) fn forward(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    draw: usize,
+) -> Result<Vec<Val>, RunError> {
+    let prog = plan.prog;
+    let p = plan.p;
+    let nf = n as f64;
     let mut vals: Vec<Val> = vec![Val::None; prog.len()];
     for id in prog.ids() {
         let ops = &plan.operands[id.index()];
@@ -438,6 +452,146 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
         vals[id.index()] = v;
     }
 
+    Ok(vals)
+}
+
+/// The reverse pass. On entry `delta` holds the cotangents seeded at the outputs'
+/// read-out vectors, each an N×`cols` block whose column k belongs to point `k % P`
+/// (`cols` = O·P for per-(output, point) gradients, P for the gradient of a loss). On
+/// return it holds the cotangent of every vector node the seeds reach: for a product
+/// node `y = W x` this is ∂/∂y, from which the gradient of `W` is assembled.
+pub(super) fn backward(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    vals: &[Val],
+    delta: &mut [Option<DMatrix<f64>>],
+    cols: usize,
+    draw: usize,
+) -> Result<(), RunError> {
+    let prog = plan.prog;
+    let p = plan.p;
+    let nf = n as f64;
+    let op_cols = cols;
+    let mut mdelta: Vec<Option<Vec<f64>>> = vec![None; prog.len()];
+    for id in prog.ids().collect::<Vec<_>>().into_iter().rev() {
+        let ops = &plan.operands[id.index()];
+        match &prog.node(id).op {
+            Op::MatMul { transpose } => {
+                if plan.inputs.contains_key(&ops[1]) {
+                    continue; // inputs are data: nothing to propagate
+                }
+                let Some(dy) = delta[id.index()].take() else {
+                    continue;
+                };
+                let Op::Param(pi) = prog.node(ops[0]).op else {
+                    return Err(bug(Some(id), "a product whose matrix is not a parameter"));
+                };
+                let s = &sampled[pi];
+                // y = mult·W x  ⇒  ∂/∂x = mult·Wᵀ δ;  y = mult·Wᵀ x  ⇒  mult·W δ.
+                let t = if *transpose { Trans::No } else { Trans::Yes };
+                let xi = ops[1].index();
+                let (dx, beta) = match delta[xi].take() {
+                    Some(d) => (d, 1.0),
+                    None => (DMatrix::zeros(n, op_cols), 0.0),
+                };
+                let mut dx = dx;
+                gemm(&mut dx, s.mult, s.w, t, &dy, Trans::No, beta)
+                    .map_err(|e| bug(Some(id), format!("internal shape error: {e}")))?;
+                delta[xi] = Some(dx);
+                delta[id.index()] = Some(dy);
+            }
+            Op::Nonlin(_) => {
+                let Some(dy) = delta[id.index()].take() else {
+                    continue;
+                };
+                let c = if plan.shared[id.index()] { 1 } else { p };
+                for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
+                    if matches!(de, Expr::Const(z) if *z == 0.0) {
+                        continue;
+                    }
+                    let dv = eval_block(de, vals, ops, n, c)
+                        .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
+                    let a = ops[slot].index();
+                    match &vals[a] {
+                        Val::Vector(_) => {
+                            let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
+                            for k in 0..op_cols {
+                                let dc = dv.column(col(&dv, k % p));
+                                let src = dy.column(k);
+                                let mut dst = d.column_mut(k);
+                                for r in 0..n {
+                                    dst[r] += dc[r] * src[r];
+                                }
+                            }
+                        }
+                        Val::Scalar(_) => {
+                            let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
+                            for (k, dk) in d.iter_mut().enumerate() {
+                                let dc = dv.column(col(&dv, k % p));
+                                *dk += dc.dot(&dy.column(k));
+                            }
+                        }
+                        Val::None => {}
+                    }
+                }
+                delta[id.index()] = Some(dy);
+            }
+            Op::Moment(_) => {
+                let Some(dm) = mdelta[id.index()].take() else {
+                    continue;
+                };
+                let c = if plan.shared[id.index()] { 1 } else { p };
+                for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
+                    if matches!(de, Expr::Const(z) if *z == 0.0) {
+                        continue;
+                    }
+                    let dv = eval_block(de, vals, ops, n, c)
+                        .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
+                    let a = ops[slot].index();
+                    match &vals[a] {
+                        // θ = (1/N) Σ ψ  ⇒  ∂θ/∂x_a = ψ_i'(a) / N.
+                        Val::Vector(_) => {
+                            let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
+                            for (k, &g) in dm.iter().enumerate() {
+                                let dc = dv.column(col(&dv, k % p));
+                                d.column_mut(k).axpy(g / nf, &dc, 1.0);
+                            }
+                        }
+                        Val::Scalar(_) => {
+                            let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
+                            for (k, dk) in d.iter_mut().enumerate() {
+                                let dc = dv.column(col(&dv, k % p));
+                                *dk += dm[k] * dc.sum() / nf;
+                            }
+                        }
+                        Val::None => {}
+                    }
+                }
+                mdelta[id.index()] = Some(dm);
+            }
+            _ => {}
+        }
+        if let Some(d) = &delta[id.index()] {
+            if d.iter().any(|v| !v.is_finite()) {
+                return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows"));
+            }
+        }
+    }
+
+    Ok(())
+}
+
+/// Runs one draw on given trainable values `ws` (as [`sample_params`] shapes them):
+/// forward, backward, kernels. `draw` only labels error messages.
+fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let (p, o) = (plan.p, plan.o);
+    let op_cols = o * p;
+    let nf = n as f64;
+    let sampled = sampled_of(prog, n, ws)?;
+    let vals = forward(plan, n, &sampled, draw)?;
+
     // ---- outputs ------------------------------------------------------------------
     let mut f = DMatrix::zeros(o, p);
     // Per readout parameter: H (N×OP), column (o,p) = sum of coef·x over o's terms
@@ -498,112 +652,7 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
         }
     }
 
-    // ---- backward -----------------------------------------------------------------
-    let mut mdelta: Vec<Option<Vec<f64>>> = vec![None; prog.len()];
-    for id in prog.ids().collect::<Vec<_>>().into_iter().rev() {
-        let ops = &plan.operands[id.index()];
-        match &prog.node(id).op {
-            Op::MatMul { transpose } => {
-                if plan.inputs.contains_key(&ops[1]) {
-                    continue; // inputs are data: nothing to propagate
-                }
-                let Some(dy) = delta[id.index()].take() else {
-                    continue;
-                };
-                let Op::Param(pi) = prog.node(ops[0]).op else {
-                    return Err(bug(Some(id), "a product whose matrix is not a parameter"));
-                };
-                let s = &sampled[pi];
-                // y = mult·W x  ⇒  ∂/∂x = mult·Wᵀ δ;  y = mult·Wᵀ x  ⇒  mult·W δ.
-                let t = if *transpose { Trans::No } else { Trans::Yes };
-                let xi = ops[1].index();
-                let (dx, beta) = match delta[xi].take() {
-                    Some(d) => (d, 1.0),
-                    None => (DMatrix::zeros(n, op_cols), 0.0),
-                };
-                let mut dx = dx;
-                gemm(&mut dx, s.mult, s.w, t, &dy, Trans::No, beta)
-                    .map_err(|e| bug(Some(id), format!("internal shape error: {e}")))?;
-                delta[xi] = Some(dx);
-                delta[id.index()] = Some(dy);
-            }
-            Op::Nonlin(_) => {
-                let Some(dy) = delta[id.index()].take() else {
-                    continue;
-                };
-                let c = if plan.shared[id.index()] { 1 } else { p };
-                for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
-                    if matches!(de, Expr::Const(z) if *z == 0.0) {
-                        continue;
-                    }
-                    let dv = eval_block(de, &vals, ops, n, c)
-                        .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
-                    let a = ops[slot].index();
-                    match &vals[a] {
-                        Val::Vector(_) => {
-                            let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
-                            for k in 0..op_cols {
-                                let dc = dv.column(col(&dv, k % p));
-                                let src = dy.column(k);
-                                let mut dst = d.column_mut(k);
-                                for r in 0..n {
-                                    dst[r] += dc[r] * src[r];
-                                }
-                            }
-                        }
-                        Val::Scalar(_) => {
-                            let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
-                            for (k, dk) in d.iter_mut().enumerate() {
-                                let dc = dv.column(col(&dv, k % p));
-                                *dk += dc.dot(&dy.column(k));
-                            }
-                        }
-                        Val::None => {}
-                    }
-                }
-                delta[id.index()] = Some(dy);
-            }
-            Op::Moment(_) => {
-                let Some(dm) = mdelta[id.index()].take() else {
-                    continue;
-                };
-                let c = if plan.shared[id.index()] { 1 } else { p };
-                for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
-                    if matches!(de, Expr::Const(z) if *z == 0.0) {
-                        continue;
-                    }
-                    let dv = eval_block(de, &vals, ops, n, c)
-                        .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
-                    let a = ops[slot].index();
-                    match &vals[a] {
-                        // θ = (1/N) Σ ψ  ⇒  ∂θ/∂x_a = ψ_i'(a) / N.
-                        Val::Vector(_) => {
-                            let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
-                            for (k, &g) in dm.iter().enumerate() {
-                                let dc = dv.column(col(&dv, k % p));
-                                d.column_mut(k).axpy(g / nf, &dc, 1.0);
-                            }
-                        }
-                        Val::Scalar(_) => {
-                            let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
-                            for (k, dk) in d.iter_mut().enumerate() {
-                                let dc = dv.column(col(&dv, k % p));
-                                *dk += dm[k] * dc.sum() / nf;
-                            }
-                        }
-                        Val::None => {}
-                    }
-                }
-                mdelta[id.index()] = Some(dm);
-            }
-            _ => {}
-        }
-        if let Some(d) = &delta[id.index()] {
-            if d.iter().any(|v| !v.is_finite()) {
-                return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows"));
-            }
-        }
-    }
+    backward(plan, n, &sampled, &vals, &mut delta, op_cols, draw)?;
 
     // ---- kernels ------------------------------------------------------------------
     let mut nngp = DMatrix::zeros(op_cols, op_cols);
@@ -760,7 +809,7 @@ pub fn mem_available() -> Option<u128> {
 }
 
 /// Refuses a run that cannot fit in memory, naming the largest width that would.
-fn check_memory(prog: &Program, cfg: &RunConfig, p: usize) -> Result<(), RunError> {
+pub(super) fn check_memory(prog: &Program, cfg: &RunConfig, p: usize) -> Result<(), RunError> {
     let Some(avail) = mem_available() else {
         return Ok(());
     };
@@ -791,7 +840,7 @@ fn check_memory(prog: &Program, cfg: &RunConfig, p: usize) -> Result<(), RunErro
 
 /// How many draws to hold in memory at once: one per thread when they fit, else one
 /// (whose products still use every thread).
-fn concurrency(prog: &Program, cfg: &RunConfig, p: usize) -> usize {
+pub(super) fn concurrency(prog: &Program, cfg: &RunConfig, p: usize) -> usize {
     let threads = rayon::current_num_threads().max(1).min(cfg.seeds.max(1));
     let avail = mem_available().unwrap_or(u128::MAX);
     let per = draw_bytes(prog, cfg.width, p);
@@ -823,23 +872,39 @@ pub fn run(
     let plan = Plan::new(prog, &points)?;
     check_memory(prog, cfg, plan.p)?;
     let at_once = concurrency(prog, cfg, plan.p);
+    let trainer = match prog.train {
+        Some(_) => Some(super::train::Trainer::new(prog, &points)?),
+        None => None,
+    };
     let mut draws: Vec<Draw> = Vec::with_capacity(cfg.seeds);
+    let mut trajs: Vec<super::train::Trajectory> = Vec::new();
     let ids: Vec<usize> = (0..cfg.seeds).collect();
     // One parameter buffer set per concurrent draw, refilled in place draw after draw.
     let mut buffers: Vec<Vec<DMatrix<f64>>> = vec![Vec::new(); at_once];
     for chunk in ids.chunks(at_once) {
-        let got: Vec<Result<Draw, RunError>> = chunk
+        type Got = (Draw, Option<super::train::Trajectory>);
+        let got: Vec<Result<Got, RunError>> = chunk
             .par_iter()
             .zip(buffers.par_iter_mut())
             .map(|(&k, ws)| {
                 let d = sample_params_into(prog, cfg.width, cfg.seed, k, ws)
-                    .and_then(|()| run_draw(&plan, cfg.width, ws, k));
+                    .and_then(|()| run_draw(&plan, cfg.width, ws, k))
+                    .and_then(|d| {
+                        // Training moves `ws`; the next draw refills them.
+                        let traj = match &trainer {
+                            Some(tr) => Some(tr.run(cfg.width, ws, k, &mut |_, _, _| {})?),
+                            None => None,
+                        };
+                        Ok((d, traj))
+                    });
                 progress();
                 d
             })
             .collect();
         for d in got {
-            draws.push(d?);
+            let (d, traj) = d?;
+            draws.push(d);
+            trajs.extend(traj);
         }
     }
     let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(&draws, get);
@@ -869,6 +934,10 @@ pub fn run(
         nngp,
         ntk,
         observe,
+        train: prog
+            .train
+            .as_ref()
+            .map(|t| super::train::summarize(t, &trajs)),
     })
 }
 
@@ -903,7 +972,7 @@ pub fn run_with(
 
 /// Mean and standard error (sd/√K, sd with K−1) over draws, summed in draw order so
 /// the result does not depend on scheduling.
-fn estimate(draws: &[Draw], get: &dyn Fn(&Draw) -> DMatrix<f64>) -> Estimate {
+pub(super) fn estimate<D>(draws: &[D], get: &dyn Fn(&D) -> DMatrix<f64>) -> Estimate {
     let k = draws.len();
     let first = get(&draws[0]);
     let mut mean = DMatrix::zeros(first.nrows(), first.ncols());

@@ -13,7 +13,10 @@
 //!   materialising the transpose) on nalgebra storage, computed by faer.
 //! - [`exec`]: the executor: forward and reverse passes over the IR on N×P blocks,
 //!   exact empirical NTK and conditional NNGP per draw, means and standard errors.
+//! - [`train`]: dense full-batch gradient descent at width N for a `train` block (the
+//!   reference trajectory f_t), and per-step coordinate sizes for coordinate checks.
 
 pub mod exec;
 pub mod linalg;
 pub mod sample;
+pub mod train;

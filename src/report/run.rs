@@ -39,7 +39,7 @@ pub fn json(r: &RunResult) -> Value {
         obs.insert(name.clone(), row_json(&e.mean));
         obs_se.insert(name.clone(), se_json(e, row_json));
     }
-    json!({
+    let mut v = json!({
         "outputs": r.outputs,
         "points": r.points,
         "nngp": matrix_json(&r.nngp.mean),
@@ -53,7 +53,17 @@ pub fn json(r: &RunResult) -> Value {
         "width": r.width,
         "seeds": r.seeds,
         "seed": r.seed,
-    })
+    });
+    if let (Some(t), Value::Object(m)) = (&r.train, &mut v) {
+        m.insert(
+            "train".into(),
+            json!({
+                "f_t": matrix_json(&t.f_t.mean),
+                "f_t_se": se_json(&t.f_t, matrix_json),
+            }),
+        );
+    }
+    v
 }
 
 fn matrix_text(e: &Estimate, labels: &[String]) -> String {
@@ -102,6 +112,17 @@ pub fn text(r: &RunResult) -> String {
         s.push_str(&matrix_text(&r.nngp, &l));
         s.push_str("\n# NTK (lr-weighted, theory.md §2.3; exact gradients)\n");
         s.push_str(&matrix_text(&r.ntk, &l));
+    }
+    if let Some(t) = &r.train {
+        s.push_str(&format!(
+            "\n# training: f_t after t steps of full-batch gradient descent (loss {}, lr {}, {} step(s))\n",
+            t.loss.name(),
+            t.lr,
+            t.steps
+        ));
+        s.push_str(&format!("  columns: {}\n", l.join(", ")));
+        let rows: Vec<String> = (0..=t.steps).map(|i| format!("t={i}")).collect();
+        s.push_str(&matrix_text(&t.f_t, &rows));
     }
     if !r.observe.is_empty() {
         s.push_str("\n# observe\n");
