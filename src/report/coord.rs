@@ -325,7 +325,7 @@ fn status(predicted: Option<Ex>, rms: &[f64], f: &Option<Fit>) -> Status {
         Some(Ex::Pow(p)) => match f {
             None => Status::Disagree,
             Some(f) if (f.slope - p.to_f64()).abs() > TOLERANCE => Status::Disagree,
-            Some(f) if !(f.se <= TOLERANCE) => Status::Uncertain,
+            Some(f) if f.se.is_nan() || f.se > TOLERANCE => Status::Uncertain,
             Some(_) => Status::Ok,
         },
     }
