@@ -106,6 +106,43 @@ enum Cmd {
         #[arg(long, conflicts_with = "svg")]
         no_svg: bool,
     },
+    /// Coordinate check (mup): every vector's size and change per training step against
+    /// width, predicted vs measured exponents, SVG plot
+    ///
+    /// Trains the program (its `train` block) K times at each width (draw k of seed S is
+    /// `tpc run`'s draw k, paired across widths) and records, at initialization and after
+    /// each step, the RMS coordinate size of every vector and of its change since
+    /// initialization, and |f| and |f − f_0|. The log–log slope of each against the width
+    /// is fitted by least squares with a standard error over the paired draws, and set
+    /// against the exponent predicted by tpc's exponent analysis (exact at
+    /// initialization and for the first step; approximate for later steps); a difference
+    /// beyond ±0.15 is flagged. Writes the plot to `<stem>_coord.svg` in the current
+    /// directory: one panel per step, one line per vector.
+    CoordCheck {
+        file: PathBuf,
+        /// Widths, comma-separated (at least two distinct)
+        #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = tpc::report::coord::DEFAULT_WIDTHS,
+              value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        widths: Vec<u64>,
+        /// Draws K per width
+        #[arg(long, default_value_t = tpc::report::coord::DEFAULT_SEEDS,
+              value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
+        seeds: u64,
+        /// Training steps [default: the program's `steps`]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        steps: Option<u64>,
+        /// The seed S, the same at every width
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Where to write the plot [default: <stem>_coord.svg in the current directory]
+        #[arg(long, value_name = "OUT.svg")]
+        svg: Option<PathBuf>,
+        /// Write no plot
+        #[arg(long, conflicts_with = "svg")]
+        no_svg: bool,
+    },
     /// Explain a diagnostic code
     Explain { code: String },
 }
@@ -323,6 +360,86 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     + "\n"
             } else {
                 let mut t = tpc::report::compare::text(&r);
+                if let Some(p) = &shown {
+                    t.push_str(&format!("\n# plot: {p}\n"));
+                }
+                t
+            };
+            print_out(&text)
+        }
+        Cmd::CoordCheck {
+            file,
+            widths,
+            seeds,
+            steps,
+            seed,
+            format,
+            svg,
+            no_svg,
+        } => {
+            let mut distinct = widths.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if distinct.len() < 2 {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        "--widths needs at least two distinct widths to fit a slope",
+                    )
+                    .exit();
+            }
+            let prog = compile_file(&file)?;
+            if prog.train.is_none() {
+                return Err(fail(&format!(
+                    "`{}` has no `train` block: a coordinate check trains the program (language.md, Training)",
+                    file.display()
+                )));
+            }
+            let cfg = tpc::report::coord::CoordConfig {
+                widths: distinct
+                    .iter()
+                    .map(|&w| usize::try_from(w))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| fail("a width is too large for this machine"))?,
+                seeds: usize::try_from(seeds)
+                    .map_err(|_| fail("too many seeds for this machine"))?,
+                seed,
+                steps: steps
+                    .map(usize::try_from)
+                    .transpose()
+                    .map_err(|_| fail("too many steps for this machine"))?,
+            };
+            let name = file.file_name().map_or_else(
+                || file.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let r = with_progress(cfg.seeds * cfg.widths.len(), |tick| {
+                tpc::report::coord::coord_check(&prog, &cfg, &name, tick)
+            })
+            .map_err(|e| run_fail(&file, &prog, &e))?;
+            let svg_path = if no_svg {
+                None
+            } else {
+                Some(svg.unwrap_or_else(|| {
+                    let stem = file
+                        .file_stem()
+                        .map_or_else(|| "tpc".to_string(), |s| s.to_string_lossy().into_owned());
+                    PathBuf::from(format!("{stem}_coord.svg"))
+                }))
+            };
+            if let Some(path) = &svg_path {
+                let doc = tpc::report::coord::svg(&r).map_err(|e| fail(&e))?;
+                std::fs::write(path, doc)
+                    .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display())))?;
+            }
+            let shown = svg_path.as_ref().map(|p| p.display().to_string());
+            let text = if format == Format::Json {
+                serde_json::to_string_pretty(&tpc::report::coord::json(&r, shown.as_deref()))
+                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
+                    + "\n"
+            } else {
+                let mut t = tpc::report::coord::text(&r);
                 if let Some(p) = &shown {
                     t.push_str(&format!("\n# plot: {p}\n"));
                 }

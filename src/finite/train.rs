@@ -73,10 +73,15 @@ pub struct CoordSizes {
     /// the training inputs of vector `nodes[j]` (a vector that depends on no input is
     /// the same at every point). steps+1 rows.
     pub rms: Vec<Vec<f64>>,
+    /// `change[t][j]`: the same root mean square of `x_t − x_0`, the change since
+    /// initialization (row 0 is zero).
+    pub change: Vec<Vec<f64>>,
     /// `f[t]`: f_t at the training inputs, O·B values, output-major.
     pub f: Vec<Vec<f64>>,
     /// `f_abs[t]`: |f_t|, the root mean square of `f[t]`.
     pub f_abs: Vec<f64>,
+    /// `f_change[t]`: |f_t − f_0|, the root mean square of `f[t] − f[0]`.
+    pub f_change: Vec<f64>,
 }
 
 /// Sees, at every step t = 0..steps, the forward values on the training inputs and
@@ -489,8 +494,9 @@ pub fn gd_step(prog: &Program, n: usize, ws: &mut [DMatrix<f64>]) -> Result<(), 
 /// For a coordinate check: trains draw `draw` of `cfg.seed` at width `cfg.width`
 /// (`cfg.seeds` is ignored) and returns, for every step t = 0..steps, the
 /// root-mean-square coordinate size of every vector node of the IR at the training
-/// inputs (RMS over the N coordinates and the points) and f_t with |f_t| (its RMS
-/// over outputs and training inputs). In muP every entry stays Θ(1) as the width grows
+/// inputs (RMS over the N coordinates and the points) and of its change since
+/// initialization, and f_t with |f_t| and |f_t − f_0| (RMS over outputs and training
+/// inputs). In muP every entry stays Θ(1) as the width grows
 /// (theory.md §5.3); in SP with a width-independent learning rate the entries after
 /// step 1 grow with it (theory.md §5.2).
 pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<CoordSizes, RunError> {
@@ -499,31 +505,67 @@ pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<Coord
     let labels = nodes.iter().map(|&id| trainer.tplan.label(id)).collect();
     let mut ws = sample_params(prog, cfg.width, cfg.seed, draw)?;
     let mut rms = Vec::new();
-    let mut fs = Vec::new();
+    let mut change = Vec::new();
+    let mut fs: Vec<Vec<f64>> = Vec::new();
     let mut f_abs = Vec::new();
-    trainer.run(cfg.width, &mut ws, draw, &mut |_, vals, f| {
-        rms.push(
-            nodes
+    let mut f_change = Vec::new();
+    // The vectors at initialization, for the change since then.
+    let mut x0: Vec<Option<DMatrix<f64>>> = Vec::new();
+    let root_mean_square = |it: &mut dyn Iterator<Item = f64>| {
+        let (mut s, mut k) = (0.0, 0usize);
+        for v in it {
+            s += v * v;
+            k += 1;
+        }
+        (s / k.max(1) as f64).sqrt()
+    };
+    trainer.run(cfg.width, &mut ws, draw, &mut |t, vals, f| {
+        if t == 0 {
+            x0 = nodes
                 .iter()
                 .map(|id| match &vals[id.index()] {
-                    Val::Vector(m) => (m.norm_squared() / m.len().max(1) as f64).sqrt(),
-                    _ => f64::NAN,
+                    Val::Vector(m) => Some(m.clone()),
+                    _ => None,
                 })
-                .collect(),
-        );
+                .collect();
+        }
+        let mut size = Vec::with_capacity(nodes.len());
+        let mut moved = Vec::with_capacity(nodes.len());
+        for (id, m0) in nodes.iter().zip(&x0) {
+            match (&vals[id.index()], m0) {
+                (Val::Vector(m), Some(m0)) if m.shape() == m0.shape() => {
+                    size.push(root_mean_square(&mut m.iter().copied()));
+                    moved.push(root_mean_square(
+                        &mut m.iter().zip(m0.iter()).map(|(a, b)| a - b),
+                    ));
+                }
+                _ => {
+                    size.push(f64::NAN);
+                    moved.push(f64::NAN);
+                }
+            }
+        }
+        rms.push(size);
+        change.push(moved);
         // Output-major over the training columns.
         let row: Vec<f64> = (0..f.nrows())
             .flat_map(|oi| (0..f.ncols()).map(move |p| f[(oi, p)]))
             .collect();
-        f_abs.push((row.iter().map(|v| v * v).sum::<f64>() / row.len().max(1) as f64).sqrt());
+        f_abs.push(root_mean_square(&mut row.iter().copied()));
+        let first = fs.first().unwrap_or(&row);
+        f_change.push(root_mean_square(
+            &mut row.iter().zip(first).map(|(a, b)| a - b),
+        ));
         fs.push(row);
     })?;
     Ok(CoordSizes {
         nodes,
         labels,
         rms,
+        change,
         f: fs,
         f_abs,
+        f_change,
     })
 }
 

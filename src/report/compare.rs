@@ -336,7 +336,12 @@ pub fn fit(widths: &[usize], s: &[Vec<f64>]) -> Option<Fit> {
 
 /// How many draws to hold in memory at once (one per thread when they fit), or an
 /// error naming the width that does not fit at all.
-fn at_once(prog: &Program, width: usize, p: usize, seeds: usize) -> Result<usize, RunError> {
+pub(crate) fn at_once(
+    prog: &Program,
+    width: usize,
+    p: usize,
+    seeds: usize,
+) -> Result<usize, RunError> {
     let per = draw_bytes(prog, width, p).max(1);
     let avail = mem_available().unwrap_or(u128::MAX);
     if per > avail {
@@ -442,7 +447,7 @@ pub fn compare(
 }
 
 /// `x` in scientific notation with a signed two-digit exponent: `3.4987e-02`.
-fn sci(x: f64, digits: usize) -> String {
+pub(crate) fn sci(x: f64, digits: usize) -> String {
     if !x.is_finite() {
         return format!("{x}");
     }
@@ -457,7 +462,7 @@ fn sci(x: f64, digits: usize) -> String {
 }
 
 /// A typographic minus for a printed number.
-fn minus(s: &str) -> String {
+pub(crate) fn minus(s: &str) -> String {
     s.replace('-', "−")
 }
 
@@ -579,7 +584,7 @@ pub fn caption(r: &CompareResult) -> String {
 
 /// A tick label on a log axis: powers of ten as plain decimals (0.01, 1, 100), other
 /// values with three significant digits.
-fn axis_number(y: f64) -> String {
+pub(crate) fn axis_number(y: f64) -> String {
     if !(y > 0.0 && y.is_finite()) {
         return format!("{y}");
     }

@@ -4,6 +4,7 @@
 //! JSON outputs of cli.md stay in one place.
 
 pub mod compare;
+pub mod coord;
 pub mod graph;
 pub mod limit;
 pub mod run;
