@@ -20,7 +20,7 @@ use nalgebra::{DMatrix, DVector};
 use tpc::finite::exec::{run, RunConfig};
 use tpc::ir::Program;
 use tpc::limit::limit;
-use tpc::limit::train::{KERNEL_METHOD, LINEAR_METHOD, NOT_COMPUTED};
+use tpc::limit::train::{KERNEL_METHOD, KERNEL_XENT_METHOD, LINEAR_METHOD, NOT_COMPUTED};
 
 fn compile(src: &str) -> Program {
     tpc::compile(src).unwrap_or_else(|e| panic!("{e}"))
@@ -186,6 +186,29 @@ fn kernel_regime_is_ntk_gradient_descent() {
     let f2 = r2.train.unwrap().f_t.unwrap();
     for s in 0..4 {
         assert!((f2[(s, 0)] - f[(s, 1)]).abs() < 1e-10);
+    }
+}
+
+#[test]
+fn kernel_regime_xent_says_the_mean_is_not_exact() {
+    let src = sgd_mlp_ntk()
+        .replace("mse", "xent")
+        .replace("-1.0", "0.0")
+        .replace("0.5) ]", "1.0) ]");
+    let prog = compile(&src);
+    let pts = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.7, 0.7]];
+    let r = limit(&prog, &pts).unwrap();
+    let t = r.train.unwrap();
+    assert_eq!(t.method, KERNEL_XENT_METHOD);
+    assert!(t.note.unwrap().contains("not exactly E[f_t]"));
+    assert!(t.f_t_var.is_none());
+    let f = t.f_t.unwrap();
+    // Targets (1, 0, 1) from f_0 = 0: f_1 = −η Θ χ with χ = (σ(0) − y)/B.
+    let th = r.ntk.unwrap();
+    let chi = DVector::from_vec(vec![-0.5 / 3.0, 0.5 / 3.0, -0.5 / 3.0]);
+    let f1 = -(&th * chi) * 0.5;
+    for p in 0..3 {
+        assert!((f[(1, p)] - f1[p]).abs() < 1e-12, "{f}");
     }
 }
 

@@ -53,6 +53,8 @@ pub struct LimitTrain {
 
 pub const KERNEL_METHOD: &str = "kernel regime: NTK recursion, exact";
 pub const TRIVIAL_METHOD: &str = "trivial regime: NTK recursion, exact";
+pub const KERNEL_XENT_METHOD: &str =
+    "kernel regime: NTK recursion from E f_0 (for xent not exactly E f_t)";
 pub const LINEAR_METHOD: &str = "linear network: exact Gaussian algebra";
 pub const NOT_COMPUTED: &str = "not computed yet";
 
@@ -254,6 +256,9 @@ pub fn trajectory(
             let (f, var) = kernel_trajectory(prog, train, ntk, ru.nngp.as_ref(), &u);
             out.f_t = Some(f);
             out.f_t_var = var;
+            if train.loss == Loss::Xent {
+                out.method = KERNEL_XENT_METHOD.to_string();
+            }
             out.note = Some(match train.loss {
                 Loss::Mse => {
                     "f_0 is a Gaussian process (the NNGP) and f_t is affine in f_0: f_t is the \
