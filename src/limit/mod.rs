@@ -17,6 +17,7 @@ pub mod dual;
 pub mod engine;
 pub mod gauss;
 pub mod qmc;
+pub mod train;
 pub mod zform;
 
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ pub struct LimitResult {
     /// With `train`: TP4's regime from the scaling exponents (`crate::scaling`):
     /// "kernel", "feature-learning", "unstable" or "trivial".
     pub regime: Option<String>,
+    /// With `train`: the limit trajectory f_t on the points ([`train`]).
+    pub train: Option<train::LimitTrain>,
 }
 
 /// Why the limit could not be computed.
@@ -92,8 +95,18 @@ fn input_values(prog: &Program, points: &[Vec<f64>]) -> HashMap<NodeId, DMatrix<
     out
 }
 
-/// Everything `tpc limit` reports.
+/// Everything `tpc limit` reports: the kernels and moments on the points, and with a
+/// `train` block the trajectory f_t there ([`train::trajectory`]).
 pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitError> {
+    let mut r = kernels(prog, points)?;
+    if let Some(tr) = &prog.train {
+        r.train = Some(train::trajectory(prog, tr, &r, &|pts| kernels(prog, pts)));
+    }
+    Ok(r)
+}
+
+/// The kernels and moments on the points (everything but the trajectory).
+fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitError> {
     let der = derivation(prog)?;
     let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
         vec![vec![]]
@@ -118,6 +131,7 @@ pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitEr
             methods,
             max_error,
             regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
+            train: None,
         });
     }
     limit_general(prog, &der, points)
@@ -164,6 +178,7 @@ pub fn limit_general(
         methods: eng.methods.iter().cloned().collect(),
         max_error: eng.max_error,
         regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
+        train: None,
     })
 }
 

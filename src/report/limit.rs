@@ -48,6 +48,21 @@ pub fn json(r: &LimitResult) -> Value {
     if !notes.is_empty() {
         out["notes"] = Value::Object(notes);
     }
+    if let Some(t) = &r.train {
+        let mut tr = Map::new();
+        tr.insert(
+            "f_t".into(),
+            t.f_t.as_ref().map_or(Value::Null, matrix_json),
+        );
+        if let Some(v) = &t.f_t_var {
+            tr.insert("f_t_var".into(), matrix_json(v));
+        }
+        tr.insert("method".into(), json!(t.method));
+        if let Some(n) = &t.note {
+            tr.insert("note".into(), json!(n));
+        }
+        out["train"] = Value::Object(tr);
+    }
     if let Some(regime) = &r.regime {
         out["regime"] = json!(regime);
     }
@@ -116,10 +131,54 @@ pub fn text(derivation: &str, r: &LimitResult) -> String {
             "\n# regime (scaling exponents, theory.md §5): {regime}\n"
         ));
     }
+    if let Some(t) = &r.train {
+        s.push_str(&trajectory_text(t, &l));
+    }
     s.push_str(&format!(
         "\n# methods: {}; largest stated error {:.1e}\n",
         r.methods.join("; "),
         r.max_error
     ));
+    s
+}
+
+/// The training trajectory: the method line, then one row per step.
+fn trajectory_text(t: &crate::limit::train::LimitTrain, labels: &[String]) -> String {
+    let mut s = format!(
+        "\n# training trajectory f_t ({}, lr {}, {} step(s)): {}\n",
+        t.loss.name(),
+        t.lr,
+        t.steps,
+        t.method
+    );
+    if let Some(n) = &t.note {
+        s.push_str(&format!("#   {n}\n"));
+    }
+    let Some(f) = &t.f_t else {
+        s.push_str("  f_t: none\n");
+        return s;
+    };
+    s.push_str("  t  ");
+    for l in labels {
+        s.push_str(&format!(" {l:>14}"));
+    }
+    s.push('\n');
+    for i in 0..f.nrows() {
+        s.push_str(&format!("  {i:<3}"));
+        for j in 0..f.ncols() {
+            s.push_str(&format!(" {:>14.10}", f[(i, j)]));
+        }
+        s.push('\n');
+    }
+    if let Some(v) = &t.f_t_var {
+        s.push_str("  standard deviation of f_t over f_0 (the NNGP):\n");
+        for i in 0..v.nrows() {
+            s.push_str(&format!("  {i:<3}"));
+            for j in 0..v.ncols() {
+                s.push_str(&format!(" {:>14.10}", v[(i, j)].sqrt()));
+            }
+            s.push('\n');
+        }
+    }
     s
 }
