@@ -5,6 +5,11 @@
 //! vectors) and gives it two meanings: run it at finite width, or derive its
 //! infinite-width limit by the Master Theorem. See `ARCHITECTURE.md` for the map.
 //!
+//! The public API: [`compile`] (source to [`ir::Program`], or an [`Error`] with rendered
+//! diagnostics), [`check_source`] (every diagnostic, warnings included), [`derive`] (the Z
+//! derivation as text, for snapshot tests), [`limit_of`] / [`limit::limit`] (NNGP, NTK,
+//! observes, training trajectories), and [`finite::exec::run`] (the same at finite width).
+//!
 //! ```
 //! let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
 //! let prog = tpc::compile(src).expect("a valid program");
@@ -140,4 +145,53 @@ pub fn error_for(name: &str, source: &str, diagnostics: Vec<Diagnostic>) -> Erro
         source: source.to_string(),
         name: name.to_string(),
     }
+}
+
+/// The Z derivation of a program (theory.md §1–2), one line per vector: what
+/// `tpc limit` prints first, and what users snapshot-test.
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
+/// let text = tpc::derive(src)?;
+/// assert!(text.contains("Z^h = relu("));
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn derive(src: &str) -> Result<String, Error> {
+    let prog = compile(src)?;
+    match limit::derivation(&prog) {
+        Ok(d) => Ok(limit::derivation_text(&prog, &d)),
+        Err(e) => {
+            let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
+            let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), span, "here")
+                .with_help("`tpc run` still works at finite width");
+            Err(Error {
+                diagnostics: vec![d],
+                source: src.to_string(),
+                name: "<source>".to_string(),
+            })
+        }
+    }
+}
+
+/// The infinite-width limit of a program on points (rows as in `--inputs`).
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
+/// let r = tpc::limit_of(src, &[vec![1.0], vec![2.0]])?;
+/// let k = r.nngp.unwrap();
+/// assert!((k[(0, 0)] - 0.5).abs() < 1e-12); // E[relu(u)^2] = Var(u)/2
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn limit_of(src: &str, points: &[Vec<f64>]) -> Result<limit::LimitResult, Error> {
+    let prog = compile(src)?;
+    limit::limit(&prog, points).map_err(|e| {
+        let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
+        let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), span, "here")
+            .with_help("`tpc run` still works at finite width");
+        Error {
+            diagnostics: vec![d],
+            source: src.to_string(),
+            name: "<source>".to_string(),
+        }
+    })
 }
