@@ -22,6 +22,7 @@ pub mod finite;
 pub mod ir;
 pub mod limit;
 pub mod lower;
+pub mod machine;
 pub mod report;
 pub mod scaling;
 pub mod syntax;

@@ -800,13 +800,7 @@ pub fn draw_bytes(prog: &Program, n: usize, p: usize) -> u128 {
     8 * words
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes; `None` where it cannot be read.
-pub fn mem_available() -> Option<u128> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::machine::mem_available;
 
 /// Refuses a run that cannot fit in memory, naming the largest width that would.
 pub(super) fn check_memory(prog: &Program, cfg: &RunConfig, p: usize) -> Result<(), RunError> {

@@ -113,6 +113,23 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
     } else {
         points.to_vec()
     };
+    // P x P blocks: refuse before allocating when even a few of them cannot fit.
+    let words = (points.len() as u128).pow(2) * 6 * (prog.outputs.len().max(1) as u128).pow(2);
+    if let Some(avail) = crate::machine::mem_available() {
+        if 8 * words > avail {
+            let fit = ((avail / 48) as f64).sqrt() as usize / prog.outputs.len().max(1);
+            return Err(LimitError {
+                node: None,
+                message: format!(
+                    "{} points need about {:.1} GB for the kernel blocks; this machine has {:.1} GB available \
+                     (at most about {fit} points fit)",
+                    points.len(),
+                    8.0 * words as f64 / 1e9,
+                    avail as f64 / 1e9
+                ),
+            });
+        }
+    }
     if let Some((nngp, ntk, methods, max_error)) =
         chain::chain_kernels(prog, &der, &input_values(prog, &points))
     {
