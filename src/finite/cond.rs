@@ -208,6 +208,9 @@ impl HiddenProducts for CondEngine {
             .mats
             .get_mut(&pi)
             .ok_or_else(|| bug(None, "a conditional product of a matrix that is not hidden"))?;
+        if !m.s.is_finite() {
+            return Err(bug(None, "a hidden matrix whose entry std is not finite"));
+        }
         Ok(if transpose { m.apply_t(x) } else { m.apply(x) })
     }
 }

@@ -939,18 +939,18 @@ pub fn run(
 /// sampled as [`sample_params`] samples it (same streams, so the same values); hidden
 /// products come from a [`super::cond::CondEngine`].
 pub fn run_one_conditional(
-    plan_prog: &Program,
+    prog: &Program,
     points: &[Vec<f64>],
     width: usize,
     seed: u64,
     draw: usize,
 ) -> Result<Draw, RunError> {
-    let points: Vec<Vec<f64>> = if plan_prog.inputs.is_empty() {
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
         vec![vec![]]
     } else {
         points.to_vec()
     };
-    let plan = Plan::new(plan_prog, &points)?;
+    let plan = Plan::new(prog, &points)?;
     cond_draw(&plan, width, seed, draw)
 }
 
