@@ -28,6 +28,12 @@ enum Format {
     Json,
 }
 
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    Dense,
+    Conditional,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Check a program: diagnostics only; exit 0 when there is no error
@@ -70,6 +76,10 @@ enum Cmd {
         /// CSV of input points, one per row (cli.md)
         #[arg(long)]
         inputs: Option<PathBuf>,
+        /// How hidden-matrix products are drawn: dense (sample N×N, exact NTK) or
+        /// conditional (each product from its law given the earlier ones; O(N·k) memory, no NTK)
+        #[arg(long, value_enum, default_value_t = EngineArg::Dense)]
+        engine: EngineArg,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -270,6 +280,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             seeds,
             seed,
             inputs,
+            engine,
             format,
         } => {
             let prog = compile_file(&file)?;
@@ -282,7 +293,11 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 seed,
             };
             let r = with_progress(cfg.seeds, |tick| {
-                tpc::finite::exec::run(&prog, &points, &cfg, tick)
+                let engine = match engine {
+                    EngineArg::Dense => tpc::finite::exec::Engine::Dense,
+                    EngineArg::Conditional => tpc::finite::exec::Engine::Conditional,
+                };
+                tpc::finite::exec::run_engine(&prog, &points, &cfg, engine, tick)
             })
             .map_err(|e| run_fail(&file, &prog, &e))?;
             let text = if format == Format::Json {

@@ -57,6 +57,28 @@ pub struct RunConfig {
     pub seed: u64,
 }
 
+/// How hidden-matrix products are computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// Sample every N×N hidden matrix and multiply (exact NTK).
+    #[default]
+    Dense,
+    /// Draw each hidden product from its law conditioned on the products drawn so far
+    /// ([`super::cond`]): O(N·k) memory, no NTK.
+    Conditional,
+}
+
+/// The products of hidden matrices, as the forward pass asks for them: `mult·W x` (or
+/// `mult·Wᵀ x`) for hidden parameter `pi` on the N×c block `x`.
+pub(super) trait HiddenProducts {
+    fn product(
+        &mut self,
+        pi: usize,
+        transpose: bool,
+        x: &DMatrix<f64>,
+    ) -> Result<DMatrix<f64>, RunError>;
+}
+
 /// Why a run could not be done (or gave a non-finite number), against the node
 /// responsible when there is one.
 #[derive(Clone, Debug)]
@@ -117,6 +139,8 @@ pub struct RunResult {
     pub observe: Vec<(String, Estimate)>,
     /// With a `train` block: the trajectory f_t on the points ([`super::train`]).
     pub train: Option<super::train::TrainResult>,
+    /// Why there is no NTK (the conditional engine); `ntk` is then zero.
+    pub ntk_note: Option<String>,
 }
 
 /// The per-program facts every draw needs, computed once.
@@ -387,6 +411,18 @@ pub(super) fn forward(
     sampled: &[Sampled<'_>],
     draw: usize,
 ) -> Result<Vec<Val>, RunError> {
+    forward_with(plan, n, sampled, draw, None)
+}
+
+/// [`forward`], with hidden-matrix products from `engine` when given (the dense
+/// `sampled` hidden matrices are then not read).
+pub(super) fn forward_with(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    draw: usize,
+    mut engine: Option<&mut dyn HiddenProducts>,
+) -> Result<Vec<Val>, RunError> {
     let prog = plan.prog;
     let p = plan.p;
     let nf = n as f64;
@@ -407,6 +443,22 @@ pub(super) fn forward(
                 let Op::Param(pi) = prog.node(ops[0]).op else {
                     return Err(bug(Some(id), "a product whose matrix is not a parameter"));
                 };
+                if let (Some(e), Shape::Hidden) = (engine.as_deref_mut(), prog.params[pi].shape) {
+                    let Val::Vector(x) = &vals[ops[1].index()] else {
+                        return Err(bug(Some(id), "a product of a non-vector"));
+                    };
+                    let out = e.product(pi, *transpose, x).map_err(|e| RunError {
+                        node: Some(id),
+                        ..e
+                    })?;
+                    vals[id.index()] = Val::Vector(out);
+                    if let Val::Vector(m) = &vals[id.index()] {
+                        if !m.iter().all(|x| x.is_finite()) {
+                            return Err(plan.nonfinite(id, n, draw, "overflows"));
+                        }
+                    }
+                    continue;
+                }
                 let s = &sampled[pi];
                 let mut out = DMatrix::zeros(n, c);
                 let shape_err = |e| bug(Some(id), format!("internal shape error: {e}"));
@@ -585,12 +637,25 @@ pub(super) fn backward(
 /// Runs one draw on given trainable values `ws` (as [`sample_params`] shapes them):
 /// forward, backward, kernels. `draw` only labels error messages.
 fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Result<Draw, RunError> {
+    let sampled = sampled_of(plan.prog, n, ws)?;
+    run_draw_with(plan, n, &sampled, draw, None)
+}
+
+/// [`run_draw`] on paired values, with hidden products from `engine` when given; the
+/// NTK (which needs the reverse pass through the dense matrices) is then left zero.
+fn run_draw_with(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    draw: usize,
+    engine: Option<&mut dyn HiddenProducts>,
+) -> Result<Draw, RunError> {
     let prog = plan.prog;
     let (p, o) = (plan.p, plan.o);
     let op_cols = o * p;
     let nf = n as f64;
-    let sampled = sampled_of(prog, n, ws)?;
-    let vals = forward(plan, n, &sampled, draw)?;
+    let with_ntk = engine.is_none();
+    let vals = forward_with(plan, n, sampled, draw, engine)?;
 
     // ---- outputs ------------------------------------------------------------------
     let mut f = DMatrix::zeros(o, p);
@@ -652,7 +717,9 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
         }
     }
 
-    backward(plan, n, &sampled, &vals, &mut delta, op_cols, draw)?;
+    if with_ntk {
+        backward(plan, n, sampled, &vals, &mut delta, op_cols, draw)?;
+    }
 
     // ---- kernels ------------------------------------------------------------------
     let mut nngp = DMatrix::zeros(op_cols, op_cols);
@@ -662,13 +729,18 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
         let law = prm.law;
         let lr = law.lr.at(nf);
         let mult = sampled[pi].mult;
+        if !with_ntk && !matches!(prm.shape, Shape::Readout | Shape::Scalar) {
+            continue;
+        }
         match prm.shape {
             Shape::Readout => {
                 if let Some(h) = &readout_h[pi] {
                     let g = matmul_tn(h, h).map_err(gram_err)?;
                     // Cov(v·x, v·x' | x) = Var(v_a) x·x'; ∂f/∂w = mult·x.
                     nngp += &g * law.entry_var().at(nf);
-                    ntk += &g * (lr * mult * mult);
+                    if with_ntk {
+                        ntk += &g * (lr * mult * mult);
+                    }
                 }
             }
             Shape::Scalar => {
@@ -676,7 +748,9 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
                     let gv = nalgebra::DVector::from_column_slice(g);
                     let outer = &gv * gv.transpose();
                     nngp += &outer * law.entry_var().at(nf);
-                    ntk += &outer * (lr * mult * mult);
+                    if with_ntk {
+                        ntk += &outer * (lr * mult * mult);
+                    }
                 }
             }
             Shape::Vector => {
@@ -852,6 +926,68 @@ pub fn run(
     cfg: &RunConfig,
     progress: &(dyn Fn() + Sync),
 ) -> Result<RunResult, RunError> {
+    run_engine(prog, points, cfg, Engine::Dense, progress)
+}
+
+/// One draw with the conditional engine: every parameter but the hidden matrices is
+/// sampled as [`sample_params`] samples it (same streams, so the same values); hidden
+/// products come from a [`super::cond::CondEngine`].
+pub fn run_one_conditional(
+    prog: &Program,
+    points: &[Vec<f64>],
+    width: usize,
+    seed: u64,
+    draw: usize,
+) -> Result<Draw, RunError> {
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points.to_vec()
+    };
+    let plan = Plan::new(prog, &points)?;
+    cond_draw(&plan, width, seed, draw)
+}
+
+fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let nf = n as f64;
+    let ws: Vec<DMatrix<f64>> = prog
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, prm)| {
+            if prm.shape == Shape::Hidden {
+                return Ok(DMatrix::zeros(0, 0));
+            }
+            let (rows, cols) = stored_shape(prm.shape, n);
+            let std = prm.law.var.at(nf).max(0.0).sqrt();
+            normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
+                .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
+        })
+        .collect::<Result<_, _>>()?;
+    let sampled: Vec<Sampled<'_>> = ws
+        .iter()
+        .zip(&prog.params)
+        .map(|(w, prm)| Sampled {
+            w,
+            mult: prm.law.mult.at(nf),
+        })
+        .collect();
+    let mut engine = super::cond::CondEngine::new(prog, n, seed, draw);
+    run_draw_with(plan, n, &sampled, draw, Some(&mut engine))
+}
+
+/// [`run`] with a choice of engine for the hidden-matrix products.
+pub fn run_engine(
+    prog: &Program,
+    points: &[Vec<f64>],
+    cfg: &RunConfig,
+    engine: Engine,
+    progress: &(dyn Fn() + Sync),
+) -> Result<RunResult, RunError> {
+    if engine == Engine::Conditional {
+        return run_conditional(prog, points, cfg, progress);
+    }
     if cfg.width == 0 {
         return Err(bug(None, "the width must be at least 1"));
     }
@@ -932,6 +1068,74 @@ pub fn run(
             .train
             .as_ref()
             .map(|t| super::train::summarize(t, &trajs)),
+        ntk_note: None,
+    })
+}
+
+/// [`run`] with the conditional engine: no N×N matrix is ever formed; no NTK.
+fn run_conditional(
+    prog: &Program,
+    points: &[Vec<f64>],
+    cfg: &RunConfig,
+    progress: &(dyn Fn() + Sync),
+) -> Result<RunResult, RunError> {
+    if cfg.width == 0 {
+        return Err(bug(None, "the width must be at least 1"));
+    }
+    if cfg.seeds == 0 {
+        return Err(bug(None, "at least one draw (--seeds 1) is needed"));
+    }
+    if prog.train.is_some() {
+        return Err(bug(
+            None,
+            "a train block needs the dense engine (--engine dense)",
+        ));
+    }
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points.to_vec()
+    };
+    let plan = Plan::new(prog, &points)?;
+    let ids: Vec<usize> = (0..cfg.seeds).collect();
+    let got: Vec<Result<Draw, RunError>> = ids
+        .par_iter()
+        .map(|&k| {
+            let d = cond_draw(&plan, cfg.width, cfg.seed, k);
+            progress();
+            d
+        })
+        .collect();
+    let draws: Vec<Draw> = got.into_iter().collect::<Result<_, _>>()?;
+    let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(&draws, get);
+    let observe = prog
+        .observes
+        .iter()
+        .enumerate()
+        .map(|(i, &m)| {
+            let e = est(&|d| DMatrix::from_row_slice(1, d.observe[i].len(), &d.observe[i]));
+            (prog.label(m), e)
+        })
+        .collect();
+    Ok(RunResult {
+        outputs: prog.output_names(),
+        points: if prog.inputs.is_empty() {
+            Vec::new()
+        } else {
+            points
+        },
+        width: cfg.width,
+        seeds: cfg.seeds,
+        seed: cfg.seed,
+        f: est(&|d| d.f.clone()),
+        nngp: est(&|d| d.nngp.clone()),
+        ntk: est(&|d| d.ntk.clone()),
+        observe,
+        train: None,
+        ntk_note: Some(
+            "not computed by the conditional engine (no reverse pass through hidden matrices); use --engine dense"
+                .into(),
+        ),
     })
 }
 

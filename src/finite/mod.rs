@@ -16,6 +16,7 @@
 //! - [`train`]: dense full-batch gradient descent at width N for a `train` block (the
 //!   reference trajectory f_t), and per-step coordinate sizes for coordinate checks.
 
+pub mod cond;
 pub mod exec;
 pub mod linalg;
 pub mod sample;

@@ -1,0 +1,216 @@
+//! The conditional engine (issue 7): a hidden N×N Gaussian matrix is never sampled.
+//!
+//! A program only sees a Gaussian matrix M (entries iid N(0, s²), s = mult·√var)
+//! through products M x and Mᵀ y. Given the products drawn so far, M X = G and
+//! Mᵀ Y = H, M is again Gaussian:
+//!
+//! M | (M X = G, Mᵀ Y = H) = E + Π_Y^⊥ M̃ Π_X^⊥,  E = G X⁺ + (Y⁺)ᵀ Hᵀ − (Y⁺)ᵀ Yᵀ G X⁺,
+//!
+//! with M̃ an independent copy. [`CondMatrix`] keeps orthonormal bases Q_X (inputs seen)
+//! and Q_Y (transposed inputs seen) with A = M Q_X and B = Mᵀ Q_Y. In these bases
+//! E z = A Q_Xᵀ z + Q_Y (Bᵀ z − Q_Yᵀ A Q_Xᵀ z). For a new z with c = Q_Xᵀ z and
+//! u = z − Q_X c ≠ 0 (q = u/‖u‖), M q = Q_Y Bᵀ q + Π_Y^⊥ g with g ~ N(0, s² I) fresh,
+//! so M z = A c + ‖u‖ M q, and (q, M q) joins the history. Everything is exact in law
+//! at every N; memory is O(N·k) for k products, time O(N·k²).
+//!
+//! The fresh vectors come from the run's counter-based streams: product number j of
+//! hidden parameter i in draw k of seed S uses `StreamKey(S, k, COND_TENSOR + i, j)`,
+//! so a conditional run is deterministic, whatever the thread count.
+
+use std::collections::HashMap;
+
+use nalgebra::DMatrix;
+
+use super::exec::{bug, HiddenProducts, RunError};
+use super::sample::{fill_normal_seq, StreamKey};
+
+/// Offset of the tensor ids of the conditional engine's fresh streams (distinct from
+/// the parameter ids used by the dense sampler).
+pub const COND_TENSOR: u64 = 1 << 40;
+
+/// Relative size below which the part of a new vector outside the span seen so far
+/// counts as zero (the product is then fully determined by the history).
+const RANK_TOL: f64 = 1e-10;
+
+/// One side of the history: an orthonormal basis and the products of its columns.
+#[derive(Clone, Debug, Default)]
+struct Side {
+    /// Orthonormal columns q_j (each of length N).
+    q: Vec<Vec<f64>>,
+    /// The products of the q_j (M q_j for the input side, Mᵀ q_j for the other).
+    img: Vec<Vec<f64>>,
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+impl Side {
+    /// Modified Gram–Schmidt, twice: returns the coefficients c = Qᵀ z and leaves
+    /// z − Q c in `u`.
+    fn project_out(&self, u: &mut [f64]) -> Vec<f64> {
+        let mut c = vec![0.0; self.q.len()];
+        for _ in 0..2 {
+            for (cj, qj) in c.iter_mut().zip(&self.q) {
+                let d = dot(qj, u);
+                *cj += d;
+                axpy(-d, qj, u);
+            }
+        }
+        c
+    }
+}
+
+/// A hidden N×N Gaussian matrix M with entry std `s`, drawn lazily through its
+/// products, conditioned on every product drawn so far.
+#[derive(Clone, Debug)]
+pub struct CondMatrix {
+    n: usize,
+    s: f64,
+    key: StreamKey,
+    /// Fresh vectors drawn so far (the next one's stream column).
+    counter: u64,
+    /// Q_X and A = M Q_X.
+    x: Side,
+    /// Q_Y and B = Mᵀ Q_Y.
+    y: Side,
+}
+
+impl CondMatrix {
+    /// A matrix of width `n` with entries N(0, s²); fresh noise from `key`'s stream
+    /// columns 0, 1, 2, ….
+    pub fn new(n: usize, s: f64, key: StreamKey) -> Self {
+        CondMatrix {
+            n,
+            s,
+            key,
+            counter: 0,
+            x: Side::default(),
+            y: Side::default(),
+        }
+    }
+
+    /// The number of basis vectors held on the input and transposed sides.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.x.q.len(), self.y.q.len())
+    }
+
+    /// M z for each column of `z` (N×c), columns in order, each joining the history.
+    pub fn apply(&mut self, z: &DMatrix<f64>) -> DMatrix<f64> {
+        self.apply_block(z, false)
+    }
+
+    /// Mᵀ y for each column of `y` (N×c), columns in order, each joining the history.
+    pub fn apply_t(&mut self, y: &DMatrix<f64>) -> DMatrix<f64> {
+        self.apply_block(y, true)
+    }
+
+    fn apply_block(&mut self, z: &DMatrix<f64>, transpose: bool) -> DMatrix<f64> {
+        assert_eq!(z.nrows(), self.n, "a block of the wrong height");
+        let mut out = DMatrix::zeros(self.n, z.ncols());
+        for j in 0..z.ncols() {
+            let r = self.apply_one(z.column(j).as_slice(), transpose);
+            out.column_mut(j).copy_from_slice(&r);
+        }
+        out
+    }
+
+    /// The next fresh N(0, s²) vector, projected off `other`'s basis.
+    fn fresh(&mut self, other: &Side) -> Vec<f64> {
+        let mut g = vec![0.0; self.n];
+        fill_normal_seq(&mut g, self.n, self.s, self.key.with_column(self.counter))
+            .expect("a finite non-negative std");
+        self.counter += 1;
+        other.project_out(&mut g);
+        g
+    }
+
+    /// M z (or Mᵀ z): `mine` is the side z lives on, `other` the opposite side.
+    fn apply_one(&mut self, z: &[f64], transpose: bool) -> Vec<f64> {
+        let (mine, other) = if transpose {
+            (std::mem::take(&mut self.y), std::mem::take(&mut self.x))
+        } else {
+            (std::mem::take(&mut self.x), std::mem::take(&mut self.y))
+        };
+        let (mut mine, other) = (mine, other);
+        let mut u = z.to_vec();
+        let c = mine.project_out(&mut u);
+        let znorm = dot(z, z).sqrt();
+        let r = dot(&u, &u).sqrt();
+        // The determined part: A c (Bᵀ Q_X = Q_Yᵀ A makes the other terms cancel).
+        let mut out = vec![0.0; self.n];
+        for (cj, aj) in c.iter().zip(&mine.img) {
+            axpy(*cj, aj, &mut out);
+        }
+        if r > RANK_TOL * znorm && r > 0.0 {
+            for ui in u.iter_mut() {
+                *ui /= r;
+            }
+            // M q = Q_Y Bᵀ q + Π_Y^⊥ g.
+            let mut mq = self.fresh(&other);
+            for (qj, bj) in other.q.iter().zip(&other.img) {
+                axpy(dot(bj, &u), qj, &mut mq);
+            }
+            axpy(r, &mq, &mut out);
+            mine.q.push(u);
+            mine.img.push(mq);
+        }
+        if transpose {
+            self.y = mine;
+            self.x = other;
+        } else {
+            self.x = mine;
+            self.y = other;
+        }
+        out
+    }
+}
+
+/// The conditional engine of one draw: a [`CondMatrix`] per hidden parameter.
+pub struct CondEngine {
+    mats: HashMap<usize, CondMatrix>,
+}
+
+impl CondEngine {
+    /// Matrices for every hidden parameter of `prog` at width `n`, draw `draw` of
+    /// `seed`: entry std mult·√var (the product is mult·W x).
+    pub fn new(prog: &crate::ir::Program, n: usize, seed: u64, draw: usize) -> Self {
+        let nf = n as f64;
+        let mats = prog
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.shape == crate::ir::Shape::Hidden)
+            .map(|(i, p)| {
+                let s = p.law.var.at(nf).max(0.0).sqrt() * p.law.mult.at(nf).abs();
+                let key = StreamKey::new(seed, draw as u64, COND_TENSOR + i as u64);
+                (i, CondMatrix::new(n, s, key))
+            })
+            .collect();
+        CondEngine { mats }
+    }
+}
+
+impl HiddenProducts for CondEngine {
+    fn product(
+        &mut self,
+        pi: usize,
+        transpose: bool,
+        x: &DMatrix<f64>,
+    ) -> Result<DMatrix<f64>, RunError> {
+        let m = self
+            .mats
+            .get_mut(&pi)
+            .ok_or_else(|| bug(None, "a conditional product of a matrix that is not hidden"))?;
+        if !m.s.is_finite() {
+            return Err(bug(None, "a hidden matrix whose entry std is not finite"));
+        }
+        Ok(if transpose { m.apply_t(x) } else { m.apply(x) })
+    }
+}
