@@ -353,32 +353,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 tpc::report::compare::compare(&prog, &points, &lim, &cfg, &name, tick)
             })
             .map_err(|e| run_fail(&file, &prog, &e))?;
-            let svg_path = if no_svg {
-                None
-            } else {
-                Some(svg.unwrap_or_else(|| {
-                    let stem = file
-                        .file_stem()
-                        .map_or_else(|| "tpc".to_string(), |s| s.to_string_lossy().into_owned());
-                    PathBuf::from(format!("{stem}_convergence.svg"))
-                }))
-            };
-            if let Some(path) = &svg_path {
-                let doc = tpc::report::compare::svg(&r).map_err(|e| fail(&e))?;
-                std::fs::write(path, doc)
-                    .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display())))?;
-            }
-            let shown = svg_path.as_ref().map(|p| p.display().to_string());
+            let shown = write_svg(&file, svg, no_svg, "convergence", || {
+                tpc::report::compare::svg(&r)
+            })?;
             let text = if format == Format::Json {
                 serde_json::to_string_pretty(&tpc::report::compare::json(&r, shown.as_deref()))
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
                     + "\n"
             } else {
-                let mut t = tpc::report::compare::text(&r);
-                if let Some(p) = &shown {
-                    t.push_str(&format!("\n# plot: {p}\n"));
-                }
-                t
+                with_plot_line(tpc::report::compare::text(&r), shown.as_deref())
             };
             print_out(&text)
         }
@@ -433,32 +416,13 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 tpc::report::coord::coord_check(&prog, &cfg, &name, tick)
             })
             .map_err(|e| run_fail(&file, &prog, &e))?;
-            let svg_path = if no_svg {
-                None
-            } else {
-                Some(svg.unwrap_or_else(|| {
-                    let stem = file
-                        .file_stem()
-                        .map_or_else(|| "tpc".to_string(), |s| s.to_string_lossy().into_owned());
-                    PathBuf::from(format!("{stem}_coord.svg"))
-                }))
-            };
-            if let Some(path) = &svg_path {
-                let doc = tpc::report::coord::svg(&r).map_err(|e| fail(&e))?;
-                std::fs::write(path, doc)
-                    .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display())))?;
-            }
-            let shown = svg_path.as_ref().map(|p| p.display().to_string());
+            let shown = write_svg(&file, svg, no_svg, "coord", || tpc::report::coord::svg(&r))?;
             let text = if format == Format::Json {
                 serde_json::to_string_pretty(&tpc::report::coord::json(&r, shown.as_deref()))
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
                     + "\n"
             } else {
-                let mut t = tpc::report::coord::text(&r);
-                if let Some(p) = &shown {
-                    t.push_str(&format!("\n# plot: {p}\n"));
-                }
-                t
+                with_plot_line(tpc::report::coord::text(&r), shown.as_deref())
             };
             print_out(&text)
         }
@@ -467,6 +431,38 @@ fn run(cli: Cli) -> Result<(), Reported> {
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
         },
     }
+}
+
+/// Writes the SVG of `compare` / `coord-check` (unless `--no-svg`) to `--svg` or to
+/// `<stem>_<suffix>.svg`; returns the path written.
+fn write_svg(
+    file: &Path,
+    svg: Option<PathBuf>,
+    no_svg: bool,
+    suffix: &str,
+    doc: impl FnOnce() -> Result<String, String>,
+) -> Result<Option<String>, Reported> {
+    if no_svg {
+        return Ok(None);
+    }
+    let path = svg.unwrap_or_else(|| {
+        let stem = file
+            .file_stem()
+            .map_or_else(|| "tpc".to_string(), |s| s.to_string_lossy().into_owned());
+        PathBuf::from(format!("{stem}_{suffix}.svg"))
+    });
+    let doc = doc().map_err(|e| fail(&e))?;
+    std::fs::write(&path, doc)
+        .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display())))?;
+    Ok(Some(path.display().to_string()))
+}
+
+/// A text report with the plot's path appended.
+fn with_plot_line(mut text: String, shown: Option<&str>) -> String {
+    if let Some(p) = shown {
+        text.push_str(&format!("\n# plot: {p}\n"));
+    }
+    text
 }
 
 /// Reads `--inputs`, or the default points (training data, or none needed).
