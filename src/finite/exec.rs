@@ -658,7 +658,7 @@ fn run_draw_with(
     let vals = forward_with(plan, n, sampled, draw, engine)?;
 
     // ---- outputs ------------------------------------------------------------------
-    let mut f = DMatrix::zeros(o, p);
+    let f = outputs(plan, n, sampled, &vals, draw)?;
     // Per readout parameter: H (N×OP), column (o,p) = sum of coef·x over o's terms
     // read by it. Per scalar parameter: g (OP), sum of coefs.
     let mut readout_h: Vec<Option<DMatrix<f64>>> = vec![None; prog.params.len()];
@@ -666,13 +666,10 @@ fn run_draw_with(
     // Cotangents: N×OP per vector node, OP per moment.
     let mut delta: Vec<Option<DMatrix<f64>>> = vec![None; prog.len()];
     for (oi, &out) in prog.outputs.iter().enumerate() {
-        let Op::Output { terms, constant } = &prog.node(out).op else {
+        let Op::Output { terms, .. } = &prog.node(out).op else {
             return Err(bug(Some(out), "an output that is not an Output"));
         };
         let ops = &plan.operands[out.index()];
-        for pp in 0..p {
-            f[(oi, pp)] = *constant;
-        }
         for t in terms {
             match *t {
                 OutTerm::Readout {
@@ -693,7 +690,6 @@ fn run_draw_with(
                     let wcol = s.w.column(0);
                     for pp in 0..p {
                         let xc = x.column(col(x, pp));
-                        f[(oi, pp)] += coef * s.mult * wcol.dot(&xc);
                         h.column_mut(oi * p + pp).axpy(coef, &xc, 1.0);
                         // ∂f/∂x = coef · mult · w.
                         d.column_mut(oi * p + pp).axpy(coef * s.mult, &wcol, 1.0);
@@ -703,17 +699,12 @@ fn run_draw_with(
                     let Op::Param(bi) = prog.node(ops[param]).op else {
                         return Err(bug(Some(out), "a scalar term that is not a parameter"));
                     };
-                    let s = &sampled[bi];
                     let g = scalar_g[bi].get_or_insert_with(|| vec![0.0; op_cols]);
                     for pp in 0..p {
-                        f[(oi, pp)] += coef * s.mult * s.w[(0, 0)];
                         g[oi * p + pp] += coef;
                     }
                 }
             }
-        }
-        if f.row(oi).iter().any(|v| !v.is_finite()) {
-            return Err(plan.nonfinite(out, n, draw, "overflows"));
         }
     }
 
@@ -1037,10 +1028,23 @@ pub fn run_engine(
             trajs.extend(traj);
         }
     }
-    let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(&draws, get);
-    let f = est(&|d| d.f.clone());
-    let nngp = est(&|d| d.nngp.clone());
-    let ntk = est(&|d| d.ntk.clone());
+    let train = prog
+        .train
+        .as_ref()
+        .map(|t| super::train::summarize(t, &trajs));
+    Ok(summarize_draws(prog, points, cfg, &draws, train, None))
+}
+
+/// Means and standard errors over the draws, as cli.md's `run` result (both engines).
+fn summarize_draws(
+    prog: &Program,
+    points: Vec<Vec<f64>>,
+    cfg: &RunConfig,
+    draws: &[Draw],
+    train: Option<super::train::TrainResult>,
+    ntk_note: Option<String>,
+) -> RunResult {
+    let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(draws, get);
     let observe = prog
         .observes
         .iter()
@@ -1050,7 +1054,7 @@ pub fn run_engine(
             (prog.label(m), e)
         })
         .collect();
-    Ok(RunResult {
+    RunResult {
         outputs: prog.output_names(),
         points: if prog.inputs.is_empty() {
             Vec::new()
@@ -1060,16 +1064,71 @@ pub fn run_engine(
         width: cfg.width,
         seeds: cfg.seeds,
         seed: cfg.seed,
-        f,
-        nngp,
-        ntk,
+        f: est(&|d| d.f.clone()),
+        nngp: est(&|d| d.nngp.clone()),
+        ntk: est(&|d| d.ntk.clone()),
         observe,
-        train: prog
-            .train
-            .as_ref()
-            .map(|t| super::train::summarize(t, &trajs)),
-        ntk_note: None,
-    })
+        train,
+        ntk_note,
+    }
+}
+
+/// The outputs O×P from the forward values: the one place outputs are summed, so the
+/// NTK run, training (f_0 equals `tpc run`'s outputs bit for bit) and both engines agree.
+pub(super) fn outputs(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    vals: &[Val],
+    draw: usize,
+) -> Result<DMatrix<f64>, RunError> {
+    let prog = plan.prog;
+    let (p, o) = (plan.p, plan.o);
+    let mut f = DMatrix::zeros(o, p);
+    for (oi, &out) in prog.outputs.iter().enumerate() {
+        let Op::Output { terms, constant } = &prog.node(out).op else {
+            return Err(bug(Some(out), "an output that is not an Output"));
+        };
+        let ops = &plan.operands[out.index()];
+        for pp in 0..p {
+            f[(oi, pp)] = *constant;
+        }
+        for t in terms {
+            match *t {
+                OutTerm::Readout {
+                    coef,
+                    readout,
+                    vector,
+                } => {
+                    let Op::Param(ri) = prog.node(ops[readout]).op else {
+                        return Err(bug(Some(out), "a readout that is not a parameter"));
+                    };
+                    let Val::Vector(x) = &vals[ops[vector].index()] else {
+                        return Err(bug(Some(out), "a readout of a non-vector"));
+                    };
+                    let s = &sampled[ri];
+                    let wcol = s.w.column(0);
+                    for pp in 0..p {
+                        let xc = x.column(col(x, pp));
+                        f[(oi, pp)] += coef * s.mult * wcol.dot(&xc);
+                    }
+                }
+                OutTerm::Scalar { coef, param } => {
+                    let Op::Param(bi) = prog.node(ops[param]).op else {
+                        return Err(bug(Some(out), "a scalar term that is not a parameter"));
+                    };
+                    let s = &sampled[bi];
+                    for pp in 0..p {
+                        f[(oi, pp)] += coef * s.mult * s.w[(0, 0)];
+                    }
+                }
+            }
+        }
+        if f.row(oi).iter().any(|v| !v.is_finite()) {
+            return Err(plan.nonfinite(out, n, draw, "overflows"));
+        }
+    }
+    Ok(f)
 }
 
 /// [`run`] with the conditional engine: no N×N matrix is ever formed; no NTK.
@@ -1107,36 +1166,15 @@ fn run_conditional(
         })
         .collect();
     let draws: Vec<Draw> = got.into_iter().collect::<Result<_, _>>()?;
-    let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(&draws, get);
-    let observe = prog
-        .observes
-        .iter()
-        .enumerate()
-        .map(|(i, &m)| {
-            let e = est(&|d| DMatrix::from_row_slice(1, d.observe[i].len(), &d.observe[i]));
-            (prog.label(m), e)
-        })
-        .collect();
-    Ok(RunResult {
-        outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points
-        },
-        width: cfg.width,
-        seeds: cfg.seeds,
-        seed: cfg.seed,
-        f: est(&|d| d.f.clone()),
-        nngp: est(&|d| d.nngp.clone()),
-        ntk: est(&|d| d.ntk.clone()),
-        observe,
-        train: None,
-        ntk_note: Some(
-            "not computed by the conditional engine (no reverse pass through hidden matrices); use --engine dense"
-                .into(),
-        ),
-    })
+    let note = "not computed by the conditional engine (no reverse pass through hidden matrices); use --engine dense";
+    Ok(summarize_draws(
+        prog,
+        points,
+        cfg,
+        &draws,
+        None,
+        Some(note.into()),
+    ))
 }
 
 /// Runs draw `k` of seed `seed` alone: the same numbers as inside [`run`].

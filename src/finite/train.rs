@@ -28,8 +28,8 @@
 use nalgebra::DMatrix;
 
 use super::exec::{
-    backward, bug, col, forward, sample_params, sampled_of, Estimate, Plan, RunConfig, RunError,
-    Sampled, Val,
+    backward, bug, col, forward, outputs, sample_params, sampled_of, Estimate, Plan, RunConfig,
+    RunError, Sampled, Val,
 };
 use super::linalg::{gemm, Trans};
 use crate::ir::{Loss, NodeId, Op, OutTerm, Program, Shape, Train, Ty};
@@ -283,64 +283,6 @@ fn sigmoid(f: f64) -> f64 {
         let e = f.exp();
         e / (1.0 + e)
     }
-}
-
-/// The outputs O×P from the forward values, summed exactly as the executor sums them
-/// (so f_0 equals `tpc run`'s outputs bit for bit).
-fn outputs(
-    plan: &Plan<'_>,
-    n: usize,
-    sampled: &[Sampled<'_>],
-    vals: &[Val],
-    draw: usize,
-) -> Result<DMatrix<f64>, RunError> {
-    let prog = plan.prog;
-    let (p, o) = (plan.p, plan.o);
-    let mut f = DMatrix::zeros(o, p);
-    for (oi, &out) in prog.outputs.iter().enumerate() {
-        let Op::Output { terms, constant } = &prog.node(out).op else {
-            return Err(bug(Some(out), "an output that is not an Output"));
-        };
-        let ops = &plan.operands[out.index()];
-        for pp in 0..p {
-            f[(oi, pp)] = *constant;
-        }
-        for t in terms {
-            match *t {
-                OutTerm::Readout {
-                    coef,
-                    readout,
-                    vector,
-                } => {
-                    let Op::Param(ri) = prog.node(ops[readout]).op else {
-                        return Err(bug(Some(out), "a readout that is not a parameter"));
-                    };
-                    let Val::Vector(x) = &vals[ops[vector].index()] else {
-                        return Err(bug(Some(out), "a readout of a non-vector"));
-                    };
-                    let s = &sampled[ri];
-                    let wcol = s.w.column(0);
-                    for pp in 0..p {
-                        let xc = x.column(col(x, pp));
-                        f[(oi, pp)] += coef * s.mult * wcol.dot(&xc);
-                    }
-                }
-                OutTerm::Scalar { coef, param } => {
-                    let Op::Param(bi) = prog.node(ops[param]).op else {
-                        return Err(bug(Some(out), "a scalar term that is not a parameter"));
-                    };
-                    let s = &sampled[bi];
-                    for pp in 0..p {
-                        f[(oi, pp)] += coef * s.mult * s.w[(0, 0)];
-                    }
-                }
-            }
-        }
-        if f.row(oi).iter().any(|v| !v.is_finite()) {
-            return Err(plan.nonfinite(out, n, draw, "overflows"));
-        }
-    }
-    Ok(f)
 }
 
 /// ∂L/∂w of every parameter for the loss cotangent `chi` (O×P on the plan's points),
