@@ -16,6 +16,7 @@
 //! assert_eq!(prog.output_names(), ["f"]);
 //! ```
 
+pub mod autodiff;
 pub mod data;
 pub mod diag;
 pub mod finite;

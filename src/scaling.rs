@@ -488,6 +488,9 @@ impl<'a> Ctx<'a> {
                     }
                     s
                 }
+                // Only unrolled training programs hold scalar functions; the
+                // exponent analysis reads front-end programs.
+                Op::Scalar(_) => Ex::Zero,
             };
         }
         e
@@ -552,7 +555,7 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 }
-                Op::Input { .. } | Op::Param(_) => {}
+                Op::Input { .. } | Op::Param(_) | Op::Scalar(_) => {}
             }
         }
         g
@@ -712,6 +715,7 @@ impl<'a> Ctx<'a> {
                     }
                     s
                 }
+                Op::Scalar(_) => Ex::Zero,
             };
             d[i] = d[i].max(prop);
         }

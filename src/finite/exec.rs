@@ -209,7 +209,7 @@ impl<'a> Plan<'a> {
                 }
                 Op::Param(_) => true,
                 Op::MatMul { .. } | Op::Output { .. } => !any_point,
-                Op::Nonlin(e) | Op::Moment(e) => {
+                Op::Nonlin(e) | Op::Moment(e) | Op::Scalar(e) => {
                     derivs[id.index()] = (0..ops.len()).map(|i| e.diff(i)).collect();
                     !any_point
                 }
@@ -437,6 +437,10 @@ pub(super) fn forward_with(
                     let s = &sampled[*pi];
                     Val::Vector(s.w * s.mult)
                 }
+                Shape::Scalar => {
+                    let s = &sampled[*pi];
+                    Val::Scalar(vec![s.w[(0, 0)] * s.mult])
+                }
                 _ => Val::None,
             },
             Op::MatMul { transpose } => {
@@ -491,6 +495,21 @@ pub(super) fn forward_with(
                         .map(|j| block.column(j).iter().sum::<f64>() / nf)
                         .collect(),
                 )
+            }
+            Op::Scalar(e) => {
+                // A function of scalars only: one value per column.
+                let mut out = Vec::with_capacity(c);
+                for j in 0..c {
+                    let mut args = Vec::with_capacity(ops.len());
+                    for a in ops {
+                        match &vals[a.index()] {
+                            Val::Scalar(s) => args.push(if s.len() == 1 { s[0] } else { s[j] }),
+                            _ => return Err(bug(Some(id), "a scalar function of a non-scalar")),
+                        }
+                    }
+                    out.push(e.eval(&args));
+                }
+                Val::Scalar(out)
             }
         };
         let finite = match &v {

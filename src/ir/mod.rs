@@ -124,6 +124,10 @@ pub enum Op {
     Nonlin(Expr),
     /// `(1/n) sum_a psi(x_a, ...)`: a scalar.
     Moment(Expr),
+    /// A finite scalar function of scalar operands (moments, finite scalars, scalar
+    /// parameters): the outputs f_t and loss derivatives χ of an unrolled training
+    /// program ([`crate::autodiff`]). Front-end programs never contain one.
+    Scalar(Expr),
     /// A finite output.
     Output { terms: Vec<OutTerm>, constant: f64 },
 }
@@ -143,6 +147,7 @@ impl Op {
             Op::MatMul { .. } => "matmul",
             Op::Nonlin(_) => "nonlin",
             Op::Moment(_) => "moment",
+            Op::Scalar(_) => "scalar",
             Op::Output { .. } => "output",
         }
     }
@@ -309,7 +314,7 @@ impl Program {
             },
             Op::MatMul { .. } | Op::Nonlin(_) => Ty::Vector,
             Op::Moment(_) => Ty::Moment,
-            Op::Output { .. } => Ty::Finite,
+            Op::Scalar(_) | Op::Output { .. } => Ty::Finite,
         }
     }
 

@@ -214,7 +214,7 @@ impl Derivation {
     fn node(&mut self, prog: &Program, id: NodeId) -> Result<Option<ZForm>, String> {
         let ops = prog.operands(id);
         Ok(match &prog.node(id).op {
-            Op::Input { .. } | Op::Output { .. } | Op::Moment(_) => None,
+            Op::Input { .. } | Op::Output { .. } | Op::Moment(_) | Op::Scalar(_) => None,
             Op::Param(p) => {
                 let prm = &prog.params[*p];
                 if prm.shape != Shape::Vector {

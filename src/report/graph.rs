@@ -55,6 +55,7 @@ pub fn instruction(prog: &Program, id: NodeId) -> String {
         }
         Op::Nonlin(e) => format!("Nonlin({})", e.display(&arg)),
         Op::Moment(e) => format!("Moment(mean({}))", e.display(&arg)),
+        Op::Scalar(e) => format!("Scalar({})", e.display(&arg)),
         Op::Output { terms, constant } => {
             format!("Output({})", output_text(terms, *constant, &arg))
         }
@@ -225,7 +226,7 @@ pub fn json(prog: &Program) -> Value {
             let arg = |i: usize| operand(prog, ops[i]);
             match &n.op {
                 Op::MatMul { transpose } => v["transpose"] = json!(transpose),
-                Op::Nonlin(e) | Op::Moment(e) => {
+                Op::Nonlin(e) | Op::Moment(e) | Op::Scalar(e) => {
                     let f = match e {
                         crate::ir::Expr::Call(f, _) => f.name().to_string(),
                         _ => e.display(&|i| format!("${i}")).to_string(),
