@@ -77,7 +77,7 @@ enum Cmd {
         #[arg(long)]
         inputs: Option<PathBuf>,
         /// How hidden-matrix products are drawn: dense (sample N×N, exact NTK) or
-        /// conditional (each product from its law given the earlier ones; O(N·k) memory, no NTK)
+        /// conditional (each product from its law given the earlier ones; O(N·k) memory)
         #[arg(long, value_enum, default_value_t = EngineArg::Dense)]
         engine: EngineArg,
         #[arg(long, value_enum, default_value_t = Format::Text)]

@@ -64,7 +64,8 @@ pub enum Engine {
     #[default]
     Dense,
     /// Draw each hidden product from its law conditioned on the products drawn so far
-    /// ([`super::cond`]): O(N·k) memory, no NTK.
+    /// ([`super::cond`]): O(N·k) memory; the NTK's reverse pass draws its
+    /// transposed products from the same history.
     Conditional,
 }
 
@@ -139,7 +140,7 @@ pub struct RunResult {
     pub observe: Vec<(String, Estimate)>,
     /// With a `train` block: the trajectory f_t on the points ([`super::train`]).
     pub train: Option<super::train::TrainResult>,
-    /// Why there is no NTK (the conditional engine); `ntk` is then zero.
+    /// Why there is no NTK, when it cannot be computed; `ntk` is then zero.
     pub ntk_note: Option<String>,
 }
 
@@ -157,6 +158,9 @@ pub(super) struct Plan<'a> {
     pub(super) inputs: HashMap<NodeId, DMatrix<f64>>,
     /// Operands of every node (read once from the graph).
     pub(super) operands: Vec<Vec<NodeId>>,
+    /// Node's value depends on some parameter, so the reverse pass needs its
+    /// cotangent (false for inputs and constants such as `h[0] = 0`).
+    pub(super) grad: Vec<bool>,
 }
 
 /// A forward value.
@@ -190,8 +194,16 @@ impl<'a> Plan<'a> {
         let mut derivs = vec![Vec::new(); prog.len()];
         let mut inputs = HashMap::new();
         let mut operands = Vec::with_capacity(prog.len());
+        let mut grad = vec![false; prog.len()];
         for id in prog.ids() {
             let ops = prog.operands(id);
+            grad[id.index()] = match &prog.node(id).op {
+                Op::Param(_) | Op::MatMul { .. } => true,
+                Op::Input { .. } | Op::Output { .. } => false,
+                Op::Nonlin(_) | Op::Moment(_) | Op::Scalar(_) => {
+                    ops.iter().any(|a| grad[a.index()])
+                }
+            };
             let any_point = ops.iter().any(|a| !shared[a.index()]);
             shared[id.index()] = match &prog.node(id).op {
                 Op::Input { input, time } => {
@@ -227,6 +239,7 @@ impl<'a> Plan<'a> {
             derivs,
             inputs,
             operands,
+            grad,
         })
     }
 
@@ -539,6 +552,7 @@ pub(super) fn backward(
     delta: &mut [Option<DMatrix<f64>>],
     cols: usize,
     draw: usize,
+    mut engine: Option<&mut dyn HiddenProducts>,
 ) -> Result<(), RunError> {
     let prog = plan.prog;
     let p = plan.p;
@@ -558,10 +572,29 @@ pub(super) fn backward(
                 let Op::Param(pi) = prog.node(ops[0]).op else {
                     return Err(bug(Some(id), "a product whose matrix is not a parameter"));
                 };
+                let xi = ops[1].index();
+                if !plan.grad[xi] {
+                    // x depends on no parameter (h[0] = 0): its cotangent is unused.
+                    delta[id.index()] = Some(dy);
+                    continue;
+                }
+                if let (Some(e), Shape::Hidden) = (engine.as_deref_mut(), prog.params[pi].shape) {
+                    // The transposed product from the same sampler that answered the
+                    // forward ones (Netsor-transpose: conditioned on that history).
+                    let back = e.product(pi, !*transpose, &dy).map_err(|e| RunError {
+                        node: Some(id),
+                        ..e
+                    })?;
+                    match &mut delta[xi] {
+                        Some(d) => *d += back,
+                        slot => *slot = Some(back),
+                    }
+                    delta[id.index()] = Some(dy);
+                    continue;
+                }
                 let s = &sampled[pi];
                 // y = mult·W x  ⇒  ∂/∂x = mult·Wᵀ δ;  y = mult·Wᵀ x  ⇒  mult·W δ.
                 let t = if *transpose { Trans::No } else { Trans::Yes };
-                let xi = ops[1].index();
                 let (dx, beta) = match delta[xi].take() {
                     Some(d) => (d, 1.0),
                     None => (DMatrix::zeros(n, op_cols), 0.0),
@@ -578,12 +611,12 @@ pub(super) fn backward(
                 };
                 let c = if plan.shared[id.index()] { 1 } else { p };
                 for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
-                    if matches!(de, Expr::Const(z) if *z == 0.0) {
+                    let a = ops[slot].index();
+                    if matches!(de, Expr::Const(z) if *z == 0.0) || !plan.grad[a] {
                         continue;
                     }
                     let dv = eval_block(de, vals, ops, n, c)
                         .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
-                    let a = ops[slot].index();
                     match &vals[a] {
                         Val::Vector(_) => {
                             let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
@@ -606,7 +639,12 @@ pub(super) fn backward(
                         Val::None => {}
                     }
                 }
-                delta[id.index()] = Some(dy);
+                // Only parameters and products need their cotangent after the pass
+                // (for the NTK and training); dropping the others bounds the memory
+                // of a wide run.
+                if dy.iter().any(|v| !v.is_finite()) {
+                    return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows"));
+                }
             }
             Op::Moment(_) => {
                 let Some(dm) = mdelta[id.index()].take() else {
@@ -614,12 +652,12 @@ pub(super) fn backward(
                 };
                 let c = if plan.shared[id.index()] { 1 } else { p };
                 for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
-                    if matches!(de, Expr::Const(z) if *z == 0.0) {
+                    let a = ops[slot].index();
+                    if matches!(de, Expr::Const(z) if *z == 0.0) || !plan.grad[a] {
                         continue;
                     }
                     let dv = eval_block(de, vals, ops, n, c)
                         .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
-                    let a = ops[slot].index();
                     match &vals[a] {
                         // θ = (1/N) Σ ψ  ⇒  ∂θ/∂x_a = ψ_i'(a) / N.
                         Val::Vector(_) => {
@@ -660,8 +698,10 @@ fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Resu
     run_draw_with(plan, n, &sampled, draw, None)
 }
 
-/// [`run_draw`] on paired values, with hidden products from `engine` when given; the
-/// NTK (which needs the reverse pass through the dense matrices) is then left zero.
+/// [`run_draw`] on paired values, with hidden products from `engine` when given, in
+/// the forward and the reverse pass alike: the reverse pass's Wᵀδ and Wδ are then
+/// drawn given the forward products, which is their joint law (Netsor-transpose), so
+/// the NTK is exact in law too. Its Gram needs no W: (δ·δ')(x·x') per pair of uses.
 fn run_draw_with(
     plan: &Plan<'_>,
     n: usize,
@@ -673,8 +713,10 @@ fn run_draw_with(
     let (p, o) = (plan.p, plan.o);
     let op_cols = o * p;
     let nf = n as f64;
-    let with_ntk = engine.is_none();
-    let vals = forward_with(plan, n, sampled, draw, engine)?;
+    let mut engine = engine;
+    // Reborrowed (a shorter trait-object lifetime) so the backward pass can use it too.
+    let fwd = engine.as_mut().map(|e| &mut **e as &mut dyn HiddenProducts);
+    let vals = forward_with(plan, n, sampled, draw, fwd)?;
 
     // ---- outputs ------------------------------------------------------------------
     let f = outputs(plan, n, sampled, &vals, draw)?;
@@ -727,9 +769,7 @@ fn run_draw_with(
         }
     }
 
-    if with_ntk {
-        backward(plan, n, sampled, &vals, &mut delta, op_cols, draw)?;
-    }
+    backward(plan, n, sampled, &vals, &mut delta, op_cols, draw, engine)?;
 
     // ---- kernels ------------------------------------------------------------------
     let mut nngp = DMatrix::zeros(op_cols, op_cols);
@@ -739,18 +779,13 @@ fn run_draw_with(
         let law = prm.law;
         let lr = law.lr.at(nf);
         let mult = sampled[pi].mult;
-        if !with_ntk && !matches!(prm.shape, Shape::Readout | Shape::Scalar) {
-            continue;
-        }
         match prm.shape {
             Shape::Readout => {
                 if let Some(h) = &readout_h[pi] {
                     let g = matmul_tn(h, h).map_err(gram_err)?;
                     // Cov(v·x, v·x' | x) = Var(v_a) x·x'; ∂f/∂w = mult·x.
                     nngp += &g * law.entry_var().at(nf);
-                    if with_ntk {
-                        ntk += &g * (lr * mult * mult);
-                    }
+                    ntk += &g * (lr * mult * mult);
                 }
             }
             Shape::Scalar => {
@@ -758,9 +793,7 @@ fn run_draw_with(
                     let gv = nalgebra::DVector::from_column_slice(g);
                     let outer = &gv * gv.transpose();
                     nngp += &outer * law.entry_var().at(nf);
-                    if with_ntk {
-                        ntk += &outer * (lr * mult * mult);
-                    }
+                    ntk += &outer * (lr * mult * mult);
                 }
             }
             Shape::Vector => {
@@ -772,8 +805,8 @@ fn run_draw_with(
             Shape::Hidden | Shape::Input(_) => {
                 // Each use i contributes mult·(a_i ⊗ b_i) to ∂f/∂w for every (o,p)
                 // column: (δ_y, x) for W x, (x, δ_y) for Wᵀ x, (δ_y, ξ) for U ξ.
-                let mut a_blocks: Vec<DMatrix<f64>> = Vec::new();
-                let mut b_blocks: Vec<DMatrix<f64>> = Vec::new();
+                let mut a_side: Vec<Factor<'_>> = Vec::new();
+                let mut b_side: Vec<Factor<'_>> = Vec::new();
                 for u in prog.users(prm.node) {
                     let Op::MatMul { transpose } = prog.node(u).op else {
                         continue;
@@ -783,33 +816,33 @@ fn run_draw_with(
                     };
                     let arg = plan.operands[u.index()][1];
                     let xe = if let Some(x) = plan.inputs.get(&arg) {
-                        // d×OP: column (o,p) is the point ξ_p.
-                        DMatrix::from_fn(x.ncols(), op_cols, |r, k| x[(k % p, r)])
+                        // d×P: column p is the point ξ_p.
+                        Factor::points(std::borrow::Cow::Owned(x.transpose()))
                     } else if let Val::Vector(x) = &vals[arg.index()] {
-                        DMatrix::from_fn(n, op_cols, |r, k| x[(r, col(x, k % p))])
+                        Factor::points(std::borrow::Cow::Borrowed(x))
                     } else {
                         return Err(bug(Some(u), "a product of a non-vector"));
                     };
+                    let dy = Factor::cotangent(dy);
                     if transpose {
-                        a_blocks.push(xe);
-                        b_blocks.push(dy.clone());
+                        a_side.push(xe);
+                        b_side.push(dy);
                     } else {
-                        a_blocks.push(dy.clone());
-                        b_blocks.push(xe);
+                        a_side.push(dy);
+                        b_side.push(xe);
                     }
                 }
-                if a_blocks.is_empty() {
-                    continue;
-                }
-                let ga = stacked_gram(&a_blocks).map_err(gram_err)?;
-                let gb = stacked_gram(&b_blocks).map_err(gram_err)?;
-                let uses = a_blocks.len();
                 let scale = lr * mult * mult;
-                for i in 0..uses {
-                    for j in 0..uses {
-                        let bi = ga.view((i * op_cols, j * op_cols), (op_cols, op_cols));
-                        let bj = gb.view((i * op_cols, j * op_cols), (op_cols, op_cols));
-                        ntk += bi.component_mul(&bj) * scale;
+                // Σ_ij (a_i·a_j)(b_i·b_j): the (j, i) term is the transpose of (i, j).
+                for i in 0..a_side.len() {
+                    for j in i..a_side.len() {
+                        let ga = a_side[i].gram(&a_side[j], op_cols, p).map_err(gram_err)?;
+                        let gb = b_side[i].gram(&b_side[j], op_cols, p).map_err(gram_err)?;
+                        let term = ga.component_mul(&gb) * scale;
+                        if i != j {
+                            ntk += term.transpose();
+                        }
+                        ntk += term;
                     }
                 }
             }
@@ -841,15 +874,48 @@ fn run_draw_with(
     })
 }
 
-/// Gram matrix of blocks stacked side by side: `[A_1 … A_U]ᵀ [A_1 … A_U]`.
-fn stacked_gram(blocks: &[DMatrix<f64>]) -> Result<DMatrix<f64>, super::linalg::ShapeError> {
-    let rows = blocks[0].nrows();
-    let w = blocks[0].ncols();
-    let mut s = DMatrix::zeros(rows, w * blocks.len());
-    for (i, b) in blocks.iter().enumerate() {
-        s.columns_mut(i * w, w).copy_from(b);
+/// One side of the rank-one terms of a matrix gradient, as an (O·P)-column block
+/// without copying: either a cotangent (N×O·P, column k is column k) or a forward
+/// value (N×c, column k is the value at point k mod P, c = P or 1 when broadcast).
+struct Factor<'v> {
+    m: std::borrow::Cow<'v, DMatrix<f64>>,
+    per_point: bool,
+}
+
+impl<'v> Factor<'v> {
+    fn cotangent(m: &'v DMatrix<f64>) -> Self {
+        Factor {
+            m: std::borrow::Cow::Borrowed(m),
+            per_point: false,
+        }
     }
-    matmul_tn(&s, &s)
+
+    fn points(m: std::borrow::Cow<'v, DMatrix<f64>>) -> Self {
+        Factor { m, per_point: true }
+    }
+
+    fn column_of(&self, k: usize, p: usize) -> usize {
+        if self.per_point {
+            col(&self.m, k % p)
+        } else {
+            k
+        }
+    }
+
+    /// The (O·P)×(O·P) matrix of dot products of the columns of `self` and `other`:
+    /// one product of the stored blocks, then expanded, so a wide run never forms an
+    /// N×(uses·O·P) copy.
+    fn gram(
+        &self,
+        other: &Factor<'_>,
+        cols: usize,
+        p: usize,
+    ) -> Result<DMatrix<f64>, super::linalg::ShapeError> {
+        let g = matmul_tn(&self.m, &other.m)?;
+        Ok(DMatrix::from_fn(cols, cols, |k, l| {
+            g[(self.column_of(k, p), other.column_of(l, p))]
+        }))
+    }
 }
 
 /// Bytes one draw needs at width `n` with `p` points (an upper bound on the buffers
@@ -1150,7 +1216,7 @@ pub(super) fn outputs(
     Ok(f)
 }
 
-/// [`run`] with the conditional engine: no N×N matrix is ever formed; no NTK.
+/// [`run`] with the conditional engine: no N×N matrix is ever formed.
 fn run_conditional(
     prog: &Program,
     points: &[Vec<f64>],
@@ -1185,15 +1251,7 @@ fn run_conditional(
         })
         .collect();
     let draws: Vec<Draw> = got.into_iter().collect::<Result<_, _>>()?;
-    let note = "not computed by the conditional engine (no reverse pass through hidden matrices); use --engine dense";
-    Ok(summarize_draws(
-        prog,
-        points,
-        cfg,
-        &draws,
-        None,
-        Some(note.into()),
-    ))
+    Ok(summarize_draws(prog, points, cfg, &draws, None, None))
 }
 
 /// Runs draw `k` of seed `seed` alone: the same numbers as inside [`run`].

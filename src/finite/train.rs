@@ -348,7 +348,7 @@ fn gradients(
         }
     }
 
-    backward(plan, n, sampled, &vals, &mut delta, p, draw)?;
+    backward(plan, n, sampled, &vals, &mut delta, p, draw, None)?;
 
     for (pi, prm) in prog.params.iter().enumerate() {
         let mult = sampled[pi].mult;
