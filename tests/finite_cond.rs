@@ -298,3 +298,126 @@ fn conditional_draws_are_deterministic() {
     };
     assert_eq!(run("1"), run("2"));
 }
+
+/// The two-sample Kolmogorov–Smirnov statistic D = sup |F_a − F_b| (ties handled by
+/// stepping over every copy of a value before comparing).
+fn ks_statistic(a: &[f64], b: &[f64]) -> f64 {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (na, nb) = (a.len() as f64, b.len() as f64);
+    let (mut i, mut j, mut d) = (0, 0, 0.0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        d = d.max((i as f64 / na - j as f64 / nb).abs());
+    }
+    d
+}
+
+/// P(K > λ) for the Kolmogorov distribution: 2 Σ_{j≥1} (−1)^(j−1) e^(−2 j² λ²).
+fn kolmogorov_sf(lambda: f64) -> f64 {
+    if lambda < 0.2 {
+        return 1.0; // the series converges slowly here and the value is 1 to 1e-9
+    }
+    let mut s = 0.0;
+    for j in 1..=100 {
+        let jf = j as f64;
+        let term = (-2.0 * jf * jf * lambda * lambda).exp();
+        s += if j % 2 == 1 { term } else { -term };
+        if term < 1e-17 {
+            break;
+        }
+    }
+    (2.0 * s).clamp(0.0, 1.0)
+}
+
+/// The asymptotic p-value of a two-sample KS statistic `d` for sample sizes `n` and
+/// `m`, with Stephens' small-sample correction (√n_e + 0.12 + 0.11/√n_e) D.
+fn ks_p_value(d: f64, n: usize, m: usize) -> f64 {
+    let ne = (n * m) as f64 / (n + m) as f64;
+    let r = ne.sqrt();
+    kolmogorov_sf((r + 0.12 + 0.11 / r) * d)
+}
+
+#[test]
+fn ks_p_value_matches_known_values() {
+    // The Kolmogorov distribution's tabulated upper quantiles.
+    for (lambda, p) in [(1.2238, 0.10), (1.3581, 0.05), (1.6276, 0.01), (1.9495, 0.001)] {
+        let got = kolmogorov_sf(lambda);
+        assert!((got - p).abs() < 2e-4 * (1.0 + 10.0 * p), "Q({lambda}) = {got}, want {p}");
+    }
+    assert_eq!(kolmogorov_sf(0.0), 1.0);
+    assert!(kolmogorov_sf(5.0) < 1e-20);
+    // D by hand: after 3 (three of a, one of b) |1 − 1/4| = 3/4.
+    let d = ks_statistic(&[1.0, 2.0, 3.0], &[2.5, 4.0, 5.0, 6.0]);
+    assert!((d - 0.75).abs() < 1e-15, "{d}");
+    // Ties across samples step together: identical samples give D = 0.
+    assert_eq!(ks_statistic(&[1.0, 1.0, 2.0], &[2.0, 1.0, 1.0]), 0.0);
+    // Two normal samples: one law passes, a shift of 0.2 sd with 3000 each fails.
+    let normals = |col: u64, shift: f64| {
+        let mut g = vec![0.0; 3000];
+        tpc::finite::sample::fill_normal_seq(&mut g, 3000, 1.0, StreamKey::new(9, 0, 0).with_column(col))
+            .unwrap();
+        g.iter().map(|x| x + shift).collect::<Vec<f64>>()
+    };
+    let (a, b, c) = (normals(0, 0.0), normals(1, 0.0), normals(2, 0.2));
+    let p_same = ks_p_value(ks_statistic(&a, &b), 3000, 3000);
+    let p_shift = ks_p_value(ks_statistic(&a, &c), 3000, 3000);
+    eprintln!("same law p = {p_same:.3}, shifted p = {p_shift:.2e}");
+    assert!(p_same > 0.01 && p_shift < 1e-6);
+}
+
+/// Exact in law means every per-draw quantity has the same distribution under both
+/// engines, not only the same mean: a two-sample KS test per quantity (independent
+/// seeds, so the samples are independent) must not reject at the 1% family-wise
+/// level (Bonferroni: each at 1%/m). A program with W, Wᵀ and tanh, one point.
+#[test]
+fn per_draw_values_have_the_same_law_under_both_engines() {
+    let prog = compile(
+        "\
+width n
+input xi : 1
+param U : n x 1 ~ N(0, 1)
+param W : n x n ~ N(0, 1) * n^(-1/2)
+param v : 1 x n ~ N(0, 1) * n^(-1/2)
+h = U @ xi
+x = W @ tanh(h)
+y = W.T @ tanh(x)
+output f = v @ tanh(y)
+observe a = mean(x * y)
+observe b = mean(y * y)
+observe c = mean(tanh(x) * h)
+",
+    );
+    let pts = vec![vec![0.8]];
+    let (n, draws) = (48, 3000);
+    // Per draw: f, NNGP, NTK, then the observes.
+    let values = |d: &tpc::finite::exec::Draw| {
+        let mut v = vec![d.f[0], d.nngp[0], d.ntk[0]];
+        v.extend(d.observe.iter().map(|o| o[0]));
+        v
+    };
+    let dense: Vec<Vec<f64>> = (0..draws)
+        .map(|k| values(&tpc::finite::exec::run_one(&prog, &pts, n, 1, k).unwrap()))
+        .collect();
+    let cond: Vec<Vec<f64>> = (0..draws)
+        .map(|k| values(&run_one_conditional(&prog, &pts, n, 2, k).unwrap()))
+        .collect();
+    let names = ["f", "nngp", "ntk", "a", "b", "c"];
+    let m = names.len();
+    for (q, name) in names.iter().enumerate() {
+        let a: Vec<f64> = dense.iter().map(|v| v[q]).collect();
+        let b: Vec<f64> = cond.iter().map(|v| v[q]).collect();
+        let d = ks_statistic(&a, &b);
+        let p = ks_p_value(d, draws, draws);
+        eprintln!("{name}: D = {d:.4}, p = {p:.3}");
+        assert!(p > 0.01 / m as f64, "{name}: KS rejects, D = {d}, p = {p}");
+    }
+}
