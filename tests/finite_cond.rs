@@ -349,9 +349,17 @@ fn ks_p_value(d: f64, n: usize, m: usize) -> f64 {
 #[test]
 fn ks_p_value_matches_known_values() {
     // The Kolmogorov distribution's tabulated upper quantiles.
-    for (lambda, p) in [(1.2238, 0.10), (1.3581, 0.05), (1.6276, 0.01), (1.9495, 0.001)] {
+    for (lambda, p) in [
+        (1.2238, 0.10),
+        (1.3581, 0.05),
+        (1.6276, 0.01),
+        (1.9495, 0.001),
+    ] {
         let got = kolmogorov_sf(lambda);
-        assert!((got - p).abs() < 2e-4 * (1.0 + 10.0 * p), "Q({lambda}) = {got}, want {p}");
+        assert!(
+            (got - p).abs() < 2e-4 * (1.0 + 10.0 * p),
+            "Q({lambda}) = {got}, want {p}"
+        );
     }
     assert_eq!(kolmogorov_sf(0.0), 1.0);
     assert!(kolmogorov_sf(5.0) < 1e-20);
@@ -363,8 +371,13 @@ fn ks_p_value_matches_known_values() {
     // Two normal samples: one law passes, a shift of 0.2 sd with 3000 each fails.
     let normals = |col: u64, shift: f64| {
         let mut g = vec![0.0; 3000];
-        tpc::finite::sample::fill_normal_seq(&mut g, 3000, 1.0, StreamKey::new(9, 0, 0).with_column(col))
-            .unwrap();
+        tpc::finite::sample::fill_normal_seq(
+            &mut g,
+            3000,
+            1.0,
+            StreamKey::new(9, 0, 0).with_column(col),
+        )
+        .unwrap();
         g.iter().map(|x| x + shift).collect::<Vec<f64>>()
     };
     let (a, b, c) = (normals(0, 0.0), normals(1, 0.0), normals(2, 0.2));

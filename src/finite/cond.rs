@@ -20,8 +20,9 @@
 use std::collections::HashMap;
 
 use nalgebra::DMatrix;
+use rayon::prelude::*;
 
-use super::exec::{bug, HiddenProducts, RunError};
+use super::exec::{bug, HiddenProducts, RunError, COORD_CHUNK};
 use super::sample::{fill_normal_seq, StreamKey};
 
 /// Offset of the tensor ids of the conditional engine's fresh streams (distinct from
@@ -41,14 +42,34 @@ struct Side {
     img: Vec<Vec<f64>>,
 }
 
+/// a·b, summed over fixed chunks of coordinates in parallel and the chunk sums in
+/// order: the same bits whatever the thread count.
 fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let seq = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    if a.len() <= COORD_CHUNK {
+        return seq(a, b);
+    }
+    let parts: Vec<f64> = a
+        .par_chunks(COORD_CHUNK)
+        .zip(b.par_chunks(COORD_CHUNK))
+        .map(|(x, y)| seq(x, y))
+        .collect();
+    parts.iter().sum()
 }
 
+/// y += αx, in parallel over fixed chunks.
 fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
+    let seq = |x: &[f64], y: &mut [f64]| {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += alpha * xi;
+        }
+    };
+    if y.len() <= COORD_CHUNK {
+        return seq(x, y);
     }
+    y.par_chunks_mut(COORD_CHUNK)
+        .zip(x.par_chunks(COORD_CHUNK))
+        .for_each(|(y, x)| seq(x, y));
 }
 
 impl Side {

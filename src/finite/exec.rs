@@ -42,7 +42,7 @@ use std::collections::HashMap;
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
-use super::linalg::{gemm, matmul_tn, Trans};
+use super::linalg::{gemm, gram_tn, Trans};
 use super::sample::{fill_normal_matrix, normal_matrix, StreamKey};
 use crate::ir::{Expr, NodeId, Op, OutTerm, Program, Shape};
 
@@ -305,17 +305,33 @@ fn sources<'v>(vals: &'v [Val], ops: &[NodeId], p: usize) -> Option<Vec<Src<'v>>
         .collect()
 }
 
-/// `e` at every coordinate of point `p`, into `out` (length N).
+/// Coordinates per parallel task in the coordinatewise loops of a wide draw: fixed,
+/// so that chunked sums come out the same whatever the thread count, and large
+/// enough that a task outweighs rayon's dispatch.
+pub(super) const COORD_CHUNK: usize = 1 << 15;
+
+/// `e` at every coordinate of point `p`, into `out` (length N), in parallel over
+/// fixed chunks of coordinates (each value is computed alone, so the result does not
+/// depend on the split).
 fn eval_column(e: &Expr, src: &[Src<'_>], out: &mut [f64]) {
-    let mut args = vec![0.0; src.len()];
-    for (a, o) in out.iter_mut().enumerate() {
-        for (slot, s) in args.iter_mut().zip(src) {
-            *slot = match s {
-                Src::Col(c) => c[a],
-                Src::Const(v) => *v,
-            };
+    let chunk = |start: usize, out: &mut [f64]| {
+        let mut args = vec![0.0; src.len()];
+        for (a, o) in out.iter_mut().enumerate() {
+            for (slot, s) in args.iter_mut().zip(src) {
+                *slot = match s {
+                    Src::Col(c) => c[start + a],
+                    Src::Const(v) => *v,
+                };
+            }
+            *o = e.eval(&args);
         }
-        *o = e.eval(&args);
+    };
+    if out.len() <= COORD_CHUNK {
+        chunk(0, out);
+    } else {
+        out.par_chunks_mut(COORD_CHUNK)
+            .enumerate()
+            .for_each(|(i, o)| chunk(i * COORD_CHUNK, o));
     }
 }
 
@@ -610,24 +626,38 @@ pub(super) fn backward(
                     continue;
                 };
                 let c = if plan.shared[id.index()] { 1 } else { p };
+                // The partials of a function of a sum (tanh(W h + U x + b)) are one
+                // expression: evaluate it once.
+                let mut last: Option<(&Expr, DMatrix<f64>)> = None;
                 for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
                     let a = ops[slot].index();
                     if matches!(de, Expr::Const(z) if *z == 0.0) || !plan.grad[a] {
                         continue;
                     }
-                    let dv = eval_block(de, vals, ops, n, c)
-                        .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
+                    if last.as_ref().is_none_or(|(e, _)| *e != de) {
+                        let dv = eval_block(de, vals, ops, n, c)
+                            .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
+                        last = Some((de, dv));
+                    }
+                    let Some((_, dv)) = &last else {
+                        return Err(bug(Some(id), "a derivative not evaluated"));
+                    };
                     match &vals[a] {
                         Val::Vector(_) => {
                             let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
-                            for k in 0..op_cols {
-                                let dc = dv.column(col(&dv, k % p));
-                                let src = dy.column(k);
-                                let mut dst = d.column_mut(k);
-                                for r in 0..n {
-                                    dst[r] += dc[r] * src[r];
-                                }
-                            }
+                            // Column k (point k mod P): d += φ' ⊙ δ, coordinatewise.
+                            let (dvs, dys) = (dv.as_slice(), dy.as_slice());
+                            d.as_mut_slice()
+                                .par_chunks_mut(n)
+                                .enumerate()
+                                .for_each(|(k, dst)| {
+                                    let c0 = col(dv, k % p) * n;
+                                    let dc = &dvs[c0..c0 + n];
+                                    let src = &dys[k * n..(k + 1) * n];
+                                    for r in 0..n {
+                                        dst[r] += dc[r] * src[r];
+                                    }
+                                });
                         }
                         Val::Scalar(_) => {
                             let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
@@ -782,7 +812,7 @@ fn run_draw_with(
         match prm.shape {
             Shape::Readout => {
                 if let Some(h) = &readout_h[pi] {
-                    let g = matmul_tn(h, h).map_err(gram_err)?;
+                    let g = gram_tn(h, h).map_err(gram_err)?;
                     // Cov(v·x, v·x' | x) = Var(v_a) x·x'; ∂f/∂w = mult·x.
                     nngp += &g * law.entry_var().at(nf);
                     ntk += &g * (lr * mult * mult);
@@ -798,7 +828,7 @@ fn run_draw_with(
             }
             Shape::Vector => {
                 if let Some(d) = &delta[prm.node.index()] {
-                    let g = matmul_tn(d, d).map_err(gram_err)?;
+                    let g = gram_tn(d, d).map_err(gram_err)?;
                     ntk += &g * (lr * mult * mult);
                 }
             }
@@ -911,60 +941,72 @@ impl<'v> Factor<'v> {
         cols: usize,
         p: usize,
     ) -> Result<DMatrix<f64>, super::linalg::ShapeError> {
-        let g = matmul_tn(&self.m, &other.m)?;
+        let g = gram_tn(&self.m, &other.m)?;
         Ok(DMatrix::from_fn(cols, cols, |k, l| {
             g[(self.column_of(k, p), other.column_of(l, p))]
         }))
     }
 }
 
-/// Bytes one draw needs at width `n` with `p` points (an upper bound on the buffers
-/// of [`run_draw`]): the parameters, every vector's N×P block and N×(O·P) cotangent,
-/// and the stacked Gram operands of the largest matrix.
+/// Bytes one dense draw needs at width `n` with `p` points: [`engine_bytes`].
 pub fn draw_bytes(prog: &Program, n: usize, p: usize) -> u128 {
+    engine_bytes(prog, n, p, Engine::Dense)
+}
+
+/// Bytes one draw needs at width `n` with `p` points (an upper bound on the buffers
+/// of [`run_draw_with`]): the parameters, every vector's N×P block and N×(O·P)
+/// cotangent, and a few N×P temporaries. A hidden matrix is N×N under the dense
+/// engine; under the conditional one it is its history ([`super::cond`]): a basis
+/// vector and its product, 2N words, per product column (P per forward use, O·P per
+/// reverse one), at most 2N columns.
+pub fn engine_bytes(prog: &Program, n: usize, p: usize, engine: Engine) -> u128 {
     let (n, p) = (n as u128, p.max(1) as u128);
     let o = prog.outputs.len().max(1) as u128;
     let mut words: u128 = 0;
     for prm in &prog.params {
         words += match prm.shape {
-            Shape::Hidden => n * n,
+            Shape::Hidden => match engine {
+                Engine::Dense => n * n,
+                Engine::Conditional => {
+                    let uses = prog.users(prm.node).len() as u128;
+                    2 * n * (uses * (p + o * p)).min(2 * n)
+                }
+            },
             Shape::Input(d) => n * d as u128,
             Shape::Readout | Shape::Vector => 2 * n + n * o * p,
             Shape::Scalar => 1,
         };
     }
-    let mut biggest_uses: u128 = 0;
     for id in prog.ids() {
-        match &prog.node(id).op {
-            Op::MatMul { .. } | Op::Nonlin(_) => words += n * p + n * o * p,
-            _ => {}
-        }
-        if let Some(prm) = prog.param_of(id) {
-            if prm.shape.is_matrix() {
-                biggest_uses = biggest_uses.max(prog.users(id).len() as u128);
-            }
+        if let Op::MatMul { .. } | Op::Nonlin(_) = &prog.node(id).op {
+            words += n * p + n * o * p;
         }
     }
-    // Stacked Gram operands (A and B with their blocks), and a derivative block.
-    words += 4 * n * biggest_uses * o * p + n * p;
+    // A derivative block, a product's output and the sampler's scratch vectors.
+    words += 2 * n * o * p + 4 * n;
     8 * words
 }
 
 pub use crate::machine::mem_available;
 
 /// Refuses a run that cannot fit in memory, naming the largest width that would.
-pub(super) fn check_memory(prog: &Program, cfg: &RunConfig, p: usize) -> Result<(), RunError> {
+pub(super) fn check_memory(
+    prog: &Program,
+    cfg: &RunConfig,
+    p: usize,
+    engine: Engine,
+) -> Result<(), RunError> {
     let Some(avail) = mem_available() else {
         return Ok(());
     };
-    let need = draw_bytes(prog, cfg.width, p);
+    let need = engine_bytes(prog, cfg.width, p, engine);
     if need <= avail {
         return Ok(());
     }
     let (mut lo, mut hi) = (0usize, cfg.width);
     while lo + 1 < hi {
         let mid = lo + (hi - lo) / 2;
-        if draw_bytes(prog, mid, p) <= avail {
+        if engine_bytes(prog, mid, p, engine) <= avail {
             lo = mid;
         } else {
             hi = mid;
@@ -984,10 +1026,10 @@ pub(super) fn check_memory(prog: &Program, cfg: &RunConfig, p: usize) -> Result<
 
 /// How many draws to hold in memory at once: one per thread when they fit, else one
 /// (whose products still use every thread).
-pub(super) fn concurrency(prog: &Program, cfg: &RunConfig, p: usize) -> usize {
+pub(super) fn concurrency(prog: &Program, cfg: &RunConfig, p: usize, engine: Engine) -> usize {
     let threads = rayon::current_num_threads().max(1).min(cfg.seeds.max(1));
     let avail = mem_available().unwrap_or(u128::MAX);
-    let per = draw_bytes(prog, cfg.width, p);
+    let per = engine_bytes(prog, cfg.width, p, engine);
     // Leave a quarter of the memory free for everything else.
     let fit = (avail / 4 * 3) / per.max(1);
     (fit.min(threads as u128) as usize).max(1)
@@ -1076,8 +1118,8 @@ pub fn run_engine(
         points.to_vec()
     };
     let plan = Plan::new(prog, &points)?;
-    check_memory(prog, cfg, plan.p)?;
-    let at_once = concurrency(prog, cfg, plan.p);
+    check_memory(prog, cfg, plan.p, Engine::Dense)?;
+    let at_once = concurrency(prog, cfg, plan.p, Engine::Dense);
     let trainer = match prog.train {
         Some(_) => Some(super::train::Trainer::new(prog, &points)?),
         None => None,
@@ -1241,16 +1283,29 @@ fn run_conditional(
         points.to_vec()
     };
     let plan = Plan::new(prog, &points)?;
+    check_memory(prog, cfg, plan.p, Engine::Conditional)?;
+    // A wide draw already spreads its coordinatewise loops over every thread, so
+    // draws side by side would only multiply the memory (1e6-wide RNN: 2 GB each).
+    let at_once = if cfg.width >= 4 * COORD_CHUNK {
+        1
+    } else {
+        concurrency(prog, cfg, plan.p, Engine::Conditional)
+    };
     let ids: Vec<usize> = (0..cfg.seeds).collect();
-    let got: Vec<Result<Draw, RunError>> = ids
-        .par_iter()
-        .map(|&k| {
-            let d = cond_draw(&plan, cfg.width, cfg.seed, k);
-            progress();
-            d
-        })
-        .collect();
-    let draws: Vec<Draw> = got.into_iter().collect::<Result<_, _>>()?;
+    let mut draws: Vec<Draw> = Vec::with_capacity(cfg.seeds);
+    for chunk in ids.chunks(at_once) {
+        let got: Vec<Result<Draw, RunError>> = chunk
+            .par_iter()
+            .map(|&k| {
+                let d = cond_draw(&plan, cfg.width, cfg.seed, k);
+                progress();
+                d
+            })
+            .collect();
+        for d in got {
+            draws.push(d?);
+        }
+    }
     Ok(summarize_draws(prog, points, cfg, &draws, None, None))
 }
 

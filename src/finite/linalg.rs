@@ -19,6 +19,7 @@
 use faer::linalg::matmul::matmul as faer_matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use nalgebra::{DMatrix, Dyn, Matrix, Storage, StorageMut};
+use rayon::prelude::*;
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +167,54 @@ where
         par_for(m, n, k),
     );
     Ok(())
+}
+
+/// Rows per task of [`gram_tn`].
+const GRAM_ROWS: usize = 1 << 15;
+
+/// `Aᵀ·B` for tall, thin A and B (N×a, N×b with N ≫ a, b: the Gram matrices of the
+/// NTK): fixed blocks of rows in parallel, each a sequential product, and the block
+/// results summed in order. The same bits whatever the thread count, and no spinning
+/// barrier inside faer (a thin product split over k synchronises every few
+/// microseconds, which costs more than it gains on a loaded machine).
+pub fn gram_tn(a: &DMatrix<f64>, b: &DMatrix<f64>) -> Result<DMatrix<f64>, ShapeError> {
+    if a.nrows() != b.nrows() {
+        return Err(ShapeError {
+            a_rows: a.ncols(),
+            a_cols: a.nrows(),
+            b_rows: b.nrows(),
+            b_cols: b.ncols(),
+            dst_rows: a.ncols(),
+            dst_cols: b.ncols(),
+        });
+    }
+    let (n, ca, cb) = (a.nrows(), a.ncols(), b.ncols());
+    let block = |r0: usize| {
+        let len = GRAM_ROWS.min(n - r0);
+        let mut c = DMatrix::zeros(ca, cb);
+        if ca > 0 && cb > 0 {
+            faer_matmul(
+                view_mut(&mut c),
+                Accum::Replace,
+                view(&a.rows(r0, len), Trans::Yes),
+                view(&b.rows(r0, len), Trans::No),
+                1.0,
+                Par::Seq,
+            );
+        }
+        c
+    };
+    let starts: Vec<usize> = (0..n).step_by(GRAM_ROWS).collect();
+    let parts: Vec<DMatrix<f64>> = if starts.len() > 1 {
+        starts.par_iter().map(|&r0| block(r0)).collect()
+    } else {
+        starts.iter().map(|&r0| block(r0)).collect()
+    };
+    let mut out = DMatrix::zeros(ca, cb);
+    for p in &parts {
+        out += p;
+    }
+    Ok(out)
 }
 
 /// `A·B` into a new matrix (the `W @ x` case).
