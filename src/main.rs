@@ -34,6 +34,15 @@ enum EngineArg {
     Conditional,
 }
 
+impl From<EngineArg> for tpc::finite::exec::Engine {
+    fn from(e: EngineArg) -> Self {
+        match e {
+            EngineArg::Dense => tpc::finite::exec::Engine::Dense,
+            EngineArg::Conditional => tpc::finite::exec::Engine::Conditional,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Check a program: diagnostics only; exit 0 when there is no error
@@ -107,6 +116,10 @@ enum Cmd {
         /// CSV of input points, one per row (cli.md)
         #[arg(long)]
         inputs: Option<PathBuf>,
+        /// How hidden-matrix products are drawn (as for `run`): conditional reaches
+        /// widths of 10^6 and more
+        #[arg(long, value_enum, default_value_t = EngineArg::Dense)]
+        engine: EngineArg,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         /// Where to write the plot [default: <stem>_convergence.svg in the current directory]
@@ -293,10 +306,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 seed,
             };
             let r = with_progress(cfg.seeds, |tick| {
-                let engine = match engine {
-                    EngineArg::Dense => tpc::finite::exec::Engine::Dense,
-                    EngineArg::Conditional => tpc::finite::exec::Engine::Conditional,
-                };
+                let engine = engine.into();
                 tpc::finite::exec::run_engine(&prog, &points, &cfg, engine, tick)
             })
             .map_err(|e| run_fail(&file, &prog, &e))?;
@@ -315,6 +325,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             seeds,
             seed,
             inputs,
+            engine,
             format,
             svg,
             no_svg,
@@ -344,6 +355,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 seeds: usize::try_from(seeds)
                     .map_err(|_| fail("too many seeds for this machine"))?,
                 seed,
+                engine: engine.into(),
             };
             let name = file.file_name().map_or_else(
                 || file.display().to_string(),

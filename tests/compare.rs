@@ -217,6 +217,48 @@ fn observes_are_a_group_of_their_own() {
     );
 }
 
+/// `--engine conditional` (issue 7): the same report from the conditional engine's
+/// draws, which reach widths no N×N matrix does; it converges at the same rate.
+#[test]
+fn the_conditional_engine_converges_at_rate_one_over_sqrt_n() {
+    let dir = scratch("conditional");
+    let rnn = common::shared().join("spec/examples/rnn.tp");
+    let pts = manifest().join("examples/rnn_points.csv");
+    let args = [
+        "compare",
+        rnn.to_str().unwrap(),
+        "--inputs",
+        pts.to_str().unwrap(),
+        "--engine",
+        "conditional",
+        "--widths",
+        "256,1024,4096,16384",
+        "--seeds",
+        "24",
+        "--format",
+        "json",
+        "--no-svg",
+    ];
+    let v = ok_json(&tpc(&args, &dir, None));
+    assert_eq!(v["engine"], "conditional");
+    for key in ["nngp", "ntk"] {
+        let (b, se) = slope(&v, key);
+        eprintln!("rnn conditional {key} slope {b:.4} ± {se:.4}");
+        assert!((b + 0.5).abs() <= 3.0 * se, "{key} slope {b} ± {se}");
+        assert!(se <= 0.1, "{key} slope error {se} too large to decide");
+    }
+    // The text names the flag that reproduces a draw with `tpc run`.
+    let text_args: Vec<&str> = args[..args.len() - 3].to_vec();
+    let mut text_args = text_args;
+    text_args.push("--no-svg");
+    let out = tpc(&text_args, &dir, Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("`tpc run --seed 0 --engine conditional`'s draw k"),
+        "{text}"
+    );
+}
+
 #[test]
 fn too_few_widths_or_draws_is_a_usage_error() {
     let dir = scratch("usage");

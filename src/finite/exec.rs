@@ -1309,6 +1309,22 @@ fn run_conditional(
     Ok(summarize_draws(prog, points, cfg, &draws, None, None))
 }
 
+/// Draw `k` of seed `seed` alone with either engine: the same numbers as inside
+/// [`run_engine`].
+pub fn run_one_engine(
+    prog: &Program,
+    points: &[Vec<f64>],
+    width: usize,
+    seed: u64,
+    draw: usize,
+    engine: Engine,
+) -> Result<Draw, RunError> {
+    match engine {
+        Engine::Dense => run_one(prog, points, width, seed, draw),
+        Engine::Conditional => run_one_conditional(prog, points, width, seed, draw),
+    }
+}
+
 /// Runs draw `k` of seed `seed` alone: the same numbers as inside [`run`].
 pub fn run_one(
     prog: &Program,

@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::limit::num;
-use crate::finite::exec::{draw_bytes, mem_available, run_one, Draw, RunError};
+use crate::finite::exec::{engine_bytes, mem_available, run_one_engine, Draw, Engine, RunError};
 use crate::ir::Program;
 use crate::limit::LimitResult;
 
@@ -60,6 +60,9 @@ pub struct CompareConfig {
     pub seeds: usize,
     /// The seed S, the same at every width.
     pub seed: u64,
+    /// How hidden-matrix products are drawn: the conditional engine takes the widths
+    /// past what an N×N matrix allows (10^6 and beyond).
+    pub engine: Engine,
 }
 
 /// One width of one quantity group.
@@ -118,6 +121,8 @@ pub struct CompareResult {
     pub widths: Vec<usize>,
     pub seeds: usize,
     pub seed: u64,
+    /// The engine the finite draws came from.
+    pub engine: Engine,
     pub groups: Vec<Group>,
     /// Groups left out and why (e.g. an NNGP with no Gaussian limit).
     pub notes: Vec<String>,
@@ -341,8 +346,9 @@ pub(crate) fn at_once(
     width: usize,
     p: usize,
     seeds: usize,
+    engine: Engine,
 ) -> Result<usize, RunError> {
-    let per = draw_bytes(prog, width, p).max(1);
+    let per = engine_bytes(prog, width, p, engine).max(1);
     let avail = mem_available().unwrap_or(u128::MAX);
     if per > avail {
         let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
@@ -391,7 +397,7 @@ pub fn compare(
     // sq[g][i][k]: draw k's mean square deviation in group g at the i-th width.
     let mut sq: Vec<Vec<Vec<f64>>> = vec![Vec::new(); tg.len()];
     for &n in &widths {
-        let chunk_len = at_once(prog, n, p, cfg.seeds)?;
+        let chunk_len = at_once(prog, n, p, cfg.seeds, cfg.engine)?;
         // vals[g][k] = draw k's entries of group g.
         let mut vals: Vec<Vec<Vec<f64>>> = vec![Vec::with_capacity(cfg.seeds); tg.len()];
         let ids: Vec<usize> = (0..cfg.seeds).collect();
@@ -399,7 +405,7 @@ pub fn compare(
             let got: Vec<Result<Vec<Vec<f64>>, RunError>> = chunk
                 .par_iter()
                 .map(|&k| {
-                    let d = run_one(prog, points, n, cfg.seed, k).map(|d| {
+                    let d = run_one_engine(prog, points, n, cfg.seed, k, cfg.engine).map(|d| {
                         tg.iter()
                             .map(|t| draw_values(t.key, &d, lim))
                             .collect::<Vec<_>>()
@@ -439,6 +445,7 @@ pub fn compare(
         widths,
         seeds: cfg.seeds,
         seed: cfg.seed,
+        engine: cfg.engine,
         groups,
         notes,
         limit_methods: lim.methods.clone(),
@@ -480,11 +487,27 @@ fn fit_text(f: &Option<Fit>) -> String {
     }
 }
 
+/// The engine as `--engine` spells it.
+fn engine_name(e: Engine) -> &'static str {
+    match e {
+        Engine::Dense => "dense",
+        Engine::Conditional => "conditional",
+    }
+}
+
+/// The `tpc run` flag that reproduces a draw: none for the default engine.
+fn engine_flag(e: Engine) -> String {
+    match e {
+        Engine::Dense => String::new(),
+        e => format!(" --engine {}", engine_name(e)),
+    }
+}
+
 /// The text report: one table per quantity group, then its slope.
 pub fn text(r: &CompareResult) -> String {
     let mut s = format!(
         "# tpc compare {}: finite width against the infinite-width limit\n\
-         # {} point(s); {} draws per width from seed {} (draw k is `tpc run --seed {}`'s draw k)\n\
+         # {} point(s); {} draws per width from seed {} (draw k is `tpc run --seed {}{}`'s draw k)\n\
          # limit: {}; largest stated error {:.1e}\n\
          # |mean − limit|: the finite mean over the draws, max and RMS over entries; SE: RMS over\n\
          #   entries of the mean's standard error (error ≫ SE is the O(1/N) bias, error ~ SE is noise)\n\
@@ -495,6 +518,7 @@ pub fn text(r: &CompareResult) -> String {
         r.seeds,
         r.seed,
         r.seed,
+        engine_flag(r.engine),
         r.limit_methods.join("; "),
         r.limit_max_error
     );
@@ -569,6 +593,7 @@ pub fn json(r: &CompareResult, svg: Option<&str>) -> Value {
         "widths": r.widths,
         "seeds": r.seeds,
         "seed": r.seed,
+        "engine": engine_name(r.engine),
         "groups": groups,
         "notes": r.notes,
         "limit_methods": r.limit_methods,

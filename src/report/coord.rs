@@ -373,7 +373,13 @@ pub fn coord_check(
     // sizes[i][k]: draw k at the i-th width.
     let mut sizes: Vec<Vec<CoordSizes>> = Vec::with_capacity(widths.len());
     for &n in &widths {
-        let chunk_len = at_once(prog, n, points, cfg.seeds)?;
+        let chunk_len = at_once(
+            prog,
+            n,
+            points,
+            cfg.seeds,
+            crate::finite::exec::Engine::Dense,
+        )?;
         let ids: Vec<usize> = (0..cfg.seeds).collect();
         let mut at_n = Vec::with_capacity(cfg.seeds);
         for chunk in ids.chunks(chunk_len) {
