@@ -13,6 +13,11 @@
 //! so M z = A c + ‖u‖ M q, and (q, M q) joins the history. Everything is exact in law
 //! at every N; memory is O(N·k) for k products, time O(N·k²).
 //!
+//! The NTK's reverse pass asks the same [`CondMatrix`] for Wᵀδ and Wδ: they join the
+//! history like any product, so backward products are drawn given the forward ones,
+//! which is their joint law (Netsor-transpose, theory.md). The Gram of a matrix
+//! gradient, (δ·δ')(x·x') per pair of uses, needs no W at all.
+//!
 //! The fresh vectors come from the run's counter-based streams: product number j of
 //! hidden parameter i in draw k of seed S uses `StreamKey(S, k, COND_TENSOR + i, j)`,
 //! so a conditional run is deterministic, whatever the thread count.

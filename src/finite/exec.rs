@@ -1024,6 +1024,13 @@ pub(super) fn check_memory(
     })
 }
 
+/// Whether draws at `width` run one after the other: a wide conditional draw already
+/// spreads its coordinatewise loops over every thread, so draws side by side would
+/// only multiply the memory (a 10^6-wide RNN draw holds 2 GB).
+pub fn one_at_a_time(width: usize, engine: Engine) -> bool {
+    engine == Engine::Conditional && width >= 4 * COORD_CHUNK
+}
+
 /// How many draws to hold in memory at once: one per thread when they fit, else one
 /// (whose products still use every thread).
 pub(super) fn concurrency(prog: &Program, cfg: &RunConfig, p: usize, engine: Engine) -> usize {
@@ -1284,9 +1291,7 @@ fn run_conditional(
     };
     let plan = Plan::new(prog, &points)?;
     check_memory(prog, cfg, plan.p, Engine::Conditional)?;
-    // A wide draw already spreads its coordinatewise loops over every thread, so
-    // draws side by side would only multiply the memory (1e6-wide RNN: 2 GB each).
-    let at_once = if cfg.width >= 4 * COORD_CHUNK {
+    let at_once = if one_at_a_time(cfg.width, Engine::Conditional) {
         1
     } else {
         concurrency(prog, cfg, plan.p, Engine::Conditional)

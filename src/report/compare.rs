@@ -361,6 +361,9 @@ pub(crate) fn at_once(
             ),
         });
     }
+    if crate::finite::exec::one_at_a_time(width, engine) {
+        return Ok(1);
+    }
     let threads = rayon::current_num_threads().clamp(1, seeds.max(1));
     Ok(((avail / 4 * 3 / per).min(threads as u128) as usize).max(1))
 }
