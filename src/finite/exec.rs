@@ -559,7 +559,9 @@ pub(super) fn forward_with(
 /// read-out vectors, each an N×`cols` block whose column k belongs to point `k % P`
 /// (`cols` = O·P for per-(output, point) gradients, P for the gradient of a loss). On
 /// return it holds the cotangent of every vector node the seeds reach: for a product
-/// node `y = W x` this is ∂/∂y, from which the gradient of `W` is assembled.
+/// node `y = W x` this is ∂/∂y, from which the gradient of `W` is assembled. With an
+/// `engine`, hidden products come from it, as in [`forward_with`].
+#[allow(clippy::too_many_arguments)] // the pass's state, each used once
 pub(super) fn backward(
     plan: &Plan<'_>,
     n: usize,
@@ -662,7 +664,7 @@ pub(super) fn backward(
                         Val::Scalar(_) => {
                             let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
                             for (k, dk) in d.iter_mut().enumerate() {
-                                let dc = dv.column(col(&dv, k % p));
+                                let dc = dv.column(col(dv, k % p));
                                 *dk += dc.dot(&dy.column(k));
                             }
                         }
