@@ -958,11 +958,16 @@ pub fn run_one_conditional(
     cond_draw(&plan, width, seed, draw)
 }
 
-fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
-    let prog = plan.prog;
+/// Every parameter but the hidden matrices (left 0×0: the conditional engine draws
+/// their products), sampled exactly as [`sample_params`] samples them.
+pub(super) fn sample_non_hidden(
+    prog: &Program,
+    n: usize,
+    seed: u64,
+    draw: usize,
+) -> Result<Vec<DMatrix<f64>>, RunError> {
     let nf = n as f64;
-    let ws: Vec<DMatrix<f64>> = prog
-        .params
+    prog.params
         .iter()
         .enumerate()
         .map(|(i, prm)| {
@@ -974,7 +979,13 @@ fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, 
             normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
                 .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let nf = n as f64;
+    let ws = sample_non_hidden(prog, n, seed, draw)?;
     let sampled: Vec<Sampled<'_>> = ws
         .iter()
         .zip(&prog.params)
