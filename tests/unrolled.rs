@@ -163,3 +163,34 @@ fn the_limit_refuses_a_learning_rate_that_blows_up() {
     let e = unroll(&prog, &[], Width::Limit).unwrap_err();
     assert!(e.message.contains("grows without bound"), "{}", e.message);
 }
+
+/// The conditional engine trains through the unrolled program; its trajectories have
+/// the dense engine's law: every f_t mean within 4 combined standard errors.
+#[test]
+fn conditional_engine_training_has_the_dense_law() {
+    use tpc::finite::exec::run_engine;
+    let prog = example("sgd_mlp.tp");
+    let cfg = RunConfig {
+        width: 256,
+        seeds: 96,
+        seed: 3,
+    };
+    let est = |engine| {
+        let r = run_engine(&prog, &[], &cfg, engine, &|| {}).unwrap_or_else(|e| panic!("{e}"));
+        r.train.expect("a trajectory").f_t
+    };
+    let (d, c) = (est(Engine::Dense), est(Engine::Conditional));
+    let (sd, sc) = (d.se.unwrap(), c.se.unwrap());
+    let mut worst: f64 = 0.0;
+    for j in 0..d.mean.len() {
+        let z = (d.mean[j] - c.mean[j]).abs() / (sd[j].powi(2) + sc[j].powi(2)).sqrt();
+        worst = worst.max(z);
+    }
+    eprintln!("dense vs conditional training: worst z = {worst:.2}");
+    assert!(
+        worst < 4.0,
+        "engines disagree: z = {worst}\n{}\n{}",
+        d.mean,
+        c.mean
+    );
+}

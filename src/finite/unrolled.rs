@@ -10,8 +10,8 @@
 use nalgebra::DMatrix;
 
 use super::exec::{
-    bug, forward_with, sample_non_hidden, sample_params, Engine, HiddenProducts, Plan, RunError,
-    Sampled, Val,
+    bug, forward_releasing, sample_non_hidden, sample_params, Engine, HiddenProducts, Plan,
+    RunError, Sampled, Val,
 };
 use super::train::Trajectory;
 use crate::autodiff::{unroll, Unrolled, Width};
@@ -22,6 +22,8 @@ pub struct UnrolledRun {
     pub unrolled: Unrolled,
     width: usize,
     row: Vec<Vec<f64>>,
+    /// The last node reading each node (`usize::MAX`: never released).
+    last_use: Vec<usize>,
 }
 
 impl UnrolledRun {
@@ -45,10 +47,21 @@ impl UnrolledRun {
             message: e.message,
         })?;
         let row = vec![unrolled.row()];
+        let prog = &unrolled.prog;
+        let mut last_use = vec![usize::MAX; prog.len()];
+        for id in prog.ids() {
+            for u in prog.users(id) {
+                last_use[id.index()] = u.index();
+            }
+            if prog.users(id).is_empty() {
+                last_use[id.index()] = usize::MAX;
+            }
+        }
         Ok(UnrolledRun {
             unrolled,
             width: n,
             row,
+            last_use,
         })
     }
 
@@ -80,10 +93,11 @@ impl UnrolledRun {
         };
         // Errors name nodes of the unrolled program, whose labels (`h2_1(ξ3)`) say the
         // step and point; the node ids do not belong to the front-end program.
-        let vals = forward_with(&plan, n, &sampled, draw, products).map_err(|e| RunError {
-            node: None,
-            message: format!("training: {}", e.message),
-        })?;
+        let vals = forward_releasing(&plan, n, &sampled, draw, products, Some(&self.last_use))
+            .map_err(|e| RunError {
+                node: None,
+                message: format!("training: {}", e.message),
+            })?;
         let f = &self.unrolled.f;
         let cols = f.first().map_or(0, Vec::len);
         let mut traj = DMatrix::zeros(f.len(), cols);
