@@ -196,6 +196,9 @@ struct Builder<'a> {
     inputs: HashMap<(usize, usize, Option<usize>), NodeId>,
     /// Offsets of each input declaration in a point's row.
     offsets: Vec<usize>,
+    /// Products of initial matrices already built, by (matrix, transpose, operand):
+    /// `U_0 ξ` is the same vector at every step.
+    products: HashMap<(usize, bool, NodeId), NodeId>,
     f: Vec<Vec<NodeId>>,
     chi: Vec<Vec<NodeId>>,
 }
@@ -324,6 +327,7 @@ impl<'a> Builder<'a> {
             kappa,
             inputs: HashMap::new(),
             offsets,
+            products: HashMap::new(),
             f: Vec::new(),
             chi: Vec::new(),
         })
@@ -406,6 +410,10 @@ impl<'a> Builder<'a> {
 
     fn input_node(&mut self, k: usize, input: usize, time: Option<usize>, span: Span) -> NodeId {
         let ni = self.g.inputs.len();
+        let name = match time {
+            Some(t) => format!("{}[{t}](ξ{})", self.g.inputs[input].name, k + 1),
+            None => format!("{}(ξ{})", self.g.inputs[input].name, k + 1),
+        };
         *self.inputs.entry((k, input, time)).or_insert_with(|| {
             self.u.push(
                 Op::Input {
@@ -413,7 +421,7 @@ impl<'a> Builder<'a> {
                     time,
                 },
                 &[],
-                None,
+                Some(name),
                 span,
             )
         })
@@ -610,6 +618,23 @@ impl Builder<'_> {
         Ok(fw)
     }
 
+    /// `mult·W_0 z` (or `mult·W_0ᵀ z`), built once per operand.
+    fn initial_product(
+        &mut self,
+        w: usize,
+        transpose: bool,
+        z: NodeId,
+        name: Option<String>,
+        span: Span,
+    ) -> Result<NodeId, UnrollError> {
+        if let Some(&id) = self.products.get(&(w, transpose, z)) {
+            return Ok(id);
+        }
+        let id = self.push(Op::MatMul { transpose }, &[self.uparam[w], z], name, span)?;
+        self.products.insert((w, transpose, z), id);
+        Ok(id)
+    }
+
     /// `mult·W_t z` (or `mult·W_tᵀ z`): the initial product minus the rank-one terms.
     fn product(
         &mut self,
@@ -619,12 +644,10 @@ impl Builder<'_> {
         name: Option<String>,
         span: Span,
     ) -> Result<NodeId, UnrollError> {
-        let base = self.push(
-            Op::MatMul { transpose },
-            &[self.uparam[w], z],
-            name.clone(),
-            span,
-        )?;
+        // The name goes to the corrected value when there is a correction.
+        let corrected = !self.rank1[w].is_empty();
+        let base_name = if corrected { None } else { name.clone() };
+        let base = self.initial_product(w, transpose, z, base_name, span)?;
         let kappa = self.kappa[w];
         let mut terms = Vec::new();
         for r in self.rank1[w].clone() {
@@ -644,8 +667,6 @@ impl Builder<'_> {
         if terms.is_empty() {
             return Ok(base);
         }
-        // The initial product keeps the name's `⁰` marker; the corrected value the name.
-        self.u.graph[base].name = name.as_ref().map(|s| format!("{s}⁰"));
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))
@@ -662,12 +683,9 @@ impl Builder<'_> {
         span: Span,
     ) -> Result<NodeId, UnrollError> {
         let x = self.input_node(k, input, time, span);
-        let base = self.push(
-            Op::MatMul { transpose: false },
-            &[self.uparam[w], x],
-            name.clone(),
-            span,
-        )?;
+        let corrected = !self.input_rank1[w].is_empty();
+        let base_name = if corrected { None } else { name.clone() };
+        let base = self.initial_product(w, false, x, base_name, span)?;
         let xi = self.input_values(k, input, time);
         let kappa = self.kappa[w];
         let terms: Vec<(f64, Vec<NodeId>)> = self.input_rank1[w]
@@ -680,7 +698,6 @@ impl Builder<'_> {
         if terms.iter().all(|(c, _)| *c == 0.0) {
             return Ok(base);
         }
-        self.u.graph[base].name = name.as_ref().map(|s| format!("{s}⁰"));
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))

@@ -148,9 +148,9 @@ fn the_unrolled_program_holds_only_initial_matrices() {
             _ => {}
         }
     }
-    // 4 forward passes (t = 0..3) × 3 points × 2 products, and 3 backward passes × 3
-    // samples × 1 transposed product (U has no backward product).
-    assert_eq!(matmuls, 4 * 3 * 2 + 3 * 3);
+    // U_0 ξ once per point (the same vector at every step), W_0 h1_t for 4 forward
+    // passes (t = 0..3) × 3 points, and W_0ᵀ dh2 for 3 backward passes × 3 samples.
+    assert_eq!(matmuls, 3 + 4 * 3 + 3 * 3);
     assert_eq!(u.f.len(), 4);
     assert!(u.f.iter().all(|r| r.len() == 3));
     assert_eq!(u.chi.len(), 3);
@@ -193,4 +193,21 @@ fn conditional_engine_training_has_the_dense_law() {
         d.mean,
         c.mean
     );
+}
+
+/// The listing of a one-step unrolled program (`tpc graph --unrolled`): every
+/// instruction of the forward pass, χ, the backward pass through W_0ᵀ, and the
+/// rank-one corrections of the next forward pass (read and checked by hand).
+#[test]
+fn unrolled_listing_snapshot() {
+    let src = std::fs::read_to_string(common::shared().join("spec/examples/sgd_mlp.tp"))
+        .unwrap()
+        .replace("steps = 3", "steps = 1")
+        .replace(
+            "data  = [ ([1.0, 0.0], 1.0), ([0.0, 1.0], -1.0), ([0.7, 0.7], 0.5) ]",
+            "data  = [ ([1.0, 0.0], 1.0), ([0.0, 1.0], -1.0) ]",
+        );
+    let prog = compile(&src);
+    let u = unroll(&prog, &[], Width::Limit).unwrap();
+    insta::assert_snapshot!(tpc::report::graph::listing(&u.prog));
 }
