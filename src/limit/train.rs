@@ -24,9 +24,11 @@
 //!   "infinite-width muP linear net = width-(d + d_o) linear net with identity-block
 //!   initialization" (theory.md §6.2–6.3), the K columns of M_t being its K neurons;
 //!   Cor 6.2's ABCD recursion is the case of one input and one output.
-//!   Deeper linear networks are not covered: every W_0 and W_0ᵀ product of a new vector
-//!   adds a new Gaussian (theory.md §2.1), so their exact representation grows with t.
-//! * Everything else (nonlinear feature learning, deep linear muP, unstable programs):
+//! * **Deeper linear networks**: every W_0 and W_0ᵀ product of a new vector adds a new
+//!   Gaussian (theory.md §2.1), so the exact representation grows with t; it is still
+//!   finite, and [`super::linear`] computes it on the unrolled training program
+//!   ([`crate::autodiff`]) with Ż as exact linear algebra.
+//! * Everything else (nonlinear feature learning, unstable programs):
 //!   `f_t` is `None` with a note.
 
 use nalgebra::{DMatrix, DVector};
@@ -56,6 +58,8 @@ pub const TRIVIAL_METHOD: &str = "trivial regime: NTK recursion, exact";
 pub const KERNEL_XENT_METHOD: &str =
     "kernel regime: NTK recursion from E f_0 (for xent not exactly E f_t)";
 pub const LINEAR_METHOD: &str = "linear network: exact Gaussian algebra";
+pub const DEEP_LINEAR_METHOD: &str =
+    "linear network: exact Gaussian algebra on the unrolled program (Ẑ and Ż by linear algebra)";
 pub const NOT_COMPUTED: &str = "not computed yet";
 
 /// The evaluation points and the training inputs as one list of distinct points.
@@ -288,12 +292,25 @@ pub fn trajectory(
                         .to_string(),
                 );
             }
-            Err(why) => {
-                out.note = Some(format!(
-                    "feature-learning limit: {why}; the nonlinear (or deep) feature-learning limit needs the \
-                     particle engine of theory.md §6.3, which tpc does not have yet"
-                ));
-            }
+            Err(why) => match super::linear::trajectory(prog, &eval) {
+                // Deep linear networks: exact Ẑ/Ż algebra on the unrolled program.
+                Ok(f) => {
+                    out.method = DEEP_LINEAR_METHOD.to_string();
+                    out.f_t = Some(f);
+                    out.note = Some(
+                        "f_t is deterministic in the limit: every Z of the unrolled training program is a \
+                         linear form in finitely many Gaussians (theory.md §2.1, §6.2)"
+                            .to_string(),
+                    );
+                }
+                Err(why2) => {
+                    out.note = Some(format!(
+                        "feature-learning limit: {why}; as an unrolled program: {why2}; the nonlinear \
+                         feature-learning limit needs the particle engine of theory.md §6.3, which tpc \
+                         does not have yet"
+                    ));
+                }
+            },
         },
         None => {
             out.note = Some("no regime could be derived for this program".to_string());
