@@ -35,8 +35,11 @@ const SPAN_TOL: f64 = 1e-12;
 enum V {
     S(f64),
     L(Vec<f64>),
-    Q(Vec<(f64, Vec<f64>, Vec<f64>)>, Vec<f64>),
+    Q(Products, Vec<f64>),
 }
+
+/// `Σ c · x · y` over pairs of linear forms.
+type Products = Vec<(f64, Vec<f64>, Vec<f64>)>;
 
 fn axpy(a: f64, x: &[f64], y: &mut Vec<f64>) {
     if y.len() < x.len() {
@@ -64,7 +67,7 @@ impl V {
         }
     }
     /// Returns (products, linear part) of any value.
-    fn quad(self) -> (Vec<(f64, Vec<f64>, Vec<f64>)>, Vec<f64>) {
+    fn quad(self) -> (Products, Vec<f64>) {
         match self {
             V::S(c) => (Vec::new(), vec![c]),
             V::L(x) => (Vec::new(), x),
