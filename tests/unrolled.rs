@@ -211,3 +211,20 @@ fn unrolled_listing_snapshot() {
     let u = unroll(&prog, &[], Width::Limit).unwrap();
     insta::assert_snapshot!(tpc::report::graph::listing(&u.prog));
 }
+
+#[test]
+fn few_vectors_are_alive_at_once() {
+    // sgd_mlp's unrolled program has ~200 vectors; the forward and backward vectors of
+    // earlier steps stay alive (the rank-one corrections read them), the rest is freed.
+    let prog = example("sgd_mlp.tp");
+    let run = UnrolledRun::new(&prog, &[], 64).unwrap();
+    let total = run
+        .unrolled
+        .prog
+        .ids()
+        .filter(|&id| run.unrolled.prog.ty(id) == tpc::ir::Ty::Vector)
+        .count();
+    let peak = run.peak_vectors();
+    eprintln!("sgd_mlp unrolled: {total} vectors, at most {peak} alive");
+    assert!(peak < total / 2, "{peak} of {total}");
+}

@@ -427,7 +427,8 @@ pub(super) fn forward_with(
 }
 
 /// [`forward_with`] that drops each vector after its last use when `last_use` (the
-/// index of the last node reading each node, or `usize::MAX` to keep it) is given:
+/// index of the last node reading each node — its own index when nothing reads it —
+/// or `usize::MAX` to keep it) is given:
 /// unrolled training programs hold hundreds of width-N vectors, few of them live at
 /// once. Dropped vectors are `Val::None` in the result; scalars are kept.
 pub(super) fn forward_releasing(
@@ -441,7 +442,7 @@ pub(super) fn forward_releasing(
     let prog = plan.prog;
     let release = |vals: &mut [Val], ops: &[NodeId], id: NodeId| {
         if let Some(lu) = last_use {
-            for a in ops {
+            for a in ops.iter().chain(std::iter::once(&id)) {
                 if lu[a.index()] == id.index() && matches!(vals[a.index()], Val::Vector(_)) {
                     vals[a.index()] = Val::None;
                 }
