@@ -6,6 +6,8 @@
 //! * deep linear muP (two hidden layers, W used forward and by backprop's Wᵀ): within
 //!   4 standard errors of a finite-width run (conditional engine, N = 2^14).
 
+mod common;
+
 use nalgebra::DMatrix;
 use tpc::finite::exec::{run_engine, Engine, RunConfig};
 use tpc::ir::Program;
@@ -13,26 +15,6 @@ use tpc::ir::Program;
 fn compile(src: &str) -> Program {
     tpc::compile(src).unwrap_or_else(|e| panic!("{e}"))
 }
-
-const MUP_LINEAR: &str = "\
-width n
-input x : 2
-parameterization mup
-param U : n x 2
-param b : n { std = 0.5 }
-param v : 1 x n
-param u : 1 x n
-h = U @ x + b
-k = 2 * h - 0.5 * (U @ x)
-output f = v @ h
-output g = u @ k + 0.5 * v @ h + 0.1
-train {
-    loss  = mse
-    lr    = 0.2
-    steps = 5
-    data  = [ ([1.0, 0.0], [1.0, 0.0]), ([0.0, 1.0], [-1.0, 0.5]), ([0.7, 0.7], [0.5, -0.5]) ]
-}
-";
 
 const DEEP_LINEAR: &str = "\
 width n
@@ -56,7 +38,7 @@ train {
 
 #[test]
 fn one_hidden_layer_equals_the_width_d_plus_do_construction() {
-    let prog = compile(MUP_LINEAR);
+    let prog = compile(common::MUP_LINEAR);
     let eval = vec![vec![1.0, 0.0], vec![0.7, 0.7], vec![-0.5, 0.2]];
     let exact = tpc::limit::linear::trajectory(&prog, &eval).unwrap();
     let tp4 =

@@ -1009,18 +1009,22 @@ pub(super) fn sample_non_hidden(
         .collect()
 }
 
-fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
-    let prog = plan.prog;
-    let nf = n as f64;
-    let ws = sample_non_hidden(prog, n, seed, draw)?;
-    let sampled: Vec<Sampled<'_>> = ws
-        .iter()
+/// Pairs each value with its parameter's multiplier at width `n`, unchecked (hidden
+/// matrices may be 0×0 placeholders of the conditional engine).
+pub(super) fn with_mults<'w>(prog: &Program, n: usize, ws: &'w [DMatrix<f64>]) -> Vec<Sampled<'w>> {
+    ws.iter()
         .zip(&prog.params)
         .map(|(w, prm)| Sampled {
             w,
-            mult: prm.law.mult.at(nf),
+            mult: prm.law.mult.at(n as f64),
         })
-        .collect();
+        .collect()
+}
+
+fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let ws = sample_non_hidden(prog, n, seed, draw)?;
+    let sampled = with_mults(prog, n, &ws);
     let mut engine = super::cond::CondEngine::new(prog, n, seed, draw);
     run_draw_with(plan, n, &sampled, draw, Some(&mut engine))
 }

@@ -10,8 +10,8 @@
 use nalgebra::DMatrix;
 
 use super::exec::{
-    bug, forward_releasing, sample_non_hidden, sample_params, Engine, HiddenProducts, Plan,
-    RunError, Sampled, Val,
+    bug, forward_releasing, sample_non_hidden, sample_params, with_mults, Engine, HiddenProducts,
+    Plan, RunError, Val,
 };
 use super::train::Trajectory;
 use crate::autodiff::{unroll, Unrolled, Width};
@@ -89,20 +89,12 @@ impl UnrolledRun {
     pub fn run(&self, seed: u64, draw: usize, engine: Engine) -> Result<Trajectory, RunError> {
         let prog = &self.unrolled.prog;
         let n = self.width;
-        let nf = n as f64;
         let plan = Plan::new(prog, &self.row)?;
         let ws = match engine {
             Engine::Dense => sample_params(prog, n, seed, draw)?,
             Engine::Conditional => sample_non_hidden(prog, n, seed, draw)?,
         };
-        let sampled: Vec<Sampled<'_>> = ws
-            .iter()
-            .zip(&prog.params)
-            .map(|(w, prm)| Sampled {
-                w,
-                mult: prm.law.mult.at(nf),
-            })
-            .collect();
+        let sampled = with_mults(prog, n, &ws);
         let mut cond;
         let products: Option<&mut dyn HiddenProducts> = match engine {
             Engine::Dense => None,

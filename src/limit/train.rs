@@ -62,44 +62,7 @@ pub const DEEP_LINEAR_METHOD: &str =
     "linear network: exact Gaussian algebra on the unrolled program (Ẑ and Ż by linear algebra)";
 pub const NOT_COMPUTED: &str = "not computed yet";
 
-/// The evaluation points and the training inputs as one list of distinct points.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Union {
-    pub points: Vec<Vec<f64>>,
-    /// Index in `points` of each evaluation point.
-    pub eval: Vec<usize>,
-    /// Index in `points` of each training sample.
-    pub train: Vec<usize>,
-}
-
-/// The union of `eval` (the evaluation points, in order, first) and the training
-/// inputs. A program without inputs has one (empty) point.
-pub fn union(prog: &Program, eval: &[Vec<f64>], train: &Train) -> Union {
-    if prog.inputs.is_empty() {
-        return Union {
-            points: vec![vec![]],
-            eval: vec![0],
-            train: vec![0; train.data.len()],
-        };
-    }
-    let mut points = eval.to_vec();
-    let eval_idx = (0..eval.len()).collect();
-    let mut train_idx = Vec::new();
-    for s in &train.data {
-        match points.iter().position(|p| *p == s.x) {
-            Some(i) => train_idx.push(i),
-            None => {
-                points.push(s.x.clone());
-                train_idx.push(points.len() - 1);
-            }
-        }
-    }
-    Union {
-        points,
-        eval: eval_idx,
-        train: train_idx,
-    }
-}
+pub use crate::autodiff::{union, Union};
 
 /// ∂(one sample's loss)/∂f (language.md, Training).
 fn dloss(kind: Loss, f: f64, y: f64) -> f64 {
