@@ -684,9 +684,7 @@ impl Builder<'_> {
             )?;
             terms.push((-kappa, vec![vec, m]));
         }
-        if terms.is_empty() {
-            return Ok(base);
-        }
+        // (`combination` returns `base` itself when every coefficient is 0.)
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))
@@ -715,9 +713,6 @@ impl Builder<'_> {
                 (-kappa * dot, vec![r.dy])
             })
             .collect();
-        if terms.iter().all(|(c, _)| *c == 0.0) {
-            return Ok(base);
-        }
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))
