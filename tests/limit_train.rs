@@ -322,30 +322,9 @@ fn linear_mup_is_the_abcd_recursion() {
     assert_finite_agrees(&prog, &eval, &f, 1024, 24, 4.0);
 }
 
-/// The `mup` preset: a bias, two outputs (one reading out a sum of features), a constant.
-const MUP_LINEAR: &str = "\
-width n
-input x : 2
-parameterization mup
-param U : n x 2
-param b : n { std = 0.5 }
-param v : 1 x n
-param u : 1 x n
-h = U @ x + b
-k = 2 * h - 0.5 * (U @ x)
-output f = v @ h
-output g = u @ k + 0.5 * v @ h + 0.1
-train {
-    loss  = mse
-    lr    = 0.2
-    steps = 5
-    data  = [ ([1.0, 0.0], [1.0, 0.0]), ([0.0, 1.0], [-1.0, 0.5]), ([0.7, 0.7], [0.5, -0.5]) ]
-}
-";
-
 #[test]
 fn linear_mup_preset_matches_finite_width() {
-    let prog = compile(MUP_LINEAR);
+    let prog = compile(common::MUP_LINEAR);
     let eval = vec![vec![1.0, 0.0], vec![0.7, 0.7], vec![-0.5, 0.2]];
     let r = limit(&prog, &eval).unwrap();
     assert_eq!(r.regime.as_deref(), Some("feature-learning"));
@@ -378,13 +357,14 @@ fn nonlinear_and_deep_feature_learning_are_not_computed() {
     let j = tpc::report::limit::json(&r);
     assert!(j["train"]["f_t"].is_null());
 
-    let deep = MUP_LINEAR
+    let deep = common::MUP_LINEAR
         .replace("param u : 1 x n", "param u : 1 x n\nparam W : n x n")
         .replace("k = 2 * h", "k = 2 * (W @ h)");
+    // A deep linear network is exact Gaussian algebra on the unrolled program.
     let r = limit(&compile(&deep), &pts).unwrap();
     let t = r.train.unwrap();
-    assert!(t.f_t.is_none());
-    assert!(t.note.unwrap().contains("n x n"));
+    assert_eq!(t.method, tpc::limit::train::DEEP_LINEAR_METHOD);
+    assert!(t.f_t.is_some());
 
     let r = limit(&compile(&common::example("sp_blowup")), &pts).unwrap();
     assert_eq!(r.regime.as_deref(), Some("unstable"));

@@ -450,9 +450,34 @@ pub(super) fn forward_with(
     n: usize,
     sampled: &[Sampled<'_>],
     draw: usize,
+    engine: Option<&mut dyn HiddenProducts>,
+) -> Result<Vec<Val>, RunError> {
+    forward_releasing(plan, n, sampled, draw, engine, None)
+}
+
+/// [`forward_with`] that drops each vector after its last use when `last_use` (the
+/// index of the last node reading each node — its own index when nothing reads it —
+/// or `usize::MAX` to keep it) is given:
+/// unrolled training programs hold hundreds of width-N vectors, few of them live at
+/// once. Dropped vectors are `Val::None` in the result; scalars are kept.
+pub(super) fn forward_releasing(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    draw: usize,
     mut engine: Option<&mut dyn HiddenProducts>,
+    last_use: Option<&[usize]>,
 ) -> Result<Vec<Val>, RunError> {
     let prog = plan.prog;
+    let release = |vals: &mut [Val], ops: &[NodeId], id: NodeId| {
+        if let Some(lu) = last_use {
+            for a in ops.iter().chain(std::iter::once(&id)) {
+                if lu[a.index()] == id.index() && matches!(vals[a.index()], Val::Vector(_)) {
+                    vals[a.index()] = Val::None;
+                }
+            }
+        }
+    };
     let p = plan.p;
     let nf = n as f64;
     let mut vals: Vec<Val> = vec![Val::None; prog.len()];
@@ -490,6 +515,7 @@ pub(super) fn forward_with(
                             return Err(plan.nonfinite(id, n, draw, "overflows"));
                         }
                     }
+                    release(&mut vals, ops, id);
                     continue;
                 }
                 let s = &sampled[pi];
@@ -550,6 +576,7 @@ pub(super) fn forward_with(
             return Err(plan.nonfinite(id, n, draw, "overflows"));
         }
         vals[id.index()] = v;
+        release(&mut vals, ops, id);
     }
 
     Ok(vals)
@@ -1075,11 +1102,16 @@ pub fn run_one_conditional(
     cond_draw(&plan, width, seed, draw)
 }
 
-fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
-    let prog = plan.prog;
+/// Every parameter but the hidden matrices (left 0×0: the conditional engine draws
+/// their products), sampled exactly as [`sample_params`] samples them.
+pub(super) fn sample_non_hidden(
+    prog: &Program,
+    n: usize,
+    seed: u64,
+    draw: usize,
+) -> Result<Vec<DMatrix<f64>>, RunError> {
     let nf = n as f64;
-    let ws: Vec<DMatrix<f64>> = prog
-        .params
+    prog.params
         .iter()
         .enumerate()
         .map(|(i, prm)| {
@@ -1091,15 +1123,25 @@ fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, 
             normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
                 .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
         })
-        .collect::<Result<_, _>>()?;
-    let sampled: Vec<Sampled<'_>> = ws
-        .iter()
+        .collect()
+}
+
+/// Pairs each value with its parameter's multiplier at width `n`, unchecked (hidden
+/// matrices may be 0×0 placeholders of the conditional engine).
+pub(super) fn with_mults<'w>(prog: &Program, n: usize, ws: &'w [DMatrix<f64>]) -> Vec<Sampled<'w>> {
+    ws.iter()
         .zip(&prog.params)
         .map(|(w, prm)| Sampled {
             w,
-            mult: prm.law.mult.at(nf),
+            mult: prm.law.mult.at(n as f64),
         })
-        .collect();
+        .collect()
+}
+
+fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let ws = sample_non_hidden(prog, n, seed, draw)?;
+    let sampled = with_mults(prog, n, &ws);
     let mut engine = super::cond::CondEngine::new(prog, n, seed, draw);
     run_draw_with(plan, n, &sampled, draw, Some(&mut engine))
 }
@@ -1280,12 +1322,6 @@ fn run_conditional(
     if cfg.seeds == 0 {
         return Err(bug(None, "at least one draw (--seeds 1) is needed"));
     }
-    if prog.train.is_some() {
-        return Err(bug(
-            None,
-            "a train block needs the dense engine (--engine dense)",
-        ));
-    }
     let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
         vec![vec![]]
     } else {
@@ -1313,7 +1349,20 @@ fn run_conditional(
             draws.push(d?);
         }
     }
-    Ok(summarize_draws(prog, points, cfg, &draws, None, None))
+    // Training runs the unrolled program (crate::autodiff): only initial matrices, so
+    // the conditional sampler answers every product of every step.
+    let train = match &prog.train {
+        Some(t) => {
+            let run = super::unrolled::UnrolledRun::new(prog, &points, cfg.width)?;
+            let trajs: Vec<super::train::Trajectory> = ids
+                .par_iter()
+                .map(|&k| run.run(cfg.seed, k, Engine::Conditional))
+                .collect::<Result<_, _>>()?;
+            Some(super::train::summarize(t, &trajs))
+        }
+        None => None,
+    };
+    Ok(summarize_draws(prog, points, cfg, &draws, train, None))
 }
 
 /// Draw `k` of seed `seed` alone with either engine: the same numbers as inside

@@ -8,7 +8,10 @@
 //!   the IR's expressions, with Gauss–Hermite fallback, on whole covariance blocks;
 //! * [`gauss`]: Gauss–Hermite rules and 1-, 2- and k-dimensional expectations with
 //!   degree selection for a stated accuracy (theory.md §3.3), and [`gauss::Estimate`];
-//! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3.
+//! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3;
+//! * [`linear`]: exact Ẑ/Ż linear algebra for one-point programs linear in their
+//!   Gaussians (deep linear networks' unrolled training, random-matrix moments);
+//! * [`train`]: limit trajectories of `train` blocks.
 //!
 //! This module knows the IR, never the syntax.
 
@@ -16,6 +19,7 @@ pub mod chain;
 pub mod dual;
 pub mod engine;
 pub mod gauss;
+pub mod linear;
 pub mod qmc;
 pub mod train;
 pub mod zform;
