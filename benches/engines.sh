@@ -3,6 +3,7 @@
 # rnn.tp (T = 4, 5 outputs, 3 sequences: examples/rnn_points.csv) at widths 10^3 … 10^7.
 #
 #   cargo build --release && benches/engines.sh [path/to/tpc] > table.md
+#   PROG=examples/sgd_mlp.tp INPUTS= benches/engines.sh   # 3 training steps, no inputs
 #
 # Each cell is one `tpc run --seeds 1` process under /usr/bin/time -v: wall time and
 # peak RSS (so it includes compiling the program, a few ms). The dense engine is run
@@ -13,8 +14,8 @@
 set -u
 here="$(cd "$(dirname "$0")/.." && pwd)"
 tpc="${1:-${CARGO_TARGET_DIR:-$here/target}/release/tpc}"
-prog="$here/examples/rnn.tp"
-pts="$here/examples/rnn_points.csv"
+prog="${PROG:-$here/examples/rnn.tp}"
+pts="${INPUTS-$here/examples/rnn_points.csv}"
 widths="${WIDTHS:-1000 10000 30000 100000 1000000 10000000}"
 dense_max="${DENSE_MAX:-30000}"
 
@@ -22,7 +23,9 @@ dense_max="${DENSE_MAX:-30000}"
 one() {
     local engine=$1 width=$2 log
     log=$(mktemp)
-    if /usr/bin/time -v "$tpc" run "$prog" --inputs "$pts" --engine "$engine" \
+    local inputs=()
+    [ -n "$pts" ] && inputs=(--inputs "$pts")
+    if /usr/bin/time -v "$tpc" run "$prog" "${inputs[@]}" --engine "$engine" \
         --width "$width" --seeds 1 --format json >/dev/null 2>"$log"; then
         awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, t, ":"); s = 0;
                                                for (i = 1; i <= n; i++) s = s * 60 + t[i] }
