@@ -16,6 +16,7 @@ pub mod chain;
 pub mod dual;
 pub mod engine;
 pub mod gauss;
+pub mod particle;
 pub mod qmc;
 pub mod train;
 pub mod zform;
