@@ -44,6 +44,10 @@ enum Cmd {
         /// Graphviz dot instead of the listing
         #[arg(long)]
         dot: bool,
+        /// The `train` block unrolled into one program in the initial weights
+        /// (theory.md §6.1), with its limit coefficients
+        #[arg(long)]
+        unrolled: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -207,8 +211,26 @@ fn run(cli: Cli) -> Result<(), Reported> {
             }
             Ok(())
         }
-        Cmd::Graph { file, dot, format } => {
+        Cmd::Graph {
+            file,
+            dot,
+            unrolled,
+            format,
+        } => {
             let prog = compile_file(&file)?;
+            let prog = if unrolled {
+                if prog.train.is_none() {
+                    return Err(fail(&format!(
+                        "{}: --unrolled needs a `train` block",
+                        file.display()
+                    )));
+                }
+                tpc::autodiff::unroll(&prog, &[], tpc::autodiff::Width::Limit)
+                    .map_err(|e| fail(&format!("{}: cannot unroll training: {e}", file.display())))?
+                    .prog
+            } else {
+                prog
+            };
             let text = if dot {
                 tpc::report::graph::dot(&prog)
             } else if format == Format::Json {

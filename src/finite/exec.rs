@@ -421,9 +421,33 @@ pub(super) fn forward_with(
     n: usize,
     sampled: &[Sampled<'_>],
     draw: usize,
+    engine: Option<&mut dyn HiddenProducts>,
+) -> Result<Vec<Val>, RunError> {
+    forward_releasing(plan, n, sampled, draw, engine, None)
+}
+
+/// [`forward_with`] that drops each vector after its last use when `last_use` (the
+/// index of the last node reading each node, or `usize::MAX` to keep it) is given:
+/// unrolled training programs hold hundreds of width-N vectors, few of them live at
+/// once. Dropped vectors are `Val::None` in the result; scalars are kept.
+pub(super) fn forward_releasing(
+    plan: &Plan<'_>,
+    n: usize,
+    sampled: &[Sampled<'_>],
+    draw: usize,
     mut engine: Option<&mut dyn HiddenProducts>,
+    last_use: Option<&[usize]>,
 ) -> Result<Vec<Val>, RunError> {
     let prog = plan.prog;
+    let release = |vals: &mut [Val], ops: &[NodeId], id: NodeId| {
+        if let Some(lu) = last_use {
+            for a in ops {
+                if lu[a.index()] == id.index() && matches!(vals[a.index()], Val::Vector(_)) {
+                    vals[a.index()] = Val::None;
+                }
+            }
+        }
+    };
     let p = plan.p;
     let nf = n as f64;
     let mut vals: Vec<Val> = vec![Val::None; prog.len()];
@@ -461,6 +485,7 @@ pub(super) fn forward_with(
                             return Err(plan.nonfinite(id, n, draw, "overflows"));
                         }
                     }
+                    release(&mut vals, ops, id);
                     continue;
                 }
                 let s = &sampled[pi];
@@ -521,6 +546,7 @@ pub(super) fn forward_with(
             return Err(plan.nonfinite(id, n, draw, "overflows"));
         }
         vals[id.index()] = v;
+        release(&mut vals, ops, id);
     }
 
     Ok(vals)
@@ -958,11 +984,16 @@ pub fn run_one_conditional(
     cond_draw(&plan, width, seed, draw)
 }
 
-fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
-    let prog = plan.prog;
+/// Every parameter but the hidden matrices (left 0×0: the conditional engine draws
+/// their products), sampled exactly as [`sample_params`] samples them.
+pub(super) fn sample_non_hidden(
+    prog: &Program,
+    n: usize,
+    seed: u64,
+    draw: usize,
+) -> Result<Vec<DMatrix<f64>>, RunError> {
     let nf = n as f64;
-    let ws: Vec<DMatrix<f64>> = prog
-        .params
+    prog.params
         .iter()
         .enumerate()
         .map(|(i, prm)| {
@@ -974,7 +1005,13 @@ fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, 
             normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
                 .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let nf = n as f64;
+    let ws = sample_non_hidden(prog, n, seed, draw)?;
     let sampled: Vec<Sampled<'_>> = ws
         .iter()
         .zip(&prog.params)
@@ -1163,12 +1200,6 @@ fn run_conditional(
     if cfg.seeds == 0 {
         return Err(bug(None, "at least one draw (--seeds 1) is needed"));
     }
-    if prog.train.is_some() {
-        return Err(bug(
-            None,
-            "a train block needs the dense engine (--engine dense)",
-        ));
-    }
     let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
         vec![vec![]]
     } else {
@@ -1185,13 +1216,26 @@ fn run_conditional(
         })
         .collect();
     let draws: Vec<Draw> = got.into_iter().collect::<Result<_, _>>()?;
+    // Training runs the unrolled program (crate::autodiff): only initial matrices, so
+    // the conditional sampler answers every product of every step.
+    let train = match &prog.train {
+        Some(t) => {
+            let run = super::unrolled::UnrolledRun::new(prog, &points, cfg.width)?;
+            let trajs: Vec<super::train::Trajectory> = ids
+                .par_iter()
+                .map(|&k| run.run(cfg.seed, k, Engine::Conditional))
+                .collect::<Result<_, _>>()?;
+            Some(super::train::summarize(t, &trajs))
+        }
+        None => None,
+    };
     let note = "not computed by the conditional engine (no reverse pass through hidden matrices); use --engine dense";
     Ok(summarize_draws(
         prog,
         points,
         cfg,
         &draws,
-        None,
+        train,
         Some(note.into()),
     ))
 }

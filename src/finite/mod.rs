@@ -13,6 +13,8 @@
 //!   materialising the transpose) on nalgebra storage, computed by faer.
 //! - [`exec`]: the executor: forward and reverse passes over the IR on N×P blocks,
 //!   exact empirical NTK and conditional NNGP per draw, means and standard errors.
+//! - [`unrolled`]: training by running the unrolled program of [`crate::autodiff`]
+//!   (either engine).
 //! - [`train`]: dense full-batch gradient descent at width N for a `train` block (the
 //!   reference trajectory f_t), and per-step coordinate sizes for coordinate checks.
 
@@ -21,3 +23,4 @@ pub mod exec;
 pub mod linalg;
 pub mod sample;
 pub mod train;
+pub mod unrolled;

@@ -106,7 +106,8 @@ pub fn listing(prog: &Program) -> String {
         .filter(|l| !l.1.is_empty())
         .map(|l| l.0.chars().count())
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(64); // long corrections of unrolled programs would push names far right
     out.push_str(&format!(
         "# tensor program: {} instructions, width {}, {} parameter(s)\n",
         prog.len(),

@@ -1,0 +1,117 @@
+//! Training at finite width by running the unrolled program ([`crate::autodiff`]).
+//!
+//! The unrolled program holds only the *initial* matrices, so it runs on either engine:
+//! with the dense engine it must equal dense-update training ([`super::train`]) up to
+//! rounding (tests/unrolled.rs: 1e-10), and with the conditional engine
+//! ([`super::cond`]) it trains at widths where no N×N matrix fits. The parameters are
+//! drawn from the same streams as `tpc run` draws them, so `f_0` is the untrained
+//! output of the same draw.
+
+use nalgebra::DMatrix;
+
+use super::exec::{
+    bug, forward_releasing, sample_non_hidden, sample_params, Engine, HiddenProducts, Plan,
+    RunError, Sampled, Val,
+};
+use super::train::Trajectory;
+use crate::autodiff::{unroll, Unrolled, Width};
+use crate::ir::Program;
+
+/// A training program unrolled at one width, with its plan: built once, run per draw.
+pub struct UnrolledRun {
+    pub unrolled: Unrolled,
+    width: usize,
+    row: Vec<Vec<f64>>,
+    /// The last node reading each node (`usize::MAX`: never released).
+    last_use: Vec<usize>,
+}
+
+impl UnrolledRun {
+    /// Unrolls `prog`'s `train` block at width `n`, reporting f_t at `eval_points`
+    /// (none means the training inputs).
+    pub fn new(
+        prog: &Program,
+        eval_points: &[Vec<f64>],
+        n: usize,
+    ) -> Result<UnrolledRun, RunError> {
+        if n == 0 {
+            return Err(bug(None, "the width must be at least 1"));
+        }
+        let eval: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+            Vec::new()
+        } else {
+            eval_points.to_vec()
+        };
+        let unrolled = unroll(prog, &eval, Width::Finite(n)).map_err(|e| RunError {
+            node: e.node,
+            message: e.message,
+        })?;
+        let row = vec![unrolled.row()];
+        let prog = &unrolled.prog;
+        let mut last_use = vec![usize::MAX; prog.len()];
+        for id in prog.ids() {
+            for u in prog.users(id) {
+                last_use[id.index()] = u.index();
+            }
+            if prog.users(id).is_empty() {
+                last_use[id.index()] = usize::MAX;
+            }
+        }
+        Ok(UnrolledRun {
+            unrolled,
+            width: n,
+            row,
+            last_use,
+        })
+    }
+
+    /// The trajectory of draw `draw` of `seed`: (steps+1) × O·P, output-major.
+    pub fn run(&self, seed: u64, draw: usize, engine: Engine) -> Result<Trajectory, RunError> {
+        let prog = &self.unrolled.prog;
+        let n = self.width;
+        let nf = n as f64;
+        let plan = Plan::new(prog, &self.row)?;
+        let ws = match engine {
+            Engine::Dense => sample_params(prog, n, seed, draw)?,
+            Engine::Conditional => sample_non_hidden(prog, n, seed, draw)?,
+        };
+        let sampled: Vec<Sampled<'_>> = ws
+            .iter()
+            .zip(&prog.params)
+            .map(|(w, prm)| Sampled {
+                w,
+                mult: prm.law.mult.at(nf),
+            })
+            .collect();
+        let mut cond;
+        let products: Option<&mut dyn HiddenProducts> = match engine {
+            Engine::Dense => None,
+            Engine::Conditional => {
+                cond = super::cond::CondEngine::new(prog, n, seed, draw);
+                Some(&mut cond)
+            }
+        };
+        // Errors name nodes of the unrolled program, whose labels (`h2_1(ξ3)`) say the
+        // step and point; the node ids do not belong to the front-end program.
+        let vals = forward_releasing(&plan, n, &sampled, draw, products, Some(&self.last_use))
+            .map_err(|e| RunError {
+                node: None,
+                message: format!("training: {}", e.message),
+            })?;
+        let f = &self.unrolled.f;
+        let cols = f.first().map_or(0, Vec::len);
+        let mut traj = DMatrix::zeros(f.len(), cols);
+        for (t, row) in f.iter().enumerate() {
+            for (j, id) in row.iter().enumerate() {
+                let Val::Scalar(v) = &vals[id.index()] else {
+                    return Err(bug(
+                        None,
+                        "an output of the unrolled program is not a scalar",
+                    ));
+                };
+                traj[(t, j)] = v[0];
+            }
+        }
+        Ok(traj)
+    }
+}
