@@ -100,7 +100,25 @@ fn same_seed_same_bytes_whatever_the_threads() {
 fn refuses_what_is_not_a_particle_quantity() {
     let prog = tpc::compile(&common::example("mlp3")).unwrap();
     let out: Vec<NodeId> = prog.outputs.clone();
-    let e = particles(&prog, &[1.0, 0.0, 0.0, 0.0], &out, &ParticleConfig::default())
-        .unwrap_err();
+    let e = particles(
+        &prog,
+        &[1.0, 0.0, 0.0, 0.0],
+        &out,
+        &ParticleConfig::default(),
+    )
+    .unwrap_err();
     assert!(e.contains("not a scalar") || e.contains("random"), "{e}");
+}
+
+#[test]
+fn derivation_of_semicircle() {
+    let prog = tpc::compile(&common::example("semicircle")).unwrap();
+    insta::assert_snapshot!(tpc::limit::particle::derivation_text(&prog));
+}
+
+#[test]
+fn derivation_of_unrolled_sgd_mlp() {
+    let prog = tpc::compile(&common::example("sgd_mlp")).unwrap();
+    let u = tpc::autodiff::unroll(&prog, &[], tpc::autodiff::Width::Limit).unwrap();
+    insta::assert_snapshot!(tpc::limit::particle::derivation_text(&u.prog));
 }

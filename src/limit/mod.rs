@@ -99,9 +99,24 @@ fn input_values(prog: &Program, points: &[Vec<f64>]) -> HashMap<NodeId, DMatrix<
 /// Everything `tpc limit` reports: the kernels and moments on the points, and with a
 /// `train` block the trajectory f_t there ([`train::trajectory`]).
 pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitError> {
+    limit_with(prog, points, &particle::ParticleConfig::default())
+}
+
+/// [`limit`] with the particle engine's configuration (feature-learning trajectories).
+pub fn limit_with(
+    prog: &Program,
+    points: &[Vec<f64>],
+    particles: &particle::ParticleConfig,
+) -> Result<LimitResult, LimitError> {
     let mut r = kernels(prog, points)?;
     if let Some(tr) = &prog.train {
-        r.train = Some(train::trajectory(prog, tr, &r, &|pts| kernels(prog, pts)));
+        r.train = Some(train::trajectory(
+            prog,
+            tr,
+            &r,
+            &|pts| kernels(prog, pts),
+            particles,
+        ));
     }
     Ok(r)
 }

@@ -50,7 +50,7 @@ pub struct ParticleConfig {
 impl Default for ParticleConfig {
     fn default() -> Self {
         ParticleConfig {
-            particles: 1 << 18,
+            particles: 1 << 20,
             replicas: 16,
             seed: 0,
         }
@@ -253,13 +253,11 @@ impl<'a> Structure<'a> {
             }
             Shape::Hidden => {
                 let s2 = Monomial::n_pow(Rational::ONE) * prm.law.entry_var();
-                let sigma2 = match limit_var(
-                    s2,
-                    &format!("n times the entry variance of `{}`", prm.name),
-                ) {
-                    Err(e) => return Kind::Refused(e),
-                    Ok(v) => v,
-                };
+                let sigma2 =
+                    match limit_var(s2, &format!("n times the entry variance of `{}`", prm.name)) {
+                        Err(e) => return Kind::Refused(e),
+                        Ok(v) => v,
+                    };
                 if prog.ty(arg) != Ty::Vector {
                     return Kind::Refused(format!("`{}` is not a vector", prog.label(arg)));
                 }
@@ -786,7 +784,9 @@ pub fn derivation_text(prog: &Program) -> String {
                 format!("{}: not a particle quantity ({why})", prog.label(id))
             }
             Kind::Zero => format!("{} = 0  (the variance vanishes as n grows)", z(id)),
-            Kind::ZeroScalar => format!("{} = 0  (the variance vanishes as n grows)", prog.label(id)),
+            Kind::ZeroScalar => {
+                format!("{} = 0  (the variance vanishes as n grows)", prog.label(id))
+            }
             Kind::Initial { std } => format!("{} ~ N(0, {})", z(id), fmt(std * std)),
             Kind::InputLayer { std, .. } => {
                 let u = prog.label(o[0]);
@@ -830,11 +830,7 @@ pub fn derivation_text(prog: &Program) -> String {
                 prog.label(id),
                 e.display(&|i| names[i].clone())
             ),
-            Kind::Scalar(e) => format!(
-                "{} = {}",
-                prog.label(id),
-                e.display(&|i| names[i].clone())
-            ),
+            Kind::Scalar(e) => format!("{} = {}", prog.label(id), e.display(&|i| names[i].clone())),
         };
         out.push_str(&line);
         out.push('\n');
