@@ -556,7 +556,7 @@ impl Replica<'_, '_> {
                     }
                     self.vecs[i] = Some(Rc::new(z));
                 }
-                Kind::Hat { member } => self.hat_product(*member)?,
+                Kind::Hat { member } => self.hat_product(*member, &sch.needed)?,
                 Kind::Nonlin(e) => {
                     let args: Vec<Arg<'_>> =
                         o.iter().map(|&a| self.arg(a)).collect::<Result<_, _>>()?;
@@ -614,17 +614,25 @@ impl Replica<'_, '_> {
 
     /// `Z^{W x} = Ẑ + Ż` (module docs): Ẑ conditionally on the earlier members of its
     /// family, Ż by Stein's lemma over the other family.
-    fn hat_product(&mut self, k: usize) -> Result<(), String> {
+    fn hat_product(&mut self, k: usize, needed: &[bool]) -> Result<(), String> {
         let st = self.st;
         let mem = &st.members[k];
+        // The family's members in this run (a member no requested value needs is never
+        // drawn; every member `Z^x` depends on is needed).
+        let earlier: Vec<usize> = mem
+            .earlier
+            .iter()
+            .copied()
+            .filter(|&j| needed[st.members[j].node.index()])
+            .collect();
         let m = self.m;
         let mf = m as f64;
         let xr = self.live(mem.arg)?;
         let x: &[f64] = &xr;
         let s2 = mem.sigma2;
         let c = DVector::from_iterator(
-            mem.earlier.len(),
-            mem.earlier
+            earlier.len(),
+            earlier
                 .iter()
                 .map(|&j| Ok(s2 * dot(x, self.vec(st.members[j].arg)?) / mf))
                 .collect::<Result<Vec<f64>, String>>()?,
@@ -636,10 +644,13 @@ impl Replica<'_, '_> {
             .get(&fam)
             .cloned()
             .unwrap_or_else(|| DMatrix::zeros(0, 0));
+        if g.nrows() != earlier.len() {
+            return Err("internal: a hat family's Gram does not match its members".into());
+        }
         let a = pinv_sym(&g) * &c;
         let cond = (v - c.dot(&a)).max(0.0);
         let mut hat = self.normals(mem.node.index(), m, cond.sqrt())?;
-        for (&j, &aj) in mem.earlier.iter().zip(a.iter()) {
+        for (&j, &aj) in earlier.iter().zip(a.iter()) {
             if aj != 0.0 {
                 for (h, e) in hat.iter_mut().zip(self.hat(j)?) {
                     *h += aj * e;
