@@ -154,9 +154,9 @@ impl<'a> Structure<'a> {
                     );
                     match (prm.shape, var) {
                         (Shape::Vector | Shape::Scalar, Err(e)) => Kind::Refused(e),
-                        (Shape::Vector, Ok(v)) if v == 0.0 => Kind::Zero,
+                        (Shape::Vector, Ok(0.0)) => Kind::Zero,
                         (Shape::Vector, Ok(v)) => Kind::Initial { std: v.sqrt() },
-                        (Shape::Scalar, Ok(v)) if v == 0.0 => Kind::ZeroScalar,
+                        (Shape::Scalar, Ok(0.0)) => Kind::ZeroScalar,
                         (Shape::Scalar, Ok(_)) => Kind::Refused(format!(
                             "`{}` is a random output bias: a random output bias is not a particle quantity",
                             prm.name
@@ -244,7 +244,7 @@ impl<'a> Structure<'a> {
                     &format!("the entry variance of `{}`", prm.name),
                 ) {
                     Err(e) => Kind::Refused(e),
-                    Ok(v) if v == 0.0 => Kind::Zero,
+                    Ok(0.0) => Kind::Zero,
                     Ok(v) => Kind::InputLayer {
                         param: w.index(),
                         std: v.sqrt(),
@@ -321,8 +321,8 @@ impl Schedule {
         // Hat families need their members' arguments and Ẑ's until the matrix's last
         // product (conditional sampling, Stein coefficients of the other family).
         let mut last_mm: HashMap<usize, usize> = HashMap::new();
-        for i in 0..n {
-            if needed[i] && matches!(st.kind[i], Kind::Hat { .. } | Kind::InputLayer { .. }) {
+        for (i, k) in st.kind.iter().enumerate() {
+            if needed[i] && matches!(k, Kind::Hat { .. } | Kind::InputLayer { .. }) {
                 last_mm.insert(st.ops[i][0].index(), i);
             }
         }
