@@ -9,6 +9,8 @@
 //! * [`gauss`]: Gauss–Hermite rules and 1-, 2- and k-dimensional expectations with
 //!   degree selection for a stated accuracy (theory.md §3.3), and [`gauss::Estimate`];
 //! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3.
+//! * [`particle`]: Monte Carlo over the Z's (particles) for one-point programs with
+//!   transposes, Ż by Stein's lemma: the feature-learning training limits of [`train`].
 //!
 //! This module knows the IR, never the syntax.
 

@@ -302,6 +302,8 @@ struct Schedule {
     free_vec: Vec<Vec<NodeId>>,
     free_hat: Vec<Vec<usize>>,
     free_cols: Vec<Vec<usize>>,
+    /// The most particle arrays alive at once in one replica.
+    peak_arrays: usize,
 }
 
 impl Schedule {
@@ -356,11 +358,53 @@ impl Schedule {
                 }
             }
         }
+        // Peak number of live particle arrays, for the memory check: each array is
+        // allocated at its node and dropped after its last use (a hat shared with its
+        // node's Z lives until the later of the two).
+        let mut delta = vec![0i64; n + 1];
+        for i in (0..n).filter(|&i| needed[i]) {
+            let mut arrays = |k: i64, until: usize| {
+                delta[i] += k;
+                delta[until + 1] -= k;
+            };
+            match &st.kind[i] {
+                Kind::Zero | Kind::Initial { .. } | Kind::Nonlin(_) => arrays(1, last[i]),
+                Kind::InputLayer { param, .. } => {
+                    arrays(1, last[i]);
+                    let d = match st.prog.param_of(st.ops[i][0]).map(|p| p.shape) {
+                        Some(Shape::Input(d)) => d as i64,
+                        _ => 0,
+                    };
+                    if st.ops[..i].iter().zip(&st.kind).all(|(o, k)| {
+                        !matches!(k, Kind::InputLayer { .. }) || o[0].index() != *param
+                    }) {
+                        arrays(d, last_mm[param]);
+                    }
+                }
+                Kind::Hat { member } => {
+                    let until = last_mm[&st.ops[i][0].index()];
+                    if st.members[*member].zdot.is_empty() {
+                        arrays(1, until.max(last[i]));
+                    } else {
+                        arrays(1, last[i]);
+                        arrays(1, until);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut live = 0i64;
+        let mut peak = 0i64;
+        for d in &delta {
+            live += d;
+            peak = peak.max(live);
+        }
         Schedule {
             needed,
             free_vec,
             free_hat,
             free_cols,
+            peak_arrays: peak.max(0) as usize,
         }
     }
 }
@@ -720,6 +764,24 @@ pub fn particles(
     }
     let st = Structure::new(prog);
     let sch = Schedule::new(&st, nodes);
+    // Replicas run a few at a time (one per thread): refuse before allocating when
+    // their live arrays (plus a few temporaries) cannot fit.
+    let bytes = (sch.peak_arrays as u128 + 4)
+        * m as u128
+        * 8
+        * rayon::current_num_threads().min(cfg.replicas) as u128;
+    if let Some(avail) = crate::machine::mem_available() {
+        if bytes > avail {
+            return Err(format!(
+                "{} particles need about {:.1} GB ({} arrays of {m} particles live per replica); \
+                 this machine has {:.1} GB available: use fewer particles",
+                m * cfg.replicas,
+                bytes as f64 / 1e9,
+                sch.peak_arrays,
+                avail as f64 / 1e9
+            ));
+        }
+    }
     let inputs: HashMap<NodeId, Vec<f64>> = super::input_values(prog, &[row.to_vec()])
         .into_iter()
         .map(|(k, v)| (k, v.iter().copied().collect()))
