@@ -435,6 +435,54 @@ fn particles_agree_with_the_exact_linear_trajectory() {
     }
 }
 
+/// The acceptance check in small: sgd_mlp.tp's particle trajectory against dense
+/// training at width 1024 (24 seeds), within 4 combined standard errors at every step.
+/// (At width 8192 with 32 seeds and 2^20 particles the worst deviation is 1.6 SE.)
+#[test]
+fn sgd_mlp_particles_match_finite_width() {
+    let prog = compile(&common::example("sgd_mlp"));
+    let pts: Vec<Vec<f64>> = prog
+        .train
+        .as_ref()
+        .unwrap()
+        .data
+        .iter()
+        .map(|s| s.x.clone())
+        .collect();
+    let cfg = ParticleConfig {
+        particles: 1 << 18,
+        ..small()
+    };
+    let t = limit_with(&prog, &pts, &cfg).unwrap().train.unwrap();
+    let (lim, lse) = (t.f_t.unwrap(), t.f_t_se.unwrap());
+    let r = run(
+        &prog,
+        &pts,
+        &RunConfig {
+            width: 1024,
+            seeds: 24,
+            seed: 7,
+        },
+        &|| {},
+    )
+    .unwrap();
+    let ft = r.train.unwrap().f_t;
+    let fse = ft.se.unwrap();
+    for i in 0..lim.nrows() {
+        for j in 0..lim.ncols() {
+            let se = (lse[(i, j)].powi(2) + fse[(i, j)].powi(2)).sqrt();
+            let dev = (ft.mean[(i, j)] - lim[(i, j)]).abs() / se;
+            assert!(
+                dev < 4.0,
+                "step {i}, point {j}: finite {} vs particles {} ({dev:.2} SE)",
+                ft.mean[(i, j)],
+                lim[(i, j)]
+            );
+        }
+    }
+    assert!(lim[(3, 0)] > 0.2, "it learns: {lim}");
+}
+
 #[test]
 fn cli_prints_the_trajectory() {
     let dir = std::env::temp_dir().join(format!("tpc_ltrain_{}", std::process::id()));
