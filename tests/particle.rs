@@ -122,3 +122,26 @@ fn derivation_of_unrolled_sgd_mlp() {
     let u = tpc::autodiff::unroll(&prog, &[], tpc::autodiff::Width::Limit).unwrap();
     insta::assert_snapshot!(tpc::limit::particle::derivation_text(&u.prog));
 }
+
+#[test]
+fn dependent_arguments_give_a_singular_family() {
+    // W (2v) is exactly 2·W v: the family's Gram is singular, the conditional variance 0.
+    let prog = tpc::compile(
+        "width n
+param W : n x n ~ N(0, 1/n)
+param v : n ~ N(0, 1)
+a = W @ v
+b = W @ (2 * v)
+observe d = mean((b - 2 * a)^2)
+observe e = mean(b * b)
+",
+    )
+    .unwrap();
+    let est = run(&prog, 1 << 12, 4);
+    assert!(est.mean[0].abs() < 1e-12, "{:?}", est.mean);
+    assert!(
+        (est.mean[1] - 4.0).abs() < 4.0 * est.se[1] + 1e-9,
+        "{:?}",
+        est
+    );
+}
