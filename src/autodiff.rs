@@ -143,6 +143,44 @@ pub fn unroll(prog: &Program, eval: &[Vec<f64>], width: Width) -> Result<Unrolle
     Ok(b.finish())
 }
 
+/// The evaluation points and the training inputs as one list of distinct points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Union {
+    pub points: Vec<Vec<f64>>,
+    /// Index in `points` of each evaluation point.
+    pub eval: Vec<usize>,
+    /// Index in `points` of each training sample.
+    pub train: Vec<usize>,
+}
+
+/// The union of `eval` (the evaluation points, in order, first) and the training
+/// inputs. A program without inputs has one (empty) point.
+pub fn union(prog: &Program, eval: &[Vec<f64>], train: &Train) -> Union {
+    if prog.inputs.is_empty() {
+        return Union {
+            points: vec![vec![]],
+            eval: vec![0],
+            train: vec![0; train.data.len()],
+        };
+    }
+    let mut points = eval.to_vec();
+    let mut train_idx = Vec::new();
+    for s in &train.data {
+        match points.iter().position(|p| *p == s.x) {
+            Some(i) => train_idx.push(i),
+            None => {
+                points.push(s.x.clone());
+                train_idx.push(points.len() - 1);
+            }
+        }
+    }
+    Union {
+        points,
+        eval: (0..eval.len()).collect(),
+        train: train_idx,
+    }
+}
+
 /// One rank-one term of a matrix update, `W_t = W_0 − (κ/n) Σ left · rightᵀ` in the
 /// scaled variables (so `mult·W_t z = mult·W_0 z − κ Σ left · E_n[right z]`).
 #[derive(Clone, Copy)]
@@ -210,31 +248,13 @@ impl<'a> Builder<'a> {
         eval: &[Vec<f64>],
         width: Width,
     ) -> Result<Builder<'a>, UnrollError> {
-        // The points: evaluation points first, then the training inputs not among them.
-        let (points, eval_idx, train_idx) = if g.inputs.is_empty() {
-            (vec![vec![]], vec![0], vec![0; train.data.len()])
+        let u = union(g, eval, train);
+        let (points, train_idx) = (u.points, u.train);
+        // No evaluation points: report f_t at the training inputs.
+        let eval_idx = if eval.is_empty() && !g.inputs.is_empty() {
+            train_idx.clone()
         } else {
-            let mut points: Vec<Vec<f64>> = if eval.is_empty() {
-                Vec::new()
-            } else {
-                eval.to_vec()
-            };
-            let mut train_idx = Vec::new();
-            for s in &train.data {
-                match points.iter().position(|p| *p == s.x) {
-                    Some(i) => train_idx.push(i),
-                    None => {
-                        points.push(s.x.clone());
-                        train_idx.push(points.len() - 1);
-                    }
-                }
-            }
-            let eval_idx = if eval.is_empty() {
-                train_idx.clone()
-            } else {
-                (0..eval.len()).collect()
-            };
-            (points, eval_idx, train_idx)
+            u.eval
         };
         let row_len: usize = g.inputs.iter().map(InputDecl::row_len).sum();
         if let Some(p) = points.iter().find(|p| p.len() != row_len) {
@@ -664,9 +684,7 @@ impl Builder<'_> {
             )?;
             terms.push((-kappa, vec![vec, m]));
         }
-        if terms.is_empty() {
-            return Ok(base);
-        }
+        // (`combination` returns `base` itself when every coefficient is 0.)
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))
@@ -695,9 +713,6 @@ impl Builder<'_> {
                 (-kappa * dot, vec![r.dy])
             })
             .collect();
-        if terms.iter().all(|(c, _)| *c == 0.0) {
-            return Ok(base);
-        }
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))

@@ -32,30 +32,9 @@ fn points(prog: &Program, path: &std::path::Path) -> Vec<Vec<f64>> {
     tpc::data::parse_points(prog, &path.display().to_string(), &text).unwrap()
 }
 
-/// A program that exercises every backward rule: an input layer, a bias, a moment
-/// feeding a Nonlin, a matrix used three times (forward and transposed), two outputs
-/// sharing a readout, a scalar bias, a constant, and non-unit learning rates (muP).
-const GRAD_PROGRAM: &str = "\
-width n
-input x : 2
-parameterization mup
-param U : n x 2
-param W : n x n { std = 1.3 }
-param b : n { std = 0.5 }
-param v : 1 x n
-param c : 1 { std = 0.2 }
-param u : 1 x n ~ N(0, 1) * n^(-1/2) lr 2.5
-h1 = tanh(U @ x + b)
-observe m = mean(h1 * h1)
-h2 = sin(W @ h1) * h1 + m * h1
-g = erf(W.T @ h2) + gelu(W @ h2)
-output f = v @ g + c
-output k = u @ h1 + 2 * v @ h2 - 0.5
-";
-
 #[test]
 fn ntk_equals_finite_differences() {
-    let prog = compile(GRAD_PROGRAM);
+    let prog = compile(common::EVERY_RULE);
     let pts = points(&prog, &manifest().join("tests/data/X2_4.csv"));
     let n = 7;
     let ws = sample_params(&prog, n, 11, 3).unwrap();

@@ -24,31 +24,10 @@ fn compile(src: &str) -> Program {
     tpc::compile(src).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Every backward rule: an input layer, a bias, a moment feeding a Nonlin, a matrix
-/// used three times (forward and transposed), two outputs sharing a readout, a scalar
-/// bias, a constant, non-unit learning rates (muP), two targets per sample.
-const GRAD_BODY: &str = "\
-width n
-input x : 2
-parameterization mup
-param U : n x 2
-param W : n x n { std = 1.3 }
-param b : n { std = 0.5 }
-param v : 1 x n
-param c : 1 { std = 0.2 }
-param u : 1 x n ~ N(0, 1) * n^(-1/2) lr 2.5
-h1 = tanh(U @ x + b)
-observe m = mean(h1 * h1)
-h2 = sin(W @ h1) * h1 + m * h1
-g = erf(W.T @ h2) + gelu(W @ h2)
-output f = v @ g + c
-output k = u @ h1 + 2 * v @ h2 - 0.5
-";
-
 fn grad_program(loss: &str, ys: [&str; 3]) -> Program {
     compile(&format!(
-        "{GRAD_BODY}train {{\n  loss = {loss}\n  lr = 0.3\n  steps = 2\n  data = [ ([1.0, 0.0], {}), ([0.6, 0.8], {}), ([-2.0, 0.5], {}) ]\n}}\n",
-        ys[0], ys[1], ys[2]
+        "{}train {{\n  loss = {loss}\n  lr = 0.3\n  steps = 2\n  data = [ ([1.0, 0.0], {}), ([0.6, 0.8], {}), ([-2.0, 0.5], {}) ]\n}}\n",
+        common::EVERY_RULE, ys[0], ys[1], ys[2]
     ))
 }
 

@@ -327,30 +327,9 @@ fn linear_mup_is_the_abcd_recursion() {
     assert_finite_agrees(&prog, &eval, &f, 1024, 24, 4.0);
 }
 
-/// The `mup` preset: a bias, two outputs (one reading out a sum of features), a constant.
-const MUP_LINEAR: &str = "\
-width n
-input x : 2
-parameterization mup
-param U : n x 2
-param b : n { std = 0.5 }
-param v : 1 x n
-param u : 1 x n
-h = U @ x + b
-k = 2 * h - 0.5 * (U @ x)
-output f = v @ h
-output g = u @ k + 0.5 * v @ h + 0.1
-train {
-    loss  = mse
-    lr    = 0.2
-    steps = 5
-    data  = [ ([1.0, 0.0], [1.0, 0.0]), ([0.0, 1.0], [-1.0, 0.5]), ([0.7, 0.7], [0.5, -0.5]) ]
-}
-";
-
 #[test]
 fn linear_mup_preset_matches_finite_width() {
-    let prog = compile(MUP_LINEAR);
+    let prog = compile(common::MUP_LINEAR);
     let eval = vec![vec![1.0, 0.0], vec![0.7, 0.7], vec![-0.5, 0.2]];
     let r = limit(&prog, &eval).unwrap();
     assert_eq!(r.regime.as_deref(), Some("feature-learning"));
@@ -395,13 +374,27 @@ fn nonlinear_and_deep_feature_learning_use_the_particle_engine() {
     let j = tpc::report::limit::json(&r);
     assert_eq!(j["train"]["f_t_se"].as_array().unwrap().len(), 4);
 
-    let deep = MUP_LINEAR
+    let deep = common::MUP_LINEAR
         .replace("param u : 1 x n", "param u : 1 x n\nparam W : n x n")
         .replace("k = 2 * h", "k = 2 * (W @ h)");
-    let r = limit_with(&compile(&deep), &pts, &small()).unwrap();
+    // A deep linear network is exact Gaussian algebra on the unrolled program, and
+    // the particle engine agrees with it (Ż of W and W.T through training steps).
+    let deep = compile(&deep);
+    let r = limit(&deep, &pts).unwrap();
     let t = r.train.unwrap();
-    assert!(t.f_t.is_some() && t.f_t_se.is_some());
-    assert!(t.method.starts_with("particle engine"), "{}", t.method);
+    assert_eq!(t.method, tpc::limit::train::DEEP_LINEAR_METHOD);
+    let exact = t.f_t.unwrap();
+    let (f, se, _) = particle_trajectory(&deep, &pts, &small()).unwrap();
+    assert_eq!(f.shape(), exact.shape());
+    for i in 0..f.nrows() {
+        for j in 0..f.ncols() {
+            let (a, s, b) = (f[(i, j)], se[(i, j)], exact[(i, j)]);
+            assert!(
+                (a - b).abs() <= 4.0 * s + 1e-12,
+                "deep linear, step {i}, column {j}: {a} ± {s} vs exact {b}"
+            );
+        }
+    }
 
     let r = limit(&compile(&common::example("sp_blowup")), &pts).unwrap();
     assert_eq!(r.regime.as_deref(), Some("unstable"));
@@ -416,7 +409,7 @@ fn nonlinear_and_deep_feature_learning_use_the_particle_engine() {
 fn particles_agree_with_the_exact_linear_trajectory() {
     for (src, eval) in [
         (TP4_LINEAR, vec![vec![1.0, 0.0], vec![0.3, -0.8]]),
-        (MUP_LINEAR, vec![vec![1.0, 0.0], vec![-0.5, 0.2]]),
+        (common::MUP_LINEAR, vec![vec![1.0, 0.0], vec![-0.5, 0.2]]),
     ] {
         let prog = compile(src);
         let exact = linear_trajectory(&prog, prog.train.as_ref().unwrap(), &eval).unwrap();

@@ -23,22 +23,8 @@ fn example(name: &str) -> Program {
     compile(&std::fs::read_to_string(path).unwrap())
 }
 
-const EVERY_RULE: &str = "\
-width n
-input x : 2
-parameterization mup
-param U : n x 2
-param W : n x n { std = 1.3 }
-param b : n { std = 0.5 }
-param v : 1 x n
-param c : 1 { std = 0.2 }
-param u : 1 x n ~ N(0, 1) * n^(-1/2) lr 2.5
-h1 = tanh(U @ x + b)
-observe m = mean(h1 * h1)
-h2 = sin(W @ h1) * h1 + m * h1
-g = erf(W.T @ h2) + gelu(W @ h2)
-output f = v @ g + c
-output k = u @ h1 + 2 * v @ h2 - 0.5
+/// The train block appended to `common::EVERY_RULE`, with the loss to fill in.
+const EVERY_RULE_TRAIN: &str = "\
 train {
     loss  = LOSS
     lr    = 0.3
@@ -116,7 +102,11 @@ fn sp_blowup_unrolled_equals_dense_training() {
 #[test]
 fn every_backward_rule_mse_and_xent() {
     for loss in ["mse", "xent"] {
-        let prog = compile(&EVERY_RULE.replace("LOSS", loss));
+        let prog = compile(&format!(
+            "{}{}",
+            common::EVERY_RULE,
+            EVERY_RULE_TRAIN.replace("LOSS", loss)
+        ));
         agree(&prog, &[], 24, 0);
         // Evaluation points that are not all training inputs.
         let eval = vec![vec![0.5, 0.5], vec![1.0, 0.0], vec![-1.0, 0.2]];
@@ -210,4 +200,21 @@ fn unrolled_listing_snapshot() {
     let prog = compile(&src);
     let u = unroll(&prog, &[], Width::Limit).unwrap();
     insta::assert_snapshot!(tpc::report::graph::listing(&u.prog));
+}
+
+#[test]
+fn few_vectors_are_alive_at_once() {
+    // sgd_mlp's unrolled program has ~200 vectors; the forward and backward vectors of
+    // earlier steps stay alive (the rank-one corrections read them), the rest is freed.
+    let prog = example("sgd_mlp.tp");
+    let run = UnrolledRun::new(&prog, &[], 64).unwrap();
+    let total = run
+        .unrolled
+        .prog
+        .ids()
+        .filter(|&id| run.unrolled.prog.ty(id) == tpc::ir::Ty::Vector)
+        .count();
+    let peak = run.peak_vectors();
+    eprintln!("sgd_mlp unrolled: {total} vectors, at most {peak} alive");
+    assert!(peak < total / 2, "{peak} of {total}");
 }

@@ -427,7 +427,8 @@ pub(super) fn forward_with(
 }
 
 /// [`forward_with`] that drops each vector after its last use when `last_use` (the
-/// index of the last node reading each node, or `usize::MAX` to keep it) is given:
+/// index of the last node reading each node — its own index when nothing reads it —
+/// or `usize::MAX` to keep it) is given:
 /// unrolled training programs hold hundreds of width-N vectors, few of them live at
 /// once. Dropped vectors are `Val::None` in the result; scalars are kept.
 pub(super) fn forward_releasing(
@@ -441,7 +442,7 @@ pub(super) fn forward_releasing(
     let prog = plan.prog;
     let release = |vals: &mut [Val], ops: &[NodeId], id: NodeId| {
         if let Some(lu) = last_use {
-            for a in ops {
+            for a in ops.iter().chain(std::iter::once(&id)) {
                 if lu[a.index()] == id.index() && matches!(vals[a.index()], Val::Vector(_)) {
                     vals[a.index()] = Val::None;
                 }
@@ -1008,18 +1009,22 @@ pub(super) fn sample_non_hidden(
         .collect()
 }
 
-fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
-    let prog = plan.prog;
-    let nf = n as f64;
-    let ws = sample_non_hidden(prog, n, seed, draw)?;
-    let sampled: Vec<Sampled<'_>> = ws
-        .iter()
+/// Pairs each value with its parameter's multiplier at width `n`, unchecked (hidden
+/// matrices may be 0×0 placeholders of the conditional engine).
+pub(super) fn with_mults<'w>(prog: &Program, n: usize, ws: &'w [DMatrix<f64>]) -> Vec<Sampled<'w>> {
+    ws.iter()
         .zip(&prog.params)
         .map(|(w, prm)| Sampled {
             w,
-            mult: prm.law.mult.at(nf),
+            mult: prm.law.mult.at(n as f64),
         })
-        .collect();
+        .collect()
+}
+
+fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, RunError> {
+    let prog = plan.prog;
+    let ws = sample_non_hidden(prog, n, seed, draw)?;
+    let sampled = with_mults(prog, n, &ws);
     let mut engine = super::cond::CondEngine::new(prog, n, seed, draw);
     run_draw_with(plan, n, &sampled, draw, Some(&mut engine))
 }

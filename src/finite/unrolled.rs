@@ -10,12 +10,12 @@
 use nalgebra::DMatrix;
 
 use super::exec::{
-    bug, forward_releasing, sample_non_hidden, sample_params, Engine, HiddenProducts, Plan,
-    RunError, Sampled, Val,
+    bug, forward_releasing, sample_non_hidden, sample_params, with_mults, Engine, HiddenProducts,
+    Plan, RunError, Val,
 };
 use super::train::Trajectory;
 use crate::autodiff::{unroll, Unrolled, Width};
-use crate::ir::Program;
+use crate::ir::{NodeId, Program, Ty};
 
 /// A training program unrolled at one width, with its plan: built once, run per draw.
 pub struct UnrolledRun {
@@ -48,15 +48,11 @@ impl UnrolledRun {
         })?;
         let row = vec![unrolled.row()];
         let prog = &unrolled.prog;
-        let mut last_use = vec![usize::MAX; prog.len()];
-        for id in prog.ids() {
-            for u in prog.users(id) {
-                last_use[id.index()] = u.index();
-            }
-            if prog.users(id).is_empty() {
-                last_use[id.index()] = usize::MAX;
-            }
-        }
+        // The last reader of every node (itself when nothing reads it).
+        let last_use: Vec<usize> = prog
+            .ids()
+            .map(|id| prog.users(id).last().map_or(id.index(), |u| u.index()))
+            .collect();
         Ok(UnrolledRun {
             unrolled,
             width: n,
@@ -65,24 +61,40 @@ impl UnrolledRun {
         })
     }
 
+    /// The most width-N vectors alive at once while [`UnrolledRun::run`] runs (values
+    /// are released after their last use).
+    pub fn peak_vectors(&self) -> usize {
+        let prog = &self.unrolled.prog;
+        let vector = |id: NodeId| prog.ty(id) == Ty::Vector;
+        let (mut live, mut peak) = (0usize, 0usize);
+        for id in prog.ids() {
+            if vector(id) {
+                live += 1;
+                peak = peak.max(live);
+            }
+            let mut ops = prog.operands(id);
+            ops.push(id);
+            ops.sort_unstable();
+            ops.dedup();
+            for a in ops {
+                if vector(a) && self.last_use[a.index()] == id.index() {
+                    live -= 1;
+                }
+            }
+        }
+        peak
+    }
+
     /// The trajectory of draw `draw` of `seed`: (steps+1) × O·P, output-major.
     pub fn run(&self, seed: u64, draw: usize, engine: Engine) -> Result<Trajectory, RunError> {
         let prog = &self.unrolled.prog;
         let n = self.width;
-        let nf = n as f64;
         let plan = Plan::new(prog, &self.row)?;
         let ws = match engine {
             Engine::Dense => sample_params(prog, n, seed, draw)?,
             Engine::Conditional => sample_non_hidden(prog, n, seed, draw)?,
         };
-        let sampled: Vec<Sampled<'_>> = ws
-            .iter()
-            .zip(&prog.params)
-            .map(|(w, prm)| Sampled {
-                w,
-                mult: prm.law.mult.at(nf),
-            })
-            .collect();
+        let sampled = with_mults(prog, n, &ws);
         let mut cond;
         let products: Option<&mut dyn HiddenProducts> = match engine {
             Engine::Dense => None,

@@ -8,9 +8,12 @@
 //!   the IR's expressions, with Gauss–Hermite fallback, on whole covariance blocks;
 //! * [`gauss`]: Gauss–Hermite rules and 1-, 2- and k-dimensional expectations with
 //!   degree selection for a stated accuracy (theory.md §3.3), and [`gauss::Estimate`];
-//! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3.
+//! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3;
+//! * [`linear`]: exact Ẑ/Ż linear algebra for one-point programs linear in their
+//!   Gaussians (deep linear networks' unrolled training, random-matrix moments);
 //! * [`particle`]: Monte Carlo over the Z's (particles) for one-point programs with
-//!   transposes, Ż by Stein's lemma: the feature-learning training limits of [`train`].
+//!   transposes, Ż by Stein's lemma (nonlinear networks' unrolled training);
+//! * [`train`]: limit trajectories of `train` blocks.
 //!
 //! This module knows the IR, never the syntax.
 
@@ -18,6 +21,7 @@ pub mod chain;
 pub mod dual;
 pub mod engine;
 pub mod gauss;
+pub mod linear;
 pub mod particle;
 pub mod qmc;
 pub mod train;

@@ -24,12 +24,13 @@
 //!   "infinite-width muP linear net = width-(d + d_o) linear net with identity-block
 //!   initialization" (theory.md §6.2–6.3), the K columns of M_t being its K neurons;
 //!   Cor 6.2's ABCD recursion is the case of one input and one output.
-//!   Deeper linear networks are not covered: every W_0 and W_0ᵀ product of a new vector
-//!   adds a new Gaussian (theory.md §2.1), so their exact representation grows with t.
-//! * Everything else in the feature-learning regime (nonlinear or deep networks): the
-//!   training is unrolled into one program in the initial weights
-//!   ([`crate::autodiff::unroll`], theory.md §6.1) and its f_t are estimated by the
-//!   particle engine ([`super::particle`]), with a Monte Carlo standard error `f_t_se`.
+//! * **Deeper linear networks**: every W_0 and W_0ᵀ product of a new vector adds a new
+//!   Gaussian (theory.md §2.1), so the exact representation grows with t; it is still
+//!   finite, and [`super::linear`] computes it on the unrolled training program
+//!   ([`crate::autodiff`]) with Ż as exact linear algebra.
+//! * Everything else in the feature-learning regime (nonlinear networks): the unrolled
+//!   training program's f_t are estimated by the particle engine ([`super::particle`]),
+//!   with a Monte Carlo standard error `f_t_se`.
 //! * Unstable programs: `f_t` is `None` with a note.
 
 use nalgebra::{DMatrix, DVector};
@@ -62,46 +63,11 @@ pub const TRIVIAL_METHOD: &str = "trivial regime: NTK recursion, exact";
 pub const KERNEL_XENT_METHOD: &str =
     "kernel regime: NTK recursion from E f_0 (for xent not exactly E f_t)";
 pub const LINEAR_METHOD: &str = "linear network: exact Gaussian algebra";
+pub const DEEP_LINEAR_METHOD: &str =
+    "linear network: exact Gaussian algebra on the unrolled program (Ẑ and Ż by linear algebra)";
 pub const NOT_COMPUTED: &str = "not computed yet";
 
-/// The evaluation points and the training inputs as one list of distinct points.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Union {
-    pub points: Vec<Vec<f64>>,
-    /// Index in `points` of each evaluation point.
-    pub eval: Vec<usize>,
-    /// Index in `points` of each training sample.
-    pub train: Vec<usize>,
-}
-
-/// The union of `eval` (the evaluation points, in order, first) and the training
-/// inputs. A program without inputs has one (empty) point.
-pub fn union(prog: &Program, eval: &[Vec<f64>], train: &Train) -> Union {
-    if prog.inputs.is_empty() {
-        return Union {
-            points: vec![vec![]],
-            eval: vec![0],
-            train: vec![0; train.data.len()],
-        };
-    }
-    let mut points = eval.to_vec();
-    let eval_idx = (0..eval.len()).collect();
-    let mut train_idx = Vec::new();
-    for s in &train.data {
-        match points.iter().position(|p| *p == s.x) {
-            Some(i) => train_idx.push(i),
-            None => {
-                points.push(s.x.clone());
-                train_idx.push(points.len() - 1);
-            }
-        }
-    }
-    Union {
-        points,
-        eval: eval_idx,
-        train: train_idx,
-    }
-}
+pub use crate::autodiff::{union, Union};
 
 /// ∂(one sample's loss)/∂f (language.md, Training).
 fn dloss(kind: Loss, f: f64, y: f64) -> f64 {
@@ -296,22 +262,36 @@ pub fn trajectory(
                         .to_string(),
                 );
             }
-            Err(why) => match particle_trajectory(prog, &r.points, particles) {
-                Ok((f, se, method)) => {
-                    out.method = method;
+            Err(why) => match super::linear::trajectory(prog, &eval) {
+                // Deep linear networks: exact Ẑ/Ż algebra on the unrolled program.
+                Ok(f) => {
+                    out.method = DEEP_LINEAR_METHOD.to_string();
                     out.f_t = Some(f);
-                    out.f_t_se = Some(se);
                     out.note = Some(
-                        "f_t is deterministic in the limit; the training unrolled into one program in \
-                         the initial weights (theory.md §6.1), its Z's sampled (theory.md §2.1, §6.2)"
+                        "f_t is deterministic in the limit: every Z of the unrolled training program is a \
+                         linear form in finitely many Gaussians (theory.md §2.1, §6.2)"
                             .to_string(),
                     );
                 }
-                Err(e) => {
-                    out.note = Some(format!(
-                        "feature-learning limit: {why}; the particle engine could not run it: {e}"
-                    ));
-                }
+                // Nonlinear networks: particles.
+                Err(why2) => match particle_trajectory(prog, &r.points, particles) {
+                    Ok((f, se, method)) => {
+                        out.method = method;
+                        out.f_t = Some(f);
+                        out.f_t_se = Some(se);
+                        out.note = Some(
+                            "f_t is deterministic in the limit; the training unrolled into one program in \
+                             the initial weights (theory.md §6.1), its Z's sampled (theory.md §2.1, §6.2)"
+                                .to_string(),
+                        );
+                    }
+                    Err(e) => {
+                        out.note = Some(format!(
+                            "feature-learning limit: {why}; as an unrolled program: {why2}; the particle \
+                             engine could not run it: {e}"
+                        ));
+                    }
+                },
             },
         },
         None => {

@@ -41,3 +41,46 @@ pub fn example(name: &str) -> String {
     )
     .unwrap()
 }
+
+/// Every backward rule: an input layer, a bias, a moment feeding a Nonlin, a matrix
+/// used three times (forward and transposed), two outputs sharing a readout, a scalar
+/// bias, a constant, non-unit learning rates (muP). No `train` block.
+pub const EVERY_RULE: &str = "\
+width n
+input x : 2
+parameterization mup
+param U : n x 2
+param W : n x n { std = 1.3 }
+param b : n { std = 0.5 }
+param v : 1 x n
+param c : 1 { std = 0.2 }
+param u : 1 x n ~ N(0, 1) * n^(-1/2) lr 2.5
+h1 = tanh(U @ x + b)
+observe m = mean(h1 * h1)
+h2 = sin(W @ h1) * h1 + m * h1
+g = erf(W.T @ h2) + gelu(W @ h2)
+output f = v @ g + c
+output k = u @ h1 + 2 * v @ h2 - 0.5
+";
+
+/// A linear one-hidden-layer muP network: a bias, two outputs (one reading out a sum
+/// of features), a constant; five steps on three samples with two targets each.
+pub const MUP_LINEAR: &str = "\
+width n
+input x : 2
+parameterization mup
+param U : n x 2
+param b : n { std = 0.5 }
+param v : 1 x n
+param u : 1 x n
+h = U @ x + b
+k = 2 * h - 0.5 * (U @ x)
+output f = v @ h
+output g = u @ k + 0.5 * v @ h + 0.1
+train {
+    loss  = mse
+    lr    = 0.2
+    steps = 5
+    data  = [ ([1.0, 0.0], [1.0, 0.0]), ([0.0, 1.0], [-1.0, 0.5]), ([0.7, 0.7], [0.5, -0.5]) ]
+}
+";
