@@ -16,7 +16,7 @@
 //!   family and of everything else: it is drawn conditionally on the earlier members
 //!   (the Gram of moments is estimated from the particles). Ż is
 //!   `σ_W² Σ_j Z^{y_j} E[∂Z^x/∂Ẑ^{Wᵀ y_j}]` over the earlier members of the other family
-//!   that `Z^x` structurally depends on ([`stein`]);
+//!   that `Z^x` structurally depends on, by Stein's lemma (`stein` below);
 //! * `Nonlin`: coordinatewise, moments and scalars broadcast; `Moment`: the particle
 //!   mean; `Scalar`: a function of (deterministic) scalars.
 //!
