@@ -68,6 +68,11 @@ enum Cmd {
         inputs: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Particles of the feature-learning trajectory's particle engine (split over
+        /// 16 replicas for the standard error f_t_se)
+        #[arg(long, default_value_t = tpc::limit::particle::ParticleConfig::default().particles as u64,
+              value_parser = clap::value_parser!(u64).range(32..=1_000_000_000))]
+        particles: u64,
     },
     /// Time the limit computation (benchmarks; not part of CI)
     Bench {
@@ -260,11 +265,17 @@ fn run(cli: Cli) -> Result<(), Reported> {
             file,
             inputs,
             format,
+            particles,
         } => {
             let prog = compile_file(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &prog, &e))?;
-            let r = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let cfg = tpc::limit::particle::ParticleConfig {
+                particles: particles as usize,
+                ..Default::default()
+            };
+            let r = tpc::limit::limit_with(&prog, &points, &cfg)
+                .map_err(|e| limit_fail(&file, &prog, &e))?;
             let text = if format == Format::Json {
                 serde_json::to_string_pretty(&tpc::report::limit::json(&r))
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?

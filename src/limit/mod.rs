@@ -11,6 +11,8 @@
 //! * [`qmc`]: randomized quasi-Monte Carlo for expectations of rank above 3;
 //! * [`linear`]: exact Ẑ/Ż linear algebra for one-point programs linear in their
 //!   Gaussians (deep linear networks' unrolled training, random-matrix moments);
+//! * [`particle`]: Monte Carlo over the Z's (particles) for one-point programs with
+//!   transposes, Ż by Stein's lemma (nonlinear networks' unrolled training);
 //! * [`train`]: limit trajectories of `train` blocks.
 //!
 //! This module knows the IR, never the syntax.
@@ -20,6 +22,7 @@ pub mod dual;
 pub mod engine;
 pub mod gauss;
 pub mod linear;
+pub mod particle;
 pub mod qmc;
 pub mod train;
 pub mod zform;
@@ -102,9 +105,24 @@ fn input_values(prog: &Program, points: &[Vec<f64>]) -> HashMap<NodeId, DMatrix<
 /// Everything `tpc limit` reports: the kernels and moments on the points, and with a
 /// `train` block the trajectory f_t there ([`train::trajectory`]).
 pub fn limit(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitError> {
+    limit_with(prog, points, &particle::ParticleConfig::default())
+}
+
+/// [`limit`] with the particle engine's configuration (feature-learning trajectories).
+pub fn limit_with(
+    prog: &Program,
+    points: &[Vec<f64>],
+    particles: &particle::ParticleConfig,
+) -> Result<LimitResult, LimitError> {
     let mut r = kernels(prog, points)?;
     if let Some(tr) = &prog.train {
-        r.train = Some(train::trajectory(prog, tr, &r, &|pts| kernels(prog, pts)));
+        r.train = Some(train::trajectory(
+            prog,
+            tr,
+            &r,
+            &|pts| kernels(prog, pts),
+            particles,
+        ));
     }
     Ok(r)
 }

@@ -28,11 +28,14 @@
 //!   Gaussian (theory.md §2.1), so the exact representation grows with t; it is still
 //!   finite, and [`super::linear`] computes it on the unrolled training program
 //!   ([`crate::autodiff`]) with Ż as exact linear algebra.
-//! * Everything else (nonlinear feature learning, unstable programs):
-//!   `f_t` is `None` with a note.
+//! * Everything else in the feature-learning regime (nonlinear networks): the unrolled
+//!   training program's f_t are estimated by the particle engine ([`super::particle`]),
+//!   with a Monte Carlo standard error `f_t_se`.
+//! * Unstable programs: `f_t` is `None` with a note.
 
 use nalgebra::{DMatrix, DVector};
 
+use super::particle::ParticleConfig;
 use super::{LimitError, LimitResult};
 use crate::ir::{Loss, Monomial, NodeId, Op, OutTerm, Program, Rational, Shape, Train};
 use crate::scaling::Regime;
@@ -47,6 +50,8 @@ pub struct LimitTrain {
     pub f_t: Option<DMatrix<f64>>,
     /// Variance of f_t over f_0's randomness, same shape (kernel regime, mse).
     pub f_t_var: Option<DMatrix<f64>>,
+    /// Monte Carlo standard error of f_t, same shape (the particle engine).
+    pub f_t_se: Option<DMatrix<f64>>,
     /// How `f_t` was computed, or why it was not.
     pub method: String,
     /// Caveats (xent mean, what is not computed).
@@ -169,6 +174,7 @@ pub fn trajectory(
     train: &Train,
     r: &LimitResult,
     kernels: &KernelsAt<'_>,
+    particles: &ParticleConfig,
 ) -> LimitTrain {
     let mut out = LimitTrain {
         loss: train.loss,
@@ -176,6 +182,7 @@ pub fn trajectory(
         steps: train.steps,
         f_t: None,
         f_t_var: None,
+        f_t_se: None,
         method: NOT_COMPUTED.to_string(),
         note: None,
     };
@@ -266,13 +273,25 @@ pub fn trajectory(
                             .to_string(),
                     );
                 }
-                Err(why2) => {
-                    out.note = Some(format!(
-                        "feature-learning limit: {why}; as an unrolled program: {why2}; the nonlinear \
-                         feature-learning limit needs the particle engine of theory.md §6.3, which tpc \
-                         does not have yet"
-                    ));
-                }
+                // Nonlinear networks: particles.
+                Err(why2) => match particle_trajectory(prog, &r.points, particles) {
+                    Ok((f, se, method)) => {
+                        out.method = method;
+                        out.f_t = Some(f);
+                        out.f_t_se = Some(se);
+                        out.note = Some(
+                            "f_t is deterministic in the limit; the training unrolled into one program in \
+                             the initial weights (theory.md §6.1), its Z's sampled (theory.md §2.1, §6.2)"
+                                .to_string(),
+                        );
+                    }
+                    Err(e) => {
+                        out.note = Some(format!(
+                            "feature-learning limit: {why}; as an unrolled program: {why2}; the particle \
+                             engine could not run it: {e}"
+                        ));
+                    }
+                },
             },
         },
         None => {
@@ -280,6 +299,30 @@ pub fn trajectory(
         }
     }
     out
+}
+
+/// The feature-learning trajectory by particles (module docs): the `train` block
+/// unrolled in the limit's coefficients ([`crate::autodiff::unroll`]), f_t's `Scalar`
+/// nodes estimated by [`super::particle`]. Returns f_t, its standard error and the
+/// method string.
+pub fn particle_trajectory(
+    prog: &Program,
+    eval: &[Vec<f64>],
+    cfg: &ParticleConfig,
+) -> Result<(DMatrix<f64>, DMatrix<f64>, String), String> {
+    let eval: &[Vec<f64>] = if prog.inputs.is_empty() { &[] } else { eval };
+    let u = crate::autodiff::unroll(prog, eval, crate::autodiff::Width::Limit)
+        .map_err(|e| format!("cannot unroll the training: {e}"))?;
+    let cols = u.f.first().map_or(0, |r| r.len());
+    let nodes: Vec<NodeId> = u.f.iter().flatten().copied().collect();
+    let est = super::particle::particles(&u.prog, &u.row(), &nodes, cfg)?;
+    let f = DMatrix::from_fn(u.f.len(), cols, |t, c| est.mean[t * cols + c]);
+    let se = DMatrix::from_fn(u.f.len(), cols, |t, c| est.se[t * cols + c]);
+    let method = format!(
+        "particle engine: {} particles in {} replicas, Ż by Stein's lemma; Monte Carlo standard error in f_t_se",
+        est.particles, est.replicas
+    );
+    Ok((f, se, method))
 }
 
 /// One per-neuron coordinate of a one-hidden-layer network (module docs).

@@ -57,6 +57,9 @@ pub fn json(r: &LimitResult) -> Value {
         if let Some(v) = &t.f_t_var {
             tr.insert("f_t_var".into(), matrix_json(v));
         }
+        if let Some(v) = &t.f_t_se {
+            tr.insert("f_t_se".into(), matrix_json(v));
+        }
         tr.insert("method".into(), json!(t.method));
         if let Some(n) = &t.note {
             tr.insert("note".into(), json!(n));
@@ -160,13 +163,19 @@ fn trajectory_text(t: &crate::limit::train::LimitTrain, labels: &[String]) -> St
     };
     s.push_str("  t  ");
     for l in labels {
-        s.push_str(&format!(" {l:>14}"));
+        match &t.f_t_se {
+            Some(_) => s.push_str(&format!(" {l:>10}{:11}", "")),
+            None => s.push_str(&format!(" {l:>14}")),
+        }
     }
     s.push('\n');
     for i in 0..f.nrows() {
         s.push_str(&format!("  {i:<3}"));
         for j in 0..f.ncols() {
-            s.push_str(&format!(" {:>14.10}", f[(i, j)]));
+            match &t.f_t_se {
+                Some(se) => s.push_str(&format!(" {:>10.6} ± {:<8.6}", f[(i, j)], se[(i, j)])),
+                None => s.push_str(&format!(" {:>14.10}", f[(i, j)])),
+            }
         }
         s.push('\n');
     }
