@@ -385,22 +385,27 @@ fn nonlinear_and_deep_feature_learning_use_the_particle_engine() {
     assert_eq!(t.method, tpc::limit::train::DEEP_LINEAR_METHOD);
     let exact = t.f_t.unwrap();
     let (f, se, _) = particle_trajectory(&deep, &pts, &small()).unwrap();
-    assert_eq!(f.shape(), exact.shape());
-    for i in 0..f.nrows() {
-        for j in 0..f.ncols() {
-            let (a, s, b) = (f[(i, j)], se[(i, j)], exact[(i, j)]);
-            assert!(
-                (a - b).abs() <= 4.0 * s + 1e-12,
-                "deep linear, step {i}, column {j}: {a} ± {s} vs exact {b}"
-            );
-        }
-    }
+    assert_within_4_se(&f, &se, &exact, "deep linear");
 
     let r = limit(&compile(&common::example("sp_blowup")), &pts).unwrap();
     assert_eq!(r.regime.as_deref(), Some("unstable"));
     let t = r.train.unwrap();
     assert!(t.f_t.is_none());
     assert!(t.note.unwrap().contains("unstable"));
+}
+
+/// A particle trajectory `f ± se` within 4 of its standard errors of an exact one.
+fn assert_within_4_se(f: &DMatrix<f64>, se: &DMatrix<f64>, exact: &DMatrix<f64>, what: &str) {
+    assert_eq!(f.shape(), exact.shape());
+    for i in 0..f.nrows() {
+        for j in 0..f.ncols() {
+            let (a, s, b) = (f[(i, j)], se[(i, j)], exact[(i, j)]);
+            assert!(
+                (a - b).abs() <= 4.0 * s + 1e-12,
+                "{what}, step {i}, column {j}: {a} ± {s} vs exact {b}"
+            );
+        }
+    }
 }
 
 /// The particle engine on the unrolled training of linear muP networks, against the
@@ -414,16 +419,7 @@ fn particles_agree_with_the_exact_linear_trajectory() {
         let prog = compile(src);
         let exact = linear_trajectory(&prog, prog.train.as_ref().unwrap(), &eval).unwrap();
         let (f, se, _) = particle_trajectory(&prog, &eval, &small()).unwrap();
-        assert_eq!(f.shape(), exact.shape());
-        for i in 0..f.nrows() {
-            for j in 0..f.ncols() {
-                let (a, s, b) = (f[(i, j)], se[(i, j)], exact[(i, j)]);
-                assert!(
-                    (a - b).abs() <= 4.0 * s + 1e-12,
-                    "step {i}, column {j}: {a} ± {s} vs exact {b}"
-                );
-            }
-        }
+        assert_within_4_se(&f, &se, &exact, "one hidden layer");
         assert!(se.iter().all(|s| *s < 0.02), "{se}");
     }
 }
