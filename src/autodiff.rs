@@ -904,3 +904,62 @@ impl Builder<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prog(src: &str) -> Program {
+        crate::compile(src).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const MUP: &str = "width n\ninput x : 2\nparameterization mup\nparam U : n x 2\n\
+        param W : n x n\nparam v : 1 x n\nh = relu(W @ relu(U @ x))\noutput f = v @ h\n\
+        train { loss = mse lr = 0.5 steps = 1 data = [ ([1.0, 0.0], 1.0), ([0.0, 1.0], -1.0) ] }\n";
+
+    #[test]
+    fn mup_coefficients_are_the_learning_rate_at_every_width() {
+        // muP: every κ is η (module docs), at a finite width and in the limit.
+        let p = prog(MUP);
+        for w in [Width::Finite(7), Width::Finite(1000), Width::Limit] {
+            let t = p.train.as_ref().unwrap();
+            let b = Builder::new(&p, t, &[], w).unwrap();
+            for k in &b.kappa {
+                assert!((k - 0.5).abs() < 1e-12, "{w:?}: {:?}", b.kappa);
+            }
+        }
+    }
+
+    #[test]
+    fn sp_readout_update_blows_up_in_the_limit_only() {
+        let sp = MUP.replace("parameterization mup", "parameterization sp");
+        let p = prog(&sp);
+        assert!(unroll(&p, &[], Width::Finite(64)).is_ok());
+        let e = unroll(&p, &[], Width::Limit).unwrap_err();
+        assert!(e.message.contains("`v`"), "{}", e.message);
+    }
+
+    #[test]
+    fn evaluation_points_come_first_and_training_inputs_are_shared() {
+        let p = prog(MUP);
+        let u = unroll(&p, &[vec![0.0, 1.0], vec![0.5, 0.5]], Width::Limit).unwrap();
+        assert_eq!(
+            u.points,
+            vec![vec![0.0, 1.0], vec![0.5, 0.5], vec![1.0, 0.0]]
+        );
+        assert_eq!(u.eval, vec![0, 1]);
+        assert_eq!(u.train, vec![2, 0]);
+        assert_eq!(u.row(), vec![0.0, 1.0, 0.5, 0.5, 1.0, 0.0]);
+        // Two steps of f (t = 0, 1) at the two evaluation points; one χ per sample.
+        assert_eq!(u.f.len(), 2);
+        assert_eq!(u.f[0].len(), 2);
+        assert_eq!(u.chi, vec![u.chi[0].clone()]);
+        assert_eq!(u.chi[0].len(), 2);
+    }
+
+    #[test]
+    fn a_program_without_train_is_refused() {
+        let p = prog("width n\nparam v : n\nobserve m = mean(v * v)\n");
+        assert!(unroll(&p, &[], Width::Limit).is_err());
+    }
+}

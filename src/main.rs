@@ -73,6 +73,10 @@ enum Cmd {
         #[arg(long, default_value_t = tpc::limit::particle::ParticleConfig::default().particles as u64,
               value_parser = clap::value_parser!(u64).range(32..=1_000_000_000))]
         particles: u64,
+        /// Also print the Z derivation of the unrolled training program, with its Ż
+        /// terms (theory.md §2.1, §6.1)
+        #[arg(long)]
+        unrolled: bool,
     },
     /// Time the limit computation (benchmarks; not part of CI)
     Bench {
@@ -266,10 +270,28 @@ fn run(cli: Cli) -> Result<(), Reported> {
             inputs,
             format,
             particles,
+            unrolled,
         } => {
             let prog = compile_file(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let mut derivation = tpc::limit::derivation_text(&prog, &der);
+            if unrolled {
+                if prog.train.is_none() {
+                    return Err(fail(&format!(
+                        "{}: --unrolled needs a `train` block",
+                        file.display()
+                    )));
+                }
+                let eval: &[Vec<f64>] = if prog.inputs.is_empty() { &[] } else { &points };
+                let u = tpc::autodiff::unroll(&prog, eval, tpc::autodiff::Width::Limit).map_err(
+                    |e| fail(&format!("{}: cannot unroll training: {e}", file.display())),
+                )?;
+                derivation.push_str(
+                    "\n# Z derivation of the unrolled training program (theory.md §2.1, §6.1)\n",
+                );
+                derivation.push_str(&tpc::limit::particle::derivation_text(&u.prog));
+            }
             let cfg = tpc::limit::particle::ParticleConfig {
                 particles: particles as usize,
                 ..Default::default()
@@ -281,7 +303,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
                     + "\n"
             } else {
-                tpc::report::limit::text(&tpc::limit::derivation_text(&prog, &der), &r)
+                tpc::report::limit::text(&derivation, &r)
             };
             print_out(&text)
         }

@@ -145,3 +145,28 @@ observe e = mean(b * b)
         est
     );
 }
+
+/// `tpc limit --unrolled` prints the unrolled training program's Z derivation, Ż terms
+/// included, after the forward one; the trajectory's method names the particle engine.
+#[test]
+fn cli_prints_the_unrolled_derivation() {
+    let file = common::shared().join("spec/examples/sgd_mlp.tp");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+        .args(["limit", "--unrolled", "--particles", "4096"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let at = text
+        .find("# Z derivation of the unrolled training program")
+        .expect("the unrolled derivation");
+    let unrolled = &text[at..];
+    assert!(unrolled.contains("Z^dh1_0(ξ1) = Ẑ^{W.T %28} + Z^h1_0(ξ1)·E[∂Z^%28/∂Ẑ^{W h1_0(ξ1)}]"));
+    assert!(unrolled.contains("f_3(ξ3) = "));
+    assert!(text.contains("particle engine: 4096 particles"));
+}
