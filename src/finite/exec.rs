@@ -1154,9 +1154,6 @@ pub fn run_engine(
     engine: Engine,
     progress: &(dyn Fn() + Sync),
 ) -> Result<RunResult, RunError> {
-    if engine == Engine::Conditional {
-        return run_conditional(prog, points, cfg, progress);
-    }
     if cfg.width == 0 {
         return Err(bug(None, "the width must be at least 1"));
     }
@@ -1168,6 +1165,9 @@ pub fn run_engine(
     } else {
         points.to_vec()
     };
+    if engine == Engine::Conditional {
+        return run_conditional(prog, points, cfg, progress);
+    }
     let plan = Plan::new(prog, &points)?;
     check_memory(prog, cfg, plan.p, Engine::Dense)?;
     let at_once = concurrency(prog, cfg, plan.p, Engine::Dense);
@@ -1309,24 +1309,14 @@ pub(super) fn outputs(
     Ok(f)
 }
 
-/// [`run`] with the conditional engine: no N×N matrix is ever formed.
+/// [`run`] with the conditional engine: no N×N matrix is ever formed. `points` and
+/// `cfg` are checked by [`run_engine`].
 fn run_conditional(
     prog: &Program,
-    points: &[Vec<f64>],
+    points: Vec<Vec<f64>>,
     cfg: &RunConfig,
     progress: &(dyn Fn() + Sync),
 ) -> Result<RunResult, RunError> {
-    if cfg.width == 0 {
-        return Err(bug(None, "the width must be at least 1"));
-    }
-    if cfg.seeds == 0 {
-        return Err(bug(None, "at least one draw (--seeds 1) is needed"));
-    }
-    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
-        vec![vec![]]
-    } else {
-        points.to_vec()
-    };
     let plan = Plan::new(prog, &points)?;
     check_memory(prog, cfg, plan.p, Engine::Conditional)?;
     let at_once = if one_at_a_time(cfg.width, Engine::Conditional) {
