@@ -148,14 +148,7 @@ fn f0_is_the_untrained_output() {
 
 /// RMS over draws and points of f_t, per t, and the mean over draws of f_0 with its SE.
 fn sgd_stats(prog: &Program, n: usize, k: usize) -> (Vec<f64>, DMatrix<f64>) {
-    let pts: Vec<Vec<f64>> = prog
-        .train
-        .as_ref()
-        .unwrap()
-        .data
-        .iter()
-        .map(|s| s.x.clone())
-        .collect();
+    let pts = common::train_inputs(prog);
     let cfg = RunConfig {
         width: n,
         seeds: k,
@@ -304,14 +297,7 @@ fn coord_sizes_cover_every_vector_and_step() {
         );
     }
     // f_t at the training inputs is the trajectory on the default points.
-    let pts: Vec<Vec<f64>> = prog
-        .train
-        .as_ref()
-        .unwrap()
-        .data
-        .iter()
-        .map(|s| s.x.clone())
-        .collect();
+    let pts = common::train_inputs(&prog);
     let traj = train_one(&prog, &pts, &cfg, 0).unwrap();
     for (t, f) in c.f.iter().enumerate() {
         for (p, v) in f.iter().enumerate() {
@@ -389,14 +375,7 @@ fn train_json_is_deterministic_across_threads() {
 #[test]
 fn evaluation_points_other_than_the_training_inputs() {
     let prog = compile(&common::example("sgd_mlp"));
-    let train_pts: Vec<Vec<f64>> = prog
-        .train
-        .as_ref()
-        .unwrap()
-        .data
-        .iter()
-        .map(|s| s.x.clone())
-        .collect();
+    let train_pts = common::train_inputs(&prog);
     let cfg = RunConfig {
         width: 50,
         seeds: 1,

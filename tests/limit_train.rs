@@ -179,14 +179,7 @@ fn kernel_regime_is_ntk_gradient_descent() {
     assert!(var[(3, 1)] < var[(0, 1)]);
 
     // Default points (the training inputs): the same numbers at the shared point.
-    let tr: Vec<Vec<f64>> = prog
-        .train
-        .as_ref()
-        .unwrap()
-        .data
-        .iter()
-        .map(|s| s.x.clone())
-        .collect();
+    let tr = common::train_inputs(&prog);
     let r2 = limit(&prog, &tr).unwrap();
     let f2 = r2.train.unwrap().f_t.unwrap();
     for s in 0..4 {
@@ -430,14 +423,7 @@ fn particles_agree_with_the_exact_linear_trajectory() {
 #[test]
 fn sgd_mlp_particles_match_finite_width() {
     let prog = compile(&common::example("sgd_mlp"));
-    let pts: Vec<Vec<f64>> = prog
-        .train
-        .as_ref()
-        .unwrap()
-        .data
-        .iter()
-        .map(|s| s.x.clone())
-        .collect();
+    let pts = common::train_inputs(&prog);
     let cfg = ParticleConfig {
         particles: 1 << 18,
         ..small()

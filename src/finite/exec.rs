@@ -356,25 +356,32 @@ pub(super) fn stored_shape(shape: Shape, n: usize) -> (usize, usize) {
     }
 }
 
-/// Samples every parameter's trainable `w` for draw `draw` of seed `seed` at width `n`:
-/// parameter `i` from stream `StreamKey(seed, draw, i)`, entries N(0, var(n)).
-/// Shapes: hidden N×N, input N×d, readout and vector N×1, scalar 1×1.
+/// Samples parameter `i`'s trainable `w` for draw `draw` of seed `seed` at width `n`:
+/// stream `StreamKey(seed, draw, i)`, entries N(0, var(n)), shaped by [`stored_shape`].
+fn sample_param(
+    prog: &Program,
+    i: usize,
+    n: usize,
+    seed: u64,
+    draw: usize,
+) -> Result<DMatrix<f64>, RunError> {
+    let prm = &prog.params[i];
+    let (rows, cols) = stored_shape(prm.shape, n);
+    let std = prm.law.var.at(n as f64).max(0.0).sqrt();
+    normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
+        .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
+}
+
+/// Samples every parameter's trainable `w` for draw `draw` of seed `seed` at width `n`
+/// ([`sample_param`]). Shapes: hidden N×N, input N×d, readout and vector N×1, scalar 1×1.
 pub fn sample_params(
     prog: &Program,
     n: usize,
     seed: u64,
     draw: usize,
 ) -> Result<Vec<DMatrix<f64>>, RunError> {
-    let nf = n as f64;
-    prog.params
-        .iter()
-        .enumerate()
-        .map(|(i, prm)| {
-            let (rows, cols) = stored_shape(prm.shape, n);
-            let std = prm.law.var.at(nf).max(0.0).sqrt();
-            normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
-                .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
-        })
+    (0..prog.params.len())
+        .map(|i| sample_param(prog, i, n, seed, draw))
         .collect()
 }
 
@@ -1110,18 +1117,10 @@ pub(super) fn sample_non_hidden(
     seed: u64,
     draw: usize,
 ) -> Result<Vec<DMatrix<f64>>, RunError> {
-    let nf = n as f64;
-    prog.params
-        .iter()
-        .enumerate()
-        .map(|(i, prm)| {
-            if prm.shape == Shape::Hidden {
-                return Ok(DMatrix::zeros(0, 0));
-            }
-            let (rows, cols) = stored_shape(prm.shape, n);
-            let std = prm.law.var.at(nf).max(0.0).sqrt();
-            normal_matrix(rows, cols, std, StreamKey::new(seed, draw as u64, i as u64))
-                .map_err(|e| bug(Some(prm.node), format!("cannot sample {}: {e}", prm.name)))
+    (0..prog.params.len())
+        .map(|i| match prog.params[i].shape {
+            Shape::Hidden => Ok(DMatrix::zeros(0, 0)),
+            _ => sample_param(prog, i, n, seed, draw),
         })
         .collect()
 }

@@ -84,3 +84,14 @@ train {
     data  = [ ([1.0, 0.0], [1.0, 0.0]), ([0.0, 1.0], [-1.0, 0.5]), ([0.7, 0.7], [0.5, -0.5]) ]
 }
 ";
+
+/// The training inputs of a program's `train` block, in data order.
+pub fn train_inputs(prog: &tpc::ir::Program) -> Vec<Vec<f64>> {
+    prog.train
+        .as_ref()
+        .expect("a train block")
+        .data
+        .iter()
+        .map(|s| s.x.clone())
+        .collect()
+}
