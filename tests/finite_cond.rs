@@ -137,7 +137,6 @@ fn all_agree(name: &str, prog: &Program, pts: &[Vec<f64>], width: usize, seeds: 
     let t = Instant::now();
     let c = run_engine(prog, pts, &cfg, Engine::Conditional, &|| {}).unwrap();
     let tc = t.elapsed();
-    assert!(c.ntk_note.is_none() && d.ntk_note.is_none());
     let mut worst: f64 = 0.0;
     let mut pairs = vec![("f", &d.f, &c.f), ("nngp", &d.nngp, &c.nngp)];
     pairs.push(("ntk", &d.ntk, &c.ntk));
@@ -432,5 +431,45 @@ observe c = mean(tanh(x) * h)
         let p = ks_p_value(d, draws, draws);
         eprintln!("{name}: D = {d:.4}, p = {p:.3}");
         assert!(p > 0.01 / m as f64, "{name}: KS rejects, D = {d}, p = {p}");
+    }
+}
+
+/// The conditional engine's memory estimate counts the width-N vectors of a draw at a
+/// small probe width and scales them by N (`Footprint`): that count must not depend on
+/// the probe width once it exceeds every history's rank, and must stay below the
+/// a-priori bound that counts every possible history column and cotangent (for
+/// programs without `train`, which that bound does not model).
+#[test]
+fn footprint_count_does_not_depend_on_the_probe_width() {
+    use tpc::finite::exec::{conditional_vectors, engine_bytes, Footprint};
+    for name in ["rnn", "semicircle", "sgd_mlp", "mlp3"] {
+        let prog = compile(&common::example(name));
+        let pts = match name {
+            "rnn" => points(&prog, &manifest().join("examples/rnn_points.csv")),
+            "mlp3" => mlp3_points(&prog),
+            _ => Vec::new(),
+        };
+        let counts: Vec<u128> = [300, 601, 1500]
+            .iter()
+            .map(|&n0| conditional_vectors(&prog, &pts, n0).unwrap())
+            .collect();
+        assert!(
+            counts.windows(2).all(|w| w[0] == w[1]),
+            "{name}: {counts:?}"
+        );
+        let fp = Footprint::new(&prog, &pts, 10_000_000, Engine::Conditional);
+        let (n0, v) = fp.measured().expect("a probe at a large width");
+        assert_eq!(v, counts[0], "{name}: probe at {n0}");
+        let n = 10_000_000usize;
+        if prog.train.is_some() {
+            // The a-priori bound knows nothing of the unrolled training program.
+            continue;
+        }
+        let bound = engine_bytes(&prog, n, pts.len().max(1), Engine::Conditional);
+        assert!(
+            fp.bytes(n) <= bound && fp.bytes(n) > 0,
+            "{name}: {} vs {bound}",
+            fp.bytes(n)
+        );
     }
 }

@@ -252,4 +252,14 @@ impl HiddenProducts for CondEngine {
         }
         Ok(if transpose { m.apply_t(x) } else { m.apply(x) })
     }
+
+    fn held_words(&self) -> usize {
+        self.mats
+            .values()
+            .map(|m| {
+                let (rx, ry) = m.rank();
+                2 * m.n * (rx + ry)
+            })
+            .sum()
+    }
 }

@@ -38,6 +38,7 @@
 //! threads). Draws run in parallel, a few at a time so that memory stays bounded.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use nalgebra::DMatrix;
 use rayon::prelude::*;
@@ -78,6 +79,11 @@ pub(super) trait HiddenProducts {
         transpose: bool,
         x: &DMatrix<f64>,
     ) -> Result<DMatrix<f64>, RunError>;
+
+    /// Words of memory the sampler holds now (its history), for [`Footprint`].
+    fn held_words(&self) -> usize {
+        0
+    }
 }
 
 /// Why a run could not be done (or gave a non-finite number), against the node
@@ -140,8 +146,6 @@ pub struct RunResult {
     pub observe: Vec<(String, Estimate)>,
     /// With a `train` block: the trajectory f_t on the points ([`super::train`]).
     pub train: Option<super::train::TrainResult>,
-    /// Why there is no NTK, when it cannot be computed; `ntk` is then zero.
-    pub ntk_note: Option<String>,
 }
 
 /// The per-program facts every draw needs, computed once.
@@ -589,6 +593,31 @@ pub(super) fn forward_releasing(
     Ok(vals)
 }
 
+/// A cotangent block (N×O·P), shared between operands that receive the same one.
+pub(super) type Cot = Arc<DMatrix<f64>>;
+
+/// d += φ' ⊙ δ coordinatewise, column k of δ against column (k mod P) of φ'.
+fn add_scaled_columns(
+    d: &mut DMatrix<f64>,
+    dv: &DMatrix<f64>,
+    dy: &DMatrix<f64>,
+    p: usize,
+    n: usize,
+) {
+    let (dvs, dys) = (dv.as_slice(), dy.as_slice());
+    d.as_mut_slice()
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(k, dst)| {
+            let c0 = col(dv, k % p) * n;
+            let dc = &dvs[c0..c0 + n];
+            let src = &dys[k * n..(k + 1) * n];
+            for r in 0..n {
+                dst[r] += dc[r] * src[r];
+            }
+        });
+}
+
 /// The reverse pass. On entry `delta` holds the cotangents seeded at the outputs'
 /// read-out vectors, each an N×`cols` block whose column k belongs to point `k % P`
 /// (`cols` = O·P for per-(output, point) gradients, P for the gradient of a loss). On
@@ -601,7 +630,7 @@ pub(super) fn backward(
     n: usize,
     sampled: &[Sampled<'_>],
     vals: &[Val],
-    delta: &mut [Option<DMatrix<f64>>],
+    delta: &mut [Option<Cot>],
     cols: usize,
     draw: usize,
     mut engine: Option<&mut dyn HiddenProducts>,
@@ -638,8 +667,8 @@ pub(super) fn backward(
                         ..e
                     })?;
                     match &mut delta[xi] {
-                        Some(d) => *d += back,
-                        slot => *slot = Some(back),
+                        Some(d) => *Arc::make_mut(d) += back,
+                        slot => *slot = Some(Arc::new(back)),
                     }
                     delta[id.index()] = Some(dy);
                     continue;
@@ -648,13 +677,13 @@ pub(super) fn backward(
                 // y = mult·W x  ⇒  ∂/∂x = mult·Wᵀ δ;  y = mult·Wᵀ x  ⇒  mult·W δ.
                 let t = if *transpose { Trans::No } else { Trans::Yes };
                 let (dx, beta) = match delta[xi].take() {
-                    Some(d) => (d, 1.0),
+                    Some(d) => (Arc::unwrap_or_clone(d), 1.0),
                     None => (DMatrix::zeros(n, op_cols), 0.0),
                 };
                 let mut dx = dx;
                 gemm(&mut dx, s.mult, s.w, t, &dy, Trans::No, beta)
                     .map_err(|e| bug(Some(id), format!("internal shape error: {e}")))?;
-                delta[xi] = Some(dx);
+                delta[xi] = Some(Arc::new(dx));
                 delta[id.index()] = Some(dy);
             }
             Op::Nonlin(_) => {
@@ -664,37 +693,37 @@ pub(super) fn backward(
                 let c = if plan.shared[id.index()] { 1 } else { p };
                 // The partials of a function of a sum (tanh(W h + U x + b)) are one
                 // expression: evaluate it once.
-                let mut last: Option<(&Expr, DMatrix<f64>)> = None;
+                // The last partial evaluated, and its contribution φ' ⊙ δ once formed:
+                // operands whose cotangent is still empty share that one matrix (W h
+                // and U x in tanh(W h + U x + b) get equal cotangents, kept for the
+                // NTK), which halves the cotangent memory of a wide run.
+                let mut last: Option<(&Expr, DMatrix<f64>, Option<Cot>)> = None;
                 for (slot, de) in plan.derivs[id.index()].iter().enumerate() {
                     let a = ops[slot].index();
                     if matches!(de, Expr::Const(z) if *z == 0.0) || !plan.grad[a] {
                         continue;
                     }
-                    if last.as_ref().is_none_or(|(e, _)| *e != de) {
+                    if last.as_ref().is_none_or(|(e, _, _)| *e != de) {
                         let dv = eval_block(de, vals, ops, n, c)
                             .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
-                        last = Some((de, dv));
+                        last = Some((de, dv, None));
                     }
-                    let Some((_, dv)) = &last else {
+                    let Some((_, dv, shared)) = &mut last else {
                         return Err(bug(Some(id), "a derivative not evaluated"));
                     };
                     match &vals[a] {
-                        Val::Vector(_) => {
-                            let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
-                            // Column k (point k mod P): d += φ' ⊙ δ, coordinatewise.
-                            let (dvs, dys) = (dv.as_slice(), dy.as_slice());
-                            d.as_mut_slice()
-                                .par_chunks_mut(n)
-                                .enumerate()
-                                .for_each(|(k, dst)| {
-                                    let c0 = col(dv, k % p) * n;
-                                    let dc = &dvs[c0..c0 + n];
-                                    let src = &dys[k * n..(k + 1) * n];
-                                    for r in 0..n {
-                                        dst[r] += dc[r] * src[r];
-                                    }
-                                });
-                        }
+                        Val::Vector(_) => match (&mut delta[a], shared.as_ref()) {
+                            (Some(d), None) => add_scaled_columns(Arc::make_mut(d), dv, &dy, p, n),
+                            (Some(d), Some(sh)) => *Arc::make_mut(d) += &**sh,
+                            (slot, Some(sh)) => *slot = Some(Arc::clone(sh)),
+                            (slot, None) => {
+                                let mut d = DMatrix::zeros(n, op_cols);
+                                add_scaled_columns(&mut d, dv, &dy, p, n);
+                                let d = Arc::new(d);
+                                *shared = Some(Arc::clone(&d));
+                                *slot = Some(d);
+                            }
+                        },
                         Val::Scalar(_) => {
                             let d = mdelta[a].get_or_insert_with(|| vec![0.0; op_cols]);
                             for (k, dk) in d.iter_mut().enumerate() {
@@ -727,7 +756,10 @@ pub(super) fn backward(
                     match &vals[a] {
                         // θ = (1/N) Σ ψ  ⇒  ∂θ/∂x_a = ψ_i'(a) / N.
                         Val::Vector(_) => {
-                            let d = delta[a].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
+                            let d = Arc::make_mut(
+                                delta[a]
+                                    .get_or_insert_with(|| Arc::new(DMatrix::zeros(n, op_cols))),
+                            );
                             for (k, &g) in dm.iter().enumerate() {
                                 let dc = dv.column(col(&dv, k % p));
                                 d.column_mut(k).axpy(g / nf, &dc, 1.0);
@@ -761,7 +793,7 @@ pub(super) fn backward(
 /// forward, backward, kernels. `draw` only labels error messages.
 fn run_draw(plan: &Plan<'_>, n: usize, ws: &[DMatrix<f64>], draw: usize) -> Result<Draw, RunError> {
     let sampled = sampled_of(plan.prog, n, ws)?;
-    run_draw_with(plan, n, &sampled, draw, None)
+    run_draw_with(plan, n, &sampled, draw, None).map(|(d, _)| d)
 }
 
 /// [`run_draw`] on paired values, with hidden products from `engine` when given, in
@@ -774,7 +806,7 @@ fn run_draw_with(
     sampled: &[Sampled<'_>],
     draw: usize,
     engine: Option<&mut dyn HiddenProducts>,
-) -> Result<Draw, RunError> {
+) -> Result<(Draw, usize), RunError> {
     let prog = plan.prog;
     let (p, o) = (plan.p, plan.o);
     let op_cols = o * p;
@@ -791,7 +823,7 @@ fn run_draw_with(
     let mut readout_h: Vec<Option<DMatrix<f64>>> = vec![None; prog.params.len()];
     let mut scalar_g: Vec<Option<Vec<f64>>> = vec![None; prog.params.len()];
     // Cotangents: N×OP per vector node, OP per moment.
-    let mut delta: Vec<Option<DMatrix<f64>>> = vec![None; prog.len()];
+    let mut delta: Vec<Option<Cot>> = vec![None; prog.len()];
     for (oi, &out) in prog.outputs.iter().enumerate() {
         let Op::Output { terms, .. } = &prog.node(out).op else {
             return Err(bug(Some(out), "an output that is not an Output"));
@@ -813,7 +845,10 @@ fn run_draw_with(
                     };
                     let s = &sampled[ri];
                     let h = readout_h[ri].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
-                    let d = delta[xid.index()].get_or_insert_with(|| DMatrix::zeros(n, op_cols));
+                    let d = Arc::make_mut(
+                        delta[xid.index()]
+                            .get_or_insert_with(|| Arc::new(DMatrix::zeros(n, op_cols))),
+                    );
                     let wcol = s.w.column(0);
                     for pp in 0..p {
                         let xc = x.column(col(x, pp));
@@ -835,7 +870,28 @@ fn run_draw_with(
         }
     }
 
-    backward(plan, n, sampled, &vals, &mut delta, op_cols, draw, engine)?;
+    let back = engine.as_mut().map(|e| &mut **e as &mut dyn HiddenProducts);
+    backward(plan, n, sampled, &vals, &mut delta, op_cols, draw, back)?;
+    // What the draw holds at its widest point, the end of the reverse pass (values,
+    // the cotangents kept for the NTK — each shared one once — and the sampler's
+    // history): the measured memory of [`Footprint`].
+    let mut seen = std::collections::HashSet::new();
+    let held = vals
+        .iter()
+        .map(|v| match v {
+            Val::Vector(x) => x.len(),
+            _ => 0,
+        })
+        .chain(
+            delta
+                .iter()
+                .flatten()
+                .filter(|d| seen.insert(Arc::as_ptr(d)))
+                .map(|d| d.len()),
+        )
+        .chain(readout_h.iter().flatten().map(|h| h.len()))
+        .sum::<usize>()
+        + engine.as_ref().map_or(0, |e| e.held_words());
 
     // ---- kernels ------------------------------------------------------------------
     let mut nngp = DMatrix::zeros(op_cols, op_cols);
@@ -932,12 +988,15 @@ fn run_draw_with(
             _ => Vec::new(),
         })
         .collect();
-    Ok(Draw {
-        f,
-        nngp,
-        ntk,
-        observe,
-    })
+    Ok((
+        Draw {
+            f,
+            nngp,
+            ntk,
+            observe,
+        },
+        held,
+    ))
 }
 
 /// One side of the rank-one terms of a matrix gradient, as an (O·P)-column block
@@ -994,7 +1053,8 @@ pub fn draw_bytes(prog: &Program, n: usize, p: usize) -> u128 {
 /// cotangent, and a few N×P temporaries. A hidden matrix is N×N under the dense
 /// engine; under the conditional one it is its history ([`super::cond`]): a basis
 /// vector and its product, 2N words, per product column (P per forward use, O·P per
-/// reverse one), at most 2N columns.
+/// reverse one), at most 2N columns. It does not model a `train` block's unrolled
+/// program; [`Footprint`] measures that.
 pub fn engine_bytes(prog: &Program, n: usize, p: usize, engine: Engine) -> u128 {
     let (n, p) = (n as u128, p.max(1) as u128);
     let o = prog.outputs.len().max(1) as u128;
@@ -1025,57 +1085,165 @@ pub fn engine_bytes(prog: &Program, n: usize, p: usize, engine: Engine) -> u128 
 
 pub use crate::machine::mem_available;
 
-/// Refuses a run that cannot fit in memory, naming the largest width that would.
-pub(super) fn check_memory(
-    prog: &Program,
-    cfg: &RunConfig,
+/// The memory one draw needs as a function of the width, and what follows from it:
+/// whether a run fits, and how many draws may run side by side.
+///
+/// The dense engine uses the a-priori bound [`engine_bytes`] (its N×N matrices dominate
+/// and are exact). The conditional engine's bound counts every possible history column
+/// and every cotangent, which overstates a real draw ≈ 2× (a 10^7-wide RNN would be
+/// refused); so above a small width it runs one draw at a probe width N₀ and counts the
+/// width-N vectors the draw holds at its widest point (values, the cotangents kept for
+/// the NTK, the sampler's history; for `train` blocks the unrolled program's peak) plus
+/// the transient blocks of the reverse pass. That count does not depend on N once N₀
+/// exceeds every history's rank, so bytes(N) = 8·N·count.
+pub struct Footprint<'p> {
+    prog: &'p Program,
     p: usize,
     engine: Engine,
-) -> Result<(), RunError> {
-    let Some(avail) = mem_available() else {
-        return Ok(());
-    };
-    let need = engine_bytes(prog, cfg.width, p, engine);
-    if need <= avail {
-        return Ok(());
+    /// (N₀, width-N vectors per draw), when measured.
+    measured: Option<(usize, u128)>,
+}
+
+impl<'p> Footprint<'p> {
+    /// The footprint of `prog` on `points` for runs up to width `width`.
+    pub fn new(
+        prog: &'p Program,
+        points: &[Vec<f64>],
+        width: usize,
+        engine: Engine,
+    ) -> Footprint<'p> {
+        let p = points.len().max(1);
+        let mut fp = Footprint {
+            prog,
+            p,
+            engine,
+            measured: None,
+        };
+        if engine == Engine::Conditional {
+            // Above every history's rank: the count is then the count at any width.
+            let o = prog.outputs.len().max(1);
+            let cols: usize = prog
+                .params
+                .iter()
+                .filter(|q| q.shape == Shape::Hidden)
+                .map(|q| prog.users(q.node).len() * (p + o * p))
+                .sum();
+            let n0 = (2 * cols + 64).max(256);
+            if width > 4 * n0 {
+                // A probe that fails (an overflow at N₀, say) leaves the a-priori bound.
+                fp.measured = conditional_vectors(prog, points, n0).ok().map(|v| (n0, v));
+            }
+        }
+        fp
     }
-    let (mut lo, mut hi) = (0usize, cfg.width);
-    while lo + 1 < hi {
-        let mid = lo + (hi - lo) / 2;
-        if engine_bytes(prog, mid, p, engine) <= avail {
-            lo = mid;
-        } else {
-            hi = mid;
+
+    /// The dense engine's footprint with `p` points (no probe is needed).
+    pub fn dense(prog: &'p Program, p: usize) -> Footprint<'p> {
+        Footprint {
+            prog,
+            p: p.max(1),
+            engine: Engine::Dense,
+            measured: None,
         }
     }
-    let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-    Err(RunError {
-        node: None,
-        message: format!(
-            "width {} needs about {:.1} GiB per draw but {:.1} GiB is available; the largest width that fits is {lo}",
-            cfg.width,
-            gib(need),
-            gib(avail)
-        ),
-    })
+
+    /// Bytes one draw needs at width `n`.
+    pub fn bytes(&self, n: usize) -> u128 {
+        match self.measured {
+            Some((n0, v)) if n >= n0 => 8 * n as u128 * v,
+            _ => engine_bytes(self.prog, n, self.p, self.engine),
+        }
+    }
+
+    /// Refuses a width that cannot fit in memory, naming the largest width that would.
+    pub fn check(&self, width: usize) -> Result<(), RunError> {
+        let Some(avail) = mem_available() else {
+            return Ok(());
+        };
+        let need = self.bytes(width);
+        if need <= avail {
+            return Ok(());
+        }
+        let (mut lo, mut hi) = (0usize, width);
+        while lo + 1 < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.bytes(mid) <= avail {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        Err(RunError {
+            node: None,
+            message: format!(
+                "width {width} needs about {:.1} GiB per draw but {:.1} GiB is available; the largest width that fits is {lo}",
+                gib(need),
+                gib(avail)
+            ),
+        })
+    }
+
+    /// [`Footprint::check`] for one width of a `--widths` list, saying so.
+    pub fn check_listed(&self, width: usize) -> Result<(), RunError> {
+        self.check(width).map_err(|e| RunError {
+            message: format!("{}; drop it from --widths", e.message),
+            ..e
+        })
+    }
+
+    /// How many of `seeds` draws to hold in memory at once: one per thread when they
+    /// fit in three quarters of the free memory, else one (whose products still use
+    /// every thread). A wide conditional draw already spreads its coordinatewise loops
+    /// over every thread, so such draws always run one after the other.
+    pub fn at_once(&self, width: usize, seeds: usize) -> usize {
+        if self.engine == Engine::Conditional && width >= 4 * COORD_CHUNK {
+            return 1;
+        }
+        let threads = rayon::current_num_threads().clamp(1, seeds.max(1));
+        let avail = mem_available().unwrap_or(u128::MAX);
+        let fit = (avail / 4 * 3) / self.bytes(width).max(1);
+        (fit.min(threads as u128) as usize).max(1)
+    }
+
+    /// The measured count of width-N vectors per draw and the probe width, if any.
+    pub fn measured(&self) -> Option<(usize, u128)> {
+        self.measured
+    }
 }
 
-/// Whether draws at `width` run one after the other: a wide conditional draw already
-/// spreads its coordinatewise loops over every thread, so draws side by side would
-/// only multiply the memory (a 10^6-wide RNN draw holds 2 GB).
-pub fn one_at_a_time(width: usize, engine: Engine) -> bool {
-    engine == Engine::Conditional && width >= 4 * COORD_CHUNK
-}
-
-/// How many draws to hold in memory at once: one per thread when they fit, else one
-/// (whose products still use every thread).
-pub(super) fn concurrency(prog: &Program, cfg: &RunConfig, p: usize, engine: Engine) -> usize {
-    let threads = rayon::current_num_threads().max(1).min(cfg.seeds.max(1));
-    let avail = mem_available().unwrap_or(u128::MAX);
-    let per = engine_bytes(prog, cfg.width, p, engine);
-    // Leave a quarter of the memory free for everything else.
-    let fit = (avail / 4 * 3) / per.max(1);
-    (fit.min(threads as u128) as usize).max(1)
+/// Width-N vectors one conditional draw of `prog` holds at its widest point, counted
+/// on a draw at width `n0` ([`Footprint`]): draw 0 of seed 0, plus the reverse pass's
+/// transient blocks; for `train` blocks the larger of that and the unrolled program's.
+pub fn conditional_vectors(
+    prog: &Program,
+    points: &[Vec<f64>],
+    n0: usize,
+) -> Result<u128, RunError> {
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points.to_vec()
+    };
+    let points = &points[..];
+    let plan = Plan::new(prog, points)?;
+    let ws = sample_non_hidden(prog, n0, 0, 0)?;
+    let params: usize = ws.iter().map(|w| w.len()).sum();
+    let sampled = with_mults(prog, n0, &ws);
+    let mut engine = super::cond::CondEngine::new(prog, n0, 0, 0);
+    let (_, held) = run_draw_with(&plan, n0, &sampled, 0, Some(&mut engine))?;
+    // In flight during the reverse pass: a cotangent being propagated, a product's
+    // output, a derivative block and the sampler's scratch vectors.
+    let (p, op) = (plan.p, plan.o * plan.p);
+    let transient = (2 * op + p + 4) as u128;
+    let mut vectors = ((held + params).div_ceil(n0)) as u128 + transient;
+    if prog.train.is_some() {
+        let run = super::unrolled::UnrolledRun::new(prog, points, n0)?;
+        let hist = run.history_words(0, 0)?;
+        let train = (run.peak_vectors() + (hist + params).div_ceil(n0)) as u128 + 4;
+        vectors = vectors.max(train);
+    }
+    Ok(vectors)
 }
 
 /// Runs a program at width N over K draws: `tpc run`.
@@ -1142,7 +1310,7 @@ fn cond_draw(plan: &Plan<'_>, n: usize, seed: u64, draw: usize) -> Result<Draw, 
     let ws = sample_non_hidden(prog, n, seed, draw)?;
     let sampled = with_mults(prog, n, &ws);
     let mut engine = super::cond::CondEngine::new(prog, n, seed, draw);
-    run_draw_with(plan, n, &sampled, draw, Some(&mut engine))
+    run_draw_with(plan, n, &sampled, draw, Some(&mut engine)).map(|(d, _)| d)
 }
 
 /// [`run`] with a choice of engine for the hidden-matrix products.
@@ -1168,8 +1336,9 @@ pub fn run_engine(
         return run_conditional(prog, points, cfg, progress);
     }
     let plan = Plan::new(prog, &points)?;
-    check_memory(prog, cfg, plan.p, Engine::Dense)?;
-    let at_once = concurrency(prog, cfg, plan.p, Engine::Dense);
+    let memory = Footprint::new(prog, &points, cfg.width, Engine::Dense);
+    memory.check(cfg.width)?;
+    let at_once = memory.at_once(cfg.width, cfg.seeds);
     let trainer = match prog.train {
         Some(_) => Some(super::train::Trainer::new(prog, &points)?),
         None => None,
@@ -1209,7 +1378,7 @@ pub fn run_engine(
         .train
         .as_ref()
         .map(|t| super::train::summarize(t, &trajs));
-    Ok(summarize_draws(prog, points, cfg, &draws, train, None))
+    Ok(summarize_draws(prog, points, cfg, &draws, train))
 }
 
 /// Means and standard errors over the draws, as cli.md's `run` result (both engines).
@@ -1219,7 +1388,6 @@ fn summarize_draws(
     cfg: &RunConfig,
     draws: &[Draw],
     train: Option<super::train::TrainResult>,
-    ntk_note: Option<String>,
 ) -> RunResult {
     let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(draws, get);
     let observe = prog
@@ -1246,7 +1414,6 @@ fn summarize_draws(
         ntk: est(&|d| d.ntk.clone()),
         observe,
         train,
-        ntk_note,
     }
 }
 
@@ -1317,12 +1484,9 @@ fn run_conditional(
     progress: &(dyn Fn() + Sync),
 ) -> Result<RunResult, RunError> {
     let plan = Plan::new(prog, &points)?;
-    check_memory(prog, cfg, plan.p, Engine::Conditional)?;
-    let at_once = if one_at_a_time(cfg.width, Engine::Conditional) {
-        1
-    } else {
-        concurrency(prog, cfg, plan.p, Engine::Conditional)
-    };
+    let memory = Footprint::new(prog, &points, cfg.width, Engine::Conditional);
+    memory.check(cfg.width)?;
+    let at_once = memory.at_once(cfg.width, cfg.seeds);
     let ids: Vec<usize> = (0..cfg.seeds).collect();
     let mut draws: Vec<Draw> = Vec::with_capacity(cfg.seeds);
     for chunk in ids.chunks(at_once) {
@@ -1343,15 +1507,19 @@ fn run_conditional(
     let train = match &prog.train {
         Some(t) => {
             let run = super::unrolled::UnrolledRun::new(prog, &points, cfg.width)?;
-            let trajs: Vec<super::train::Trajectory> = ids
-                .par_iter()
-                .map(|&k| run.run(cfg.seed, k, Engine::Conditional))
-                .collect::<Result<_, _>>()?;
+            let mut trajs: Vec<super::train::Trajectory> = Vec::with_capacity(cfg.seeds);
+            for chunk in ids.chunks(at_once) {
+                let got: Vec<super::train::Trajectory> = chunk
+                    .par_iter()
+                    .map(|&k| run.run(cfg.seed, k, Engine::Conditional))
+                    .collect::<Result<_, _>>()?;
+                trajs.extend(got);
+            }
             Some(super::train::summarize(t, &trajs))
         }
         None => None,
     };
-    Ok(summarize_draws(prog, points, cfg, &draws, train, None))
+    Ok(summarize_draws(prog, points, cfg, &draws, train))
 }
 
 /// Draw `k` of seed `seed` alone with either engine: the same numbers as inside

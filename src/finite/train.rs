@@ -299,7 +299,7 @@ fn gradients(
     let prog = plan.prog;
     let p = plan.p;
     let mut grads: Vec<Vec<Grad>> = (0..prog.params.len()).map(|_| Vec::new()).collect();
-    let mut delta: Vec<Option<DMatrix<f64>>> = vec![None; prog.len()];
+    let mut delta: Vec<Option<super::exec::Cot>> = vec![None; prog.len()];
 
     // Seeds at the outputs: f_o = Σ coef·mult·w·x + Σ coef·mult·b + c.
     for (oi, &out) in prog.outputs.iter().enumerate() {
@@ -324,7 +324,10 @@ fn gradients(
                     let s = &sampled[ri];
                     let wcol = s.w.column(0);
                     let mut g = DMatrix::zeros(n, 1);
-                    let d = delta[xid.index()].get_or_insert_with(|| DMatrix::zeros(n, p));
+                    let d = std::sync::Arc::make_mut(
+                        delta[xid.index()]
+                            .get_or_insert_with(|| std::sync::Arc::new(DMatrix::zeros(n, p))),
+                    );
                     for pp in 0..p {
                         let k = chi[(oi, pp)] * coef * s.mult;
                         if k == 0.0 {
@@ -375,15 +378,15 @@ fn gradients(
                     let arg = plan.operands[u.index()][1];
                     if let Some(x) = plan.inputs.get(&arg) {
                         // y = mult·U ξ: ∂L/∂U = mult Σ_p δ_p ξ_pᵀ = mult·Δ·X (X is P×d).
-                        grads[pi].push(Grad::Outer(dy.clone(), x.clone(), Trans::No));
+                        grads[pi].push(Grad::Outer((**dy).clone(), x.clone(), Trans::No));
                     } else if let Val::Vector(x) = &vals[arg.index()] {
                         let xe = DMatrix::from_fn(n, p, |r, k| x[(r, col(x, k))]);
                         if transpose {
                             // y = mult·Wᵀ x: ∂L/∂W = mult Σ_p x_p δ_pᵀ.
-                            grads[pi].push(Grad::Outer(xe, dy.clone(), Trans::Yes));
+                            grads[pi].push(Grad::Outer(xe, (**dy).clone(), Trans::Yes));
                         } else {
                             // y = mult·W x: ∂L/∂W = mult Σ_p δ_p x_pᵀ.
-                            grads[pi].push(Grad::Outer(dy.clone(), xe, Trans::Yes));
+                            grads[pi].push(Grad::Outer((**dy).clone(), xe, Trans::Yes));
                         }
                     } else {
                         return Err(bug(Some(u), "a product of a non-vector"));

@@ -87,6 +87,23 @@ impl UnrolledRun {
 
     /// The trajectory of draw `draw` of `seed`: (steps+1) × O·P, output-major.
     pub fn run(&self, seed: u64, draw: usize, engine: Engine) -> Result<Trajectory, RunError> {
+        self.run_counted(seed, draw, engine).map(|(t, _)| t)
+    }
+
+    /// Words the conditional sampler holds after draw `draw` of `seed` (its history at
+    /// its largest), for [`super::exec::Footprint`].
+    pub fn history_words(&self, seed: u64, draw: usize) -> Result<usize, RunError> {
+        self.run_counted(seed, draw, Engine::Conditional)
+            .map(|(_, h)| h)
+    }
+
+    /// [`UnrolledRun::run`] and the words the hidden-product sampler holds at the end.
+    fn run_counted(
+        &self,
+        seed: u64,
+        draw: usize,
+        engine: Engine,
+    ) -> Result<(Trajectory, usize), RunError> {
         let prog = &self.unrolled.prog;
         let n = self.width;
         let plan = Plan::new(prog, &self.row)?;
@@ -95,14 +112,11 @@ impl UnrolledRun {
             Engine::Conditional => sample_non_hidden(prog, n, seed, draw)?,
         };
         let sampled = with_mults(prog, n, &ws);
-        let mut cond;
-        let products: Option<&mut dyn HiddenProducts> = match engine {
+        let mut cond = match engine {
             Engine::Dense => None,
-            Engine::Conditional => {
-                cond = super::cond::CondEngine::new(prog, n, seed, draw);
-                Some(&mut cond)
-            }
+            Engine::Conditional => Some(super::cond::CondEngine::new(prog, n, seed, draw)),
         };
+        let products = cond.as_mut().map(|c| c as &mut dyn HiddenProducts);
         // Errors name nodes of the unrolled program, whose labels (`h2_1(ξ3)`) say the
         // step and point; the node ids do not belong to the front-end program.
         let vals = forward_releasing(&plan, n, &sampled, draw, products, Some(&self.last_use))
@@ -124,6 +138,6 @@ impl UnrolledRun {
                 traj[(t, j)] = v[0];
             }
         }
-        Ok(traj)
+        Ok((traj, cond.as_ref().map_or(0, |c| c.held_words())))
     }
 }

@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::limit::num;
-use crate::finite::exec::{engine_bytes, mem_available, run_one_engine, Draw, Engine, RunError};
+use crate::finite::exec::{run_one_engine, Draw, Engine, Footprint, RunError};
 use crate::ir::Program;
 use crate::limit::LimitResult;
 
@@ -339,35 +339,6 @@ pub fn fit(widths: &[usize], s: &[Vec<f64>]) -> Option<Fit> {
     })
 }
 
-/// How many draws to hold in memory at once (one per thread when they fit), or an
-/// error naming the width that does not fit at all.
-pub(crate) fn at_once(
-    prog: &Program,
-    width: usize,
-    p: usize,
-    seeds: usize,
-    engine: Engine,
-) -> Result<usize, RunError> {
-    let per = engine_bytes(prog, width, p, engine).max(1);
-    let avail = mem_available().unwrap_or(u128::MAX);
-    if per > avail {
-        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-        return Err(RunError {
-            node: None,
-            message: format!(
-                "width {width} needs about {:.1} GiB per draw but {:.1} GiB is available; drop it from --widths",
-                gib(per),
-                gib(avail)
-            ),
-        });
-    }
-    if crate::finite::exec::one_at_a_time(width, engine) {
-        return Ok(1);
-    }
-    let threads = rayon::current_num_threads().clamp(1, seeds.max(1));
-    Ok(((avail / 4 * 3 / per).min(threads as u128) as usize).max(1))
-}
-
 /// Runs the comparison: `lim` is the program's limit on `points`, `name` the program's
 /// file name (for the caption). `progress` is called once after each draw.
 pub fn compare(
@@ -399,8 +370,10 @@ pub fn compare(
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); tg.len()];
     // sq[g][i][k]: draw k's mean square deviation in group g at the i-th width.
     let mut sq: Vec<Vec<Vec<f64>>> = vec![Vec::new(); tg.len()];
+    let memory = Footprint::new(prog, points, widths[widths.len() - 1], cfg.engine);
     for &n in &widths {
-        let chunk_len = at_once(prog, n, p, cfg.seeds, cfg.engine)?;
+        memory.check_listed(n)?;
+        let chunk_len = memory.at_once(n, cfg.seeds);
         // vals[g][k] = draw k's entries of group g.
         let mut vals: Vec<Vec<Vec<f64>>> = vec![Vec::with_capacity(cfg.seeds); tg.len()];
         let ids: Vec<usize> = (0..cfg.seeds).collect();

@@ -34,7 +34,7 @@ use plotters::prelude::*;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::compare::{at_once, axis_number, fit, minus, sci, Fit};
+use super::compare::{axis_number, fit, minus, sci, Fit};
 use super::limit::num;
 use crate::finite::exec::{RunConfig, RunError};
 use crate::finite::train::{coord_sizes, CoordSizes};
@@ -373,13 +373,9 @@ pub fn coord_check(
     // sizes[i][k]: draw k at the i-th width.
     let mut sizes: Vec<Vec<CoordSizes>> = Vec::with_capacity(widths.len());
     for &n in &widths {
-        let chunk_len = at_once(
-            prog,
-            n,
-            points,
-            cfg.seeds,
-            crate::finite::exec::Engine::Dense,
-        )?;
+        let memory = crate::finite::exec::Footprint::dense(prog, points);
+        memory.check_listed(n)?;
+        let chunk_len = memory.at_once(n, cfg.seeds);
         let ids: Vec<usize> = (0..cfg.seeds).collect();
         let mut at_n = Vec::with_capacity(cfg.seeds);
         for chunk in ids.chunks(chunk_len) {

@@ -54,11 +54,6 @@ pub fn json(r: &RunResult) -> Value {
         "seeds": r.seeds,
         "seed": r.seed,
     });
-    if let (Some(note), Value::Object(m)) = (&r.ntk_note, &mut v) {
-        m.insert("ntk".into(), Value::Null);
-        m.insert("ntk_se".into(), Value::Null);
-        m.insert("notes".into(), json!({ "ntk": note }));
-    }
     if let (Some(t), Value::Object(m)) = (&r.train, &mut v) {
         m.insert(
             "train".into(),
@@ -115,12 +110,8 @@ pub fn text(r: &RunResult) -> String {
             "\n# NNGP (output-major: row k = output*P + point; conditioned on the features)\n",
         );
         s.push_str(&matrix_text(&r.nngp, &l));
-        if let Some(note) = &r.ntk_note {
-            s.push_str(&format!("\n# NTK: {note}\n"));
-        } else {
-            s.push_str("\n# NTK (lr-weighted, theory.md §2.3; exact gradients)\n");
-            s.push_str(&matrix_text(&r.ntk, &l));
-        }
+        s.push_str("\n# NTK (lr-weighted, theory.md §2.3; exact gradients)\n");
+        s.push_str(&matrix_text(&r.ntk, &l));
     }
     if let Some(t) = &r.train {
         s.push_str(&format!(
