@@ -225,7 +225,15 @@ impl<'a> Plan<'a> {
                 }
                 Op::Param(_) => true,
                 Op::MatMul { .. } | Op::Output { .. } => !any_point,
-                Op::Nonlin(e) | Op::Moment(e) | Op::Scalar(e) => {
+                Op::Nonlin(e) => {
+                    // Arg(#operands) is the Nonlin's own value (backward passes it):
+                    // a partial that contains the whole expression reads it.
+                    let own = Expr::Arg(ops.len());
+                    derivs[id.index()] =
+                        (0..ops.len()).map(|i| e.diff(i).replace(e, &own)).collect();
+                    !any_point
+                }
+                Op::Moment(e) | Op::Scalar(e) => {
                     derivs[id.index()] = (0..ops.len()).map(|i| e.diff(i)).collect();
                     !any_point
                 }
@@ -319,15 +327,8 @@ pub(super) const COORD_CHUNK: usize = 1 << 15;
 /// depend on the split).
 fn eval_column(e: &Expr, src: &[Src<'_>], out: &mut [f64]) {
     let chunk = |start: usize, out: &mut [f64]| {
-        let mut args = vec![0.0; src.len()];
-        for (a, o) in out.iter_mut().enumerate() {
-            for (slot, s) in args.iter_mut().zip(src) {
-                *slot = match s {
-                    Src::Col(c) => c[start + a],
-                    Src::Const(v) => *v,
-                };
-            }
-            *o = e.eval(&args);
+        for (b, o) in out.chunks_mut(EVAL_BLOCK).enumerate() {
+            eval_run(e, src, start + b * EVAL_BLOCK, o);
         }
     };
     if out.len() <= COORD_CHUNK {
@@ -336,6 +337,53 @@ fn eval_column(e: &Expr, src: &[Src<'_>], out: &mut [f64]) {
         out.par_chunks_mut(COORD_CHUNK)
             .enumerate()
             .for_each(|(i, o)| chunk(i * COORD_CHUNK, o));
+    }
+}
+
+/// Coordinates evaluated together by [`eval_run`]: a few temporaries of this length
+/// stay in L1.
+const EVAL_BLOCK: usize = 256;
+
+/// `e` at coordinates `start..start + out.len()`, one expression node at a time over
+/// the whole run (instead of the whole tree per coordinate): each coordinate sees the
+/// same operations in the same order as [`Expr::eval`], so the bits are the same.
+fn eval_run(e: &Expr, src: &[Src<'_>], start: usize, out: &mut [f64]) {
+    let binary = |a: &Expr, b: &Expr, out: &mut [f64], op: fn(f64, f64) -> f64| {
+        eval_run(a, src, start, out);
+        let mut rhs = vec![0.0; out.len()];
+        eval_run(b, src, start, &mut rhs);
+        for (o, r) in out.iter_mut().zip(&rhs) {
+            *o = op(*o, *r);
+        }
+    };
+    match e {
+        Expr::Arg(i) => match &src[*i] {
+            Src::Col(c) => out.copy_from_slice(&c[start..start + out.len()]),
+            Src::Const(v) => out.fill(*v),
+        },
+        Expr::Const(v) => out.fill(*v),
+        Expr::Call(f, x) => {
+            eval_run(x, src, start, out);
+            for o in out.iter_mut() {
+                *o = f.eval(*o);
+            }
+        }
+        Expr::Neg(x) => {
+            eval_run(x, src, start, out);
+            for o in out.iter_mut() {
+                *o = -*o;
+            }
+        }
+        Expr::Add(a, b) => binary(a, b, out, |x, y| x + y),
+        Expr::Sub(a, b) => binary(a, b, out, |x, y| x - y),
+        Expr::Mul(a, b) => binary(a, b, out, |x, y| x * y),
+        Expr::Div(a, b) => binary(a, b, out, |x, y| x / y),
+        Expr::Powi(a, k) => {
+            eval_run(a, src, start, out);
+            for o in out.iter_mut() {
+                *o = o.powi(*k);
+            }
+        }
     }
 }
 
@@ -691,6 +739,8 @@ pub(super) fn backward(
                     continue;
                 };
                 let c = if plan.shared[id.index()] { 1 } else { p };
+                // The partials read the operands and the node's own value (Plan::new).
+                let with_own: Vec<NodeId> = ops.iter().copied().chain([id]).collect();
                 // The partials of a function of a sum (tanh(W h + U x + b)) are one
                 // expression: evaluate it once.
                 // The last partial evaluated, and its contribution φ' ⊙ δ once formed:
@@ -704,7 +754,7 @@ pub(super) fn backward(
                         continue;
                     }
                     if last.as_ref().is_none_or(|(e, _, _)| *e != de) {
-                        let dv = eval_block(de, vals, ops, n, c)
+                        let dv = eval_block(de, vals, &with_own, n, c)
                             .ok_or_else(|| bug(Some(id), "a derivative of a non-vector"))?;
                         last = Some((de, dv, None));
                     }
@@ -1588,4 +1638,37 @@ pub(super) fn estimate<D>(draws: &[D], get: &dyn Fn(&D) -> DMatrix<f64>) -> Esti
     }
     let se = ss.map(|s| (s / (k as f64 - 1.0) / k as f64).sqrt());
     Estimate { mean, se: Some(se) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::expr::Fun;
+
+    /// The column evaluator computes each coordinate exactly as `Expr::eval` does
+    /// (same bits), for every function and operation, across block boundaries, with
+    /// column and constant operands — and so does every derivative it is asked for.
+    #[test]
+    fn eval_column_equals_pointwise_eval() {
+        let n = 3 * EVAL_BLOCK + 17;
+        let c0: Vec<f64> = (0..n).map(|i| ((i as f64) * 0.37).sin() * 3.0).collect();
+        let c1: Vec<f64> = (0..n).map(|i| ((i as f64) * 0.11).cos() + 0.5).collect();
+        let src = [Src::Col(&c0), Src::Const(-0.7), Src::Col(&c1)];
+        let (a, b, k) = (Expr::Arg(0), Expr::Arg(2), Expr::Arg(1));
+        for f in Fun::ALL {
+            let inner = Expr::add(Expr::mul(a.clone(), b.clone()), k.clone());
+            let e = Expr::div(
+                Expr::sub(Expr::call(f, inner), Expr::powi(b.clone(), 3)),
+                Expr::add(Expr::neg(Expr::call(Fun::Abs, a.clone())), Expr::Const(4.0)),
+            );
+            for ex in [e.clone(), e.diff(0), e.diff(2)] {
+                let mut out = vec![0.0; n];
+                eval_column(&ex, &src, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    let want = ex.eval(&[c0[i], -0.7, c1[i]]);
+                    assert_eq!(o.to_bits(), want.to_bits(), "{f:?} at {i}: {o} vs {want}");
+                }
+            }
+        }
+    }
 }

@@ -311,6 +311,27 @@ impl Expr {
         }
     }
 
+    /// Every subexpression equal to `target` replaced by `with`, the rest rebuilt as
+    /// it is (no folding, so what is left evaluates bit for bit as before). The finite
+    /// executor uses it so that tanh' = 1 − tanh² reads the forward value of the
+    /// Nonlin instead of computing tanh again.
+    pub fn replace(&self, target: &Expr, with: &Expr) -> Expr {
+        if self == target {
+            return with.clone();
+        }
+        let r = |x: &Expr| Box::new(x.replace(target, with));
+        match self {
+            Expr::Arg(_) | Expr::Const(_) => self.clone(),
+            Expr::Call(f, x) => Expr::Call(*f, r(x)),
+            Expr::Neg(x) => Expr::Neg(r(x)),
+            Expr::Add(a, b) => Expr::Add(r(a), r(b)),
+            Expr::Sub(a, b) => Expr::Sub(r(a), r(b)),
+            Expr::Mul(a, b) => Expr::Mul(r(a), r(b)),
+            Expr::Div(a, b) => Expr::Div(r(a), r(b)),
+            Expr::Powi(a, k) => Expr::Powi(r(a), *k),
+        }
+    }
+
     /// Replace every `Arg(i)` by `sub(i)`.
     pub fn substitute(&self, sub: &dyn Fn(usize) -> Expr) -> Expr {
         match self {
@@ -441,6 +462,30 @@ fn write_expr(e: &Expr, arg: &dyn Fn(usize) -> String, f: &mut fmt::Formatter<'_
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A partial that reads the forward value (Arg 3 = the Nonlin's value) instead of
+    /// recomputing it gives the same bits, and the recomputation is gone.
+    #[test]
+    fn replace_reads_the_forward_value() {
+        let e = Expr::call(
+            Fun::Tanh,
+            Expr::add(Expr::add(Expr::Arg(0), Expr::Arg(1)), Expr::Arg(2)),
+        );
+        let own = Expr::Arg(3);
+        for i in 0..3 {
+            let d = e.diff(i);
+            let r = d.replace(&e, &own);
+            let mut funs = Vec::new();
+            r.visit_funs(&mut |f| funs.push(f));
+            assert!(!funs.contains(&Fun::Tanh), "{r:?}");
+            for x in [-2.5, -0.3, 0.0, 0.7, 4.0] {
+                let args = [x, 0.25 * x, -0.1];
+                let v = e.eval(&args);
+                let with = [args[0], args[1], args[2], v];
+                assert_eq!(d.eval(&args).to_bits(), r.eval(&with).to_bits());
+            }
+        }
+    }
 
     fn num_deriv(f: Fun, x: f64) -> f64 {
         let h = 1e-6;
