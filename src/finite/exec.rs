@@ -45,6 +45,7 @@ use rayon::prelude::*;
 
 use super::linalg::{gemm, gram_tn, Trans};
 use super::sample::{fill_normal_matrix, normal_matrix, StreamKey};
+use crate::ir::expr::Operand;
 use crate::ir::{Expr, NodeId, Op, OutTerm, Program, Shape};
 
 /// What to run.
@@ -296,22 +297,16 @@ pub(super) fn col(m: &DMatrix<f64>, p: usize) -> usize {
     }
 }
 
-/// Where an expression operand comes from at one point.
-enum Src<'v> {
-    Col(&'v [f64]),
-    Const(f64),
-}
-
 /// The operand sources of a Nonlin/Moment at point `p`.
-fn sources<'v>(vals: &'v [Val], ops: &[NodeId], p: usize) -> Option<Vec<Src<'v>>> {
+fn sources<'v>(vals: &'v [Val], ops: &[NodeId], p: usize) -> Option<Vec<Operand<'v>>> {
     ops.iter()
         .map(|a| match &vals[a.index()] {
             Val::Vector(m) => {
                 let c = col(m, p);
                 let n = m.nrows();
-                Some(Src::Col(&m.as_slice()[c * n..(c + 1) * n]))
+                Some(Operand::Column(&m.as_slice()[c * n..(c + 1) * n]))
             }
-            Val::Scalar(s) => Some(Src::Const(if s.len() == 1 { s[0] } else { s[p] })),
+            Val::Scalar(s) => Some(Operand::Scalar(if s.len() == 1 { s[0] } else { s[p] })),
             Val::None => None,
         })
         .collect()
@@ -325,10 +320,10 @@ pub(super) const COORD_CHUNK: usize = 1 << 15;
 /// `e` at every coordinate of point `p`, into `out` (length N), in parallel over
 /// fixed chunks of coordinates (each value is computed alone, so the result does not
 /// depend on the split).
-fn eval_column(e: &Expr, src: &[Src<'_>], out: &mut [f64]) {
+fn eval_column(e: &Expr, src: &[Operand<'_>], out: &mut [f64]) {
     let chunk = |start: usize, out: &mut [f64]| {
         for (b, o) in out.chunks_mut(EVAL_BLOCK).enumerate() {
-            eval_run(e, src, start + b * EVAL_BLOCK, o);
+            e.eval_run(src, start + b * EVAL_BLOCK, o);
         }
     };
     if out.len() <= COORD_CHUNK {
@@ -340,52 +335,9 @@ fn eval_column(e: &Expr, src: &[Src<'_>], out: &mut [f64]) {
     }
 }
 
-/// Coordinates evaluated together by [`eval_run`]: a few temporaries of this length
-/// stay in L1.
+/// Coordinates evaluated together by [`Expr::eval_run`]: a few temporaries of this
+/// length stay in L1.
 const EVAL_BLOCK: usize = 256;
-
-/// `e` at coordinates `start..start + out.len()`, one expression node at a time over
-/// the whole run (instead of the whole tree per coordinate): each coordinate sees the
-/// same operations in the same order as [`Expr::eval`], so the bits are the same.
-fn eval_run(e: &Expr, src: &[Src<'_>], start: usize, out: &mut [f64]) {
-    let binary = |a: &Expr, b: &Expr, out: &mut [f64], op: fn(f64, f64) -> f64| {
-        eval_run(a, src, start, out);
-        let mut rhs = vec![0.0; out.len()];
-        eval_run(b, src, start, &mut rhs);
-        for (o, r) in out.iter_mut().zip(&rhs) {
-            *o = op(*o, *r);
-        }
-    };
-    match e {
-        Expr::Arg(i) => match &src[*i] {
-            Src::Col(c) => out.copy_from_slice(&c[start..start + out.len()]),
-            Src::Const(v) => out.fill(*v),
-        },
-        Expr::Const(v) => out.fill(*v),
-        Expr::Call(f, x) => {
-            eval_run(x, src, start, out);
-            for o in out.iter_mut() {
-                *o = f.eval(*o);
-            }
-        }
-        Expr::Neg(x) => {
-            eval_run(x, src, start, out);
-            for o in out.iter_mut() {
-                *o = -*o;
-            }
-        }
-        Expr::Add(a, b) => binary(a, b, out, |x, y| x + y),
-        Expr::Sub(a, b) => binary(a, b, out, |x, y| x - y),
-        Expr::Mul(a, b) => binary(a, b, out, |x, y| x * y),
-        Expr::Div(a, b) => binary(a, b, out, |x, y| x / y),
-        Expr::Powi(a, k) => {
-            eval_run(a, src, start, out);
-            for o in out.iter_mut() {
-                *o = o.powi(*k);
-            }
-        }
-    }
-}
 
 /// The values of `e` over all points: N×c.
 fn eval_block(e: &Expr, vals: &[Val], ops: &[NodeId], n: usize, c: usize) -> Option<DMatrix<f64>> {
@@ -1653,7 +1605,11 @@ mod tests {
         let n = 3 * EVAL_BLOCK + 17;
         let c0: Vec<f64> = (0..n).map(|i| ((i as f64) * 0.37).sin() * 3.0).collect();
         let c1: Vec<f64> = (0..n).map(|i| ((i as f64) * 0.11).cos() + 0.5).collect();
-        let src = [Src::Col(&c0), Src::Const(-0.7), Src::Col(&c1)];
+        let src = [
+            Operand::Column(&c0),
+            Operand::Scalar(-0.7),
+            Operand::Column(&c1),
+        ];
         let (a, b, k) = (Expr::Arg(0), Expr::Arg(2), Expr::Arg(1));
         for f in Fun::ALL {
             let inner = Expr::add(Expr::mul(a.clone(), b.clone()), k.clone());

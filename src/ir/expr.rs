@@ -180,6 +180,14 @@ pub enum Expr {
     Powi(Box<Expr>, i32),
 }
 
+/// An operand of a coordinatewise expression evaluated over a run of coordinates
+/// ([`Expr::eval_run`]): a vector (indexed by coordinate) or one number for all.
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    Column(&'a [f64]),
+    Scalar(f64),
+}
+
 // Smart constructors, named like the operations they build (not operator impls:
 // they fold constants as they go).
 #[allow(clippy::should_implement_trait, clippy::redundant_guards)]
@@ -308,6 +316,42 @@ impl Expr {
                 a.visit_funs(f);
                 b.visit_funs(f)
             }
+        }
+    }
+
+    /// `self` at coordinates `lo..lo + out.len()` of its operands, one expression node
+    /// at a time over the whole run instead of the whole tree per coordinate (both
+    /// interpreters evaluate Nonlins this way, on runs short enough that the
+    /// temporaries stay in L1). Each coordinate sees the operations of [`Expr::eval`]
+    /// in the same order, so the bits are the same.
+    pub fn eval_run(&self, args: &[Operand<'_>], lo: usize, out: &mut [f64]) {
+        let binary = |a: &Expr, b: &Expr, out: &mut [f64], f: fn(f64, f64) -> f64| {
+            a.eval_run(args, lo, out);
+            let mut rhs = vec![0.0; out.len()];
+            b.eval_run(args, lo, &mut rhs);
+            for (o, y) in out.iter_mut().zip(&rhs) {
+                *o = f(*o, *y);
+            }
+        };
+        let unary = |x: &Expr, out: &mut [f64], f: &dyn Fn(f64) -> f64| {
+            x.eval_run(args, lo, out);
+            for o in out.iter_mut() {
+                *o = f(*o);
+            }
+        };
+        match self {
+            Expr::Arg(i) => match args[*i] {
+                Operand::Column(v) => out.copy_from_slice(&v[lo..lo + out.len()]),
+                Operand::Scalar(s) => out.fill(s),
+            },
+            Expr::Const(c) => out.fill(*c),
+            Expr::Call(f, x) => unary(x, out, &|v| f.eval(v)),
+            Expr::Neg(x) => unary(x, out, &|v| -v),
+            Expr::Powi(x, k) => unary(x, out, &|v| v.powi(*k)),
+            Expr::Add(a, b) => binary(a, b, out, |x, y| x + y),
+            Expr::Sub(a, b) => binary(a, b, out, |x, y| x - y),
+            Expr::Mul(a, b) => binary(a, b, out, |x, y| x * y),
+            Expr::Div(a, b) => binary(a, b, out, |x, y| x / y),
         }
     }
 

@@ -35,6 +35,7 @@ use nalgebra::{DMatrix, DVector};
 use rayon::prelude::*;
 
 use crate::finite::sample::{fill_normal_seq, StreamKey};
+use crate::ir::expr::Operand;
 use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational, Shape, Ty};
 
 /// How many particles, in how many replicas, from which seed.
@@ -412,54 +413,6 @@ impl Schedule {
 /// Particles per chunk of coordinatewise evaluation.
 const CHUNK: usize = 1024;
 
-/// An operand of a coordinatewise expression.
-#[derive(Clone, Copy)]
-enum Arg<'a> {
-    Vec(&'a [f64]),
-    Scalar(f64),
-}
-
-/// Evaluates `e` on particles `lo..lo + out.len()`, one tree walk per chunk.
-fn eval_chunk(e: &Expr, args: &[Arg<'_>], lo: usize, out: &mut [f64]) {
-    let binary = |a: &Expr, b: &Expr, out: &mut [f64], f: fn(f64, f64) -> f64| {
-        eval_chunk(a, args, lo, out);
-        let mut t = vec![0.0; out.len()];
-        eval_chunk(b, args, lo, &mut t);
-        for (o, y) in out.iter_mut().zip(&t) {
-            *o = f(*o, *y);
-        }
-    };
-    match e {
-        Expr::Arg(i) => match args[*i] {
-            Arg::Vec(v) => out.copy_from_slice(&v[lo..lo + out.len()]),
-            Arg::Scalar(s) => out.fill(s),
-        },
-        Expr::Const(c) => out.fill(*c),
-        Expr::Call(f, x) => {
-            eval_chunk(x, args, lo, out);
-            for o in out.iter_mut() {
-                *o = f.eval(*o);
-            }
-        }
-        Expr::Neg(x) => {
-            eval_chunk(x, args, lo, out);
-            for o in out.iter_mut() {
-                *o = -*o;
-            }
-        }
-        Expr::Powi(x, k) => {
-            eval_chunk(x, args, lo, out);
-            for o in out.iter_mut() {
-                *o = o.powi(*k);
-            }
-        }
-        Expr::Add(a, b) => binary(a, b, out, |x, y| x + y),
-        Expr::Sub(a, b) => binary(a, b, out, |x, y| x - y),
-        Expr::Mul(a, b) => binary(a, b, out, |x, y| x * y),
-        Expr::Div(a, b) => binary(a, b, out, |x, y| x / y),
-    }
-}
-
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -558,10 +511,10 @@ impl Replica<'_, '_> {
             .ok_or_else(|| "internal: a hat member is not live".to_string())
     }
 
-    fn arg(&self, a: NodeId) -> Result<Arg<'_>, String> {
+    fn arg(&self, a: NodeId) -> Result<Operand<'_>, String> {
         Ok(match self.st.prog.ty(a) {
-            Ty::Vector => Arg::Vec(self.vec(a)?),
-            _ => Arg::Scalar(self.scalars[a.index()]),
+            Ty::Vector => Operand::Column(self.vec(a)?),
+            _ => Operand::Scalar(self.scalars[a.index()]),
         })
     }
 
@@ -605,11 +558,11 @@ impl Replica<'_, '_> {
                 }
                 Kind::Hat { member } => self.hat_product(*member, &sch.needed)?,
                 Kind::Nonlin(e) => {
-                    let args: Vec<Arg<'_>> =
+                    let args: Vec<Operand<'_>> =
                         o.iter().map(|&a| self.arg(a)).collect::<Result<_, _>>()?;
                     let mut z = vec![0.0; m];
                     for (c, out) in z.chunks_mut(CHUNK).enumerate() {
-                        eval_chunk(e, &args, c * CHUNK, out);
+                        e.eval_run(&args, c * CHUNK, out);
                     }
                     if z.iter().any(|v| !v.is_finite()) {
                         return Err(format!(
@@ -620,14 +573,14 @@ impl Replica<'_, '_> {
                     self.vecs[i] = Some(Rc::new(z));
                 }
                 Kind::Moment(e) => {
-                    let args: Vec<Arg<'_>> =
+                    let args: Vec<Operand<'_>> =
                         o.iter().map(|&a| self.arg(a)).collect::<Result<_, _>>()?;
                     let mut buf = vec![0.0; CHUNK.min(m)];
                     let mut sum = 0.0;
                     let mut lo = 0;
                     while lo < m {
                         let len = CHUNK.min(m - lo);
-                        eval_chunk(e, &args, lo, &mut buf[..len]);
+                        e.eval_run(&args, lo, &mut buf[..len]);
                         sum += buf[..len].iter().sum::<f64>();
                         lo += len;
                     }
