@@ -1087,6 +1087,16 @@ pub fn engine_bytes(prog: &Program, n: usize, p: usize, engine: Engine) -> u128 
 
 pub use crate::machine::mem_available;
 
+/// The points a run evaluates: a program without inputs runs at one empty point
+/// (whatever was passed), every other at the given points.
+fn run_points(prog: &Program, points: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points.to_vec()
+    }
+}
+
 /// The memory one draw needs as a function of the width, and what follows from it:
 /// whether a run fits, and how many draws may run side by side.
 ///
@@ -1208,6 +1218,25 @@ impl<'p> Footprint<'p> {
         (fit.min(threads as u128) as usize).max(1)
     }
 
+    /// `draw(k)` for k = 0..seeds, as many at once as [`Footprint::at_once`] allows at
+    /// `width`, results in draw order (the first error, in draw order, wins).
+    pub fn draws<T: Send>(
+        &self,
+        width: usize,
+        seeds: usize,
+        draw: impl Fn(usize) -> Result<T, RunError> + Sync,
+    ) -> Result<Vec<T>, RunError> {
+        let ids: Vec<usize> = (0..seeds).collect();
+        let mut out = Vec::with_capacity(seeds);
+        for chunk in ids.chunks(self.at_once(width, seeds)) {
+            let got: Vec<Result<T, RunError>> = chunk.par_iter().map(|&k| draw(k)).collect();
+            for d in got {
+                out.push(d?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The measured count of width-N vectors per draw and the probe width, if any.
     pub fn measured(&self) -> Option<(usize, u128)> {
         self.measured
@@ -1222,12 +1251,7 @@ pub fn conditional_vectors(
     points: &[Vec<f64>],
     n0: usize,
 ) -> Result<u128, RunError> {
-    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
-        vec![vec![]]
-    } else {
-        points.to_vec()
-    };
-    let points = &points[..];
+    let points = &run_points(prog, points)[..];
     let plan = Plan::new(prog, points)?;
     let ws = sample_non_hidden(prog, n0, 0, 0)?;
     let params: usize = ws.iter().map(|w| w.len()).sum();
@@ -1270,11 +1294,7 @@ pub fn run_one_conditional(
     seed: u64,
     draw: usize,
 ) -> Result<Draw, RunError> {
-    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
-        vec![vec![]]
-    } else {
-        points.to_vec()
-    };
+    let points = run_points(prog, points);
     let plan = Plan::new(prog, &points)?;
     cond_draw(&plan, width, seed, draw)
 }
@@ -1329,11 +1349,7 @@ pub fn run_engine(
     if cfg.seeds == 0 {
         return Err(bug(None, "at least one draw (--seeds 1) is needed"));
     }
-    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
-        vec![vec![]]
-    } else {
-        points.to_vec()
-    };
+    let points = run_points(prog, points);
     if engine == Engine::Conditional {
         return run_conditional(prog, points, cfg, progress);
     }
@@ -1488,35 +1504,19 @@ fn run_conditional(
     let plan = Plan::new(prog, &points)?;
     let memory = Footprint::new(prog, &points, cfg.width, Engine::Conditional);
     memory.check(cfg.width)?;
-    let at_once = memory.at_once(cfg.width, cfg.seeds);
-    let ids: Vec<usize> = (0..cfg.seeds).collect();
-    let mut draws: Vec<Draw> = Vec::with_capacity(cfg.seeds);
-    for chunk in ids.chunks(at_once) {
-        let got: Vec<Result<Draw, RunError>> = chunk
-            .par_iter()
-            .map(|&k| {
-                let d = cond_draw(&plan, cfg.width, cfg.seed, k);
-                progress();
-                d
-            })
-            .collect();
-        for d in got {
-            draws.push(d?);
-        }
-    }
+    let draws = memory.draws(cfg.width, cfg.seeds, |k| {
+        let d = cond_draw(&plan, cfg.width, cfg.seed, k);
+        progress();
+        d
+    })?;
     // Training runs the unrolled program (crate::autodiff): only initial matrices, so
     // the conditional sampler answers every product of every step.
     let train = match &prog.train {
         Some(t) => {
             let run = super::unrolled::UnrolledRun::new(prog, &points, cfg.width)?;
-            let mut trajs: Vec<super::train::Trajectory> = Vec::with_capacity(cfg.seeds);
-            for chunk in ids.chunks(at_once) {
-                let got: Vec<super::train::Trajectory> = chunk
-                    .par_iter()
-                    .map(|&k| run.run(cfg.seed, k, Engine::Conditional))
-                    .collect::<Result<_, _>>()?;
-                trajs.extend(got);
-            }
+            let trajs = memory.draws(cfg.width, cfg.seeds, |k| {
+                run.run(cfg.seed, k, Engine::Conditional)
+            })?;
             Some(super::train::summarize(t, &trajs))
         }
         None => None,
@@ -1560,11 +1560,7 @@ pub fn run_with(
     width: usize,
     ws: Vec<DMatrix<f64>>,
 ) -> Result<Draw, RunError> {
-    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
-        vec![vec![]]
-    } else {
-        points.to_vec()
-    };
+    let points = run_points(prog, points);
     let plan = Plan::new(prog, &points)?;
     run_draw(&plan, width, &ws, 0)
 }

@@ -38,7 +38,6 @@
 
 use nalgebra::DMatrix;
 use plotters::prelude::*;
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::limit::num;
@@ -373,27 +372,20 @@ pub fn compare(
     let memory = Footprint::new(prog, points, widths[widths.len() - 1], cfg.engine);
     for &n in &widths {
         memory.check_listed(n)?;
-        let chunk_len = memory.at_once(n, cfg.seeds);
         // vals[g][k] = draw k's entries of group g.
         let mut vals: Vec<Vec<Vec<f64>>> = vec![Vec::with_capacity(cfg.seeds); tg.len()];
-        let ids: Vec<usize> = (0..cfg.seeds).collect();
-        for chunk in ids.chunks(chunk_len) {
-            let got: Vec<Result<Vec<Vec<f64>>, RunError>> = chunk
-                .par_iter()
-                .map(|&k| {
-                    let d = run_one_engine(prog, points, n, cfg.seed, k, cfg.engine).map(|d| {
-                        tg.iter()
-                            .map(|t| draw_values(t.key, &d, lim))
-                            .collect::<Vec<_>>()
-                    });
-                    progress();
-                    d
-                })
-                .collect();
-            for g in got {
-                for (slot, v) in vals.iter_mut().zip(g?) {
-                    slot.push(v);
-                }
+        let per_draw = memory.draws(n, cfg.seeds, |k| {
+            let d = run_one_engine(prog, points, n, cfg.seed, k, cfg.engine).map(|d| {
+                tg.iter()
+                    .map(|t| draw_values(t.key, &d, lim))
+                    .collect::<Vec<_>>()
+            });
+            progress();
+            d
+        })?;
+        for g in per_draw {
+            for (slot, v) in vals.iter_mut().zip(g) {
+                slot.push(v);
             }
         }
         for (i, t) in tg.iter().enumerate() {

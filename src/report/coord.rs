@@ -31,7 +31,6 @@
 //! A measured slope further than [`TOLERANCE`] from its prediction is flagged.
 
 use plotters::prelude::*;
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::compare::{axis_number, fit, minus, sci, Fit};
@@ -375,27 +374,16 @@ pub fn coord_check(
     for &n in &widths {
         let memory = crate::finite::exec::Footprint::dense(prog, points);
         memory.check_listed(n)?;
-        let chunk_len = memory.at_once(n, cfg.seeds);
-        let ids: Vec<usize> = (0..cfg.seeds).collect();
-        let mut at_n = Vec::with_capacity(cfg.seeds);
-        for chunk in ids.chunks(chunk_len) {
-            let got: Vec<Result<CoordSizes, RunError>> = chunk
-                .par_iter()
-                .map(|&k| {
-                    let rc = RunConfig {
-                        width: n,
-                        seeds: 1,
-                        seed: cfg.seed,
-                    };
-                    let c = coord_sizes(prog, &rc, k);
-                    progress();
-                    c
-                })
-                .collect();
-            for c in got {
-                at_n.push(c?);
-            }
-        }
+        let at_n = memory.draws(n, cfg.seeds, |k| {
+            let rc = RunConfig {
+                width: n,
+                seeds: 1,
+                seed: cfg.seed,
+            };
+            let c = coord_sizes(prog, &rc, k);
+            progress();
+            c
+        })?;
         sizes.push(at_n);
     }
 
