@@ -405,37 +405,19 @@ fn run(cli: Cli) -> Result<(), Reported> {
             svg,
             no_svg,
         } => {
-            let mut distinct = widths.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            if distinct.len() < 2 {
-                use clap::CommandFactory;
-                Cli::command()
-                    .error(
-                        clap::error::ErrorKind::ValueValidation,
-                        "--widths needs at least two distinct widths to fit a slope",
-                    )
-                    .exit();
-            }
+            let distinct = slope_widths(&widths)?;
             let prog = compile_file(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let lim =
                 tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
             let cfg = tpc::report::compare::CompareConfig {
-                widths: distinct
-                    .iter()
-                    .map(|&w| usize::try_from(w))
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| fail("a width is too large for this machine"))?,
+                widths: distinct,
                 seeds: usize::try_from(seeds)
                     .map_err(|_| fail("too many seeds for this machine"))?,
                 seed,
                 engine: engine.into(),
             };
-            let name = file.file_name().map_or_else(
-                || file.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
+            let name = file_name(&file);
             let r = with_progress(cfg.seeds * cfg.widths.len(), |tick| {
                 tpc::report::compare::compare(&prog, &points, &lim, &cfg, &name, tick)
             })
@@ -443,14 +425,12 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let shown = write_svg(&file, svg, no_svg, "convergence", || {
                 tpc::report::compare::svg(&r)
             })?;
-            let text = if format == Format::Json {
-                serde_json::to_string_pretty(&tpc::report::compare::json(&r, shown.as_deref()))
-                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
-                    + "\n"
-            } else {
-                with_plot_line(tpc::report::compare::text(&r), shown.as_deref())
-            };
-            print_out(&text)
+            print_report(
+                format,
+                shown.as_deref(),
+                || tpc::report::compare::json(&r, shown.as_deref()),
+                || tpc::report::compare::text(&r),
+            )
         }
         Cmd::CoordCheck {
             file,
@@ -462,18 +442,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             svg,
             no_svg,
         } => {
-            let mut distinct = widths.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            if distinct.len() < 2 {
-                use clap::CommandFactory;
-                Cli::command()
-                    .error(
-                        clap::error::ErrorKind::ValueValidation,
-                        "--widths needs at least two distinct widths to fit a slope",
-                    )
-                    .exit();
-            }
+            let distinct = slope_widths(&widths)?;
             let prog = compile_file(&file)?;
             if prog.train.is_none() {
                 return Err(fail(&format!(
@@ -482,11 +451,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 )));
             }
             let cfg = tpc::report::coord::CoordConfig {
-                widths: distinct
-                    .iter()
-                    .map(|&w| usize::try_from(w))
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| fail("a width is too large for this machine"))?,
+                widths: distinct,
                 seeds: usize::try_from(seeds)
                     .map_err(|_| fail("too many seeds for this machine"))?,
                 seed,
@@ -495,29 +460,70 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     .transpose()
                     .map_err(|_| fail("too many steps for this machine"))?,
             };
-            let name = file.file_name().map_or_else(
-                || file.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
+            let name = file_name(&file);
             let r = with_progress(cfg.seeds * cfg.widths.len(), |tick| {
                 tpc::report::coord::coord_check(&prog, &cfg, &name, tick)
             })
             .map_err(|e| run_fail(&file, &prog, &e))?;
             let shown = write_svg(&file, svg, no_svg, "coord", || tpc::report::coord::svg(&r))?;
-            let text = if format == Format::Json {
-                serde_json::to_string_pretty(&tpc::report::coord::json(&r, shown.as_deref()))
-                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
-                    + "\n"
-            } else {
-                with_plot_line(tpc::report::coord::text(&r), shown.as_deref())
-            };
-            print_out(&text)
+            print_report(
+                format,
+                shown.as_deref(),
+                || tpc::report::coord::json(&r, shown.as_deref()),
+                || tpc::report::coord::text(&r),
+            )
         }
         Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
             Some((c, m)) => print_out(&format!("{c}: {m}\n")),
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
         },
     }
+}
+
+/// The distinct widths of `--widths`, sorted; a slope needs two (a usage error, exit 2).
+fn slope_widths(widths: &[u64]) -> Result<Vec<usize>, Reported> {
+    let mut distinct = widths.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() < 2 {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                "--widths needs at least two distinct widths to fit a slope",
+            )
+            .exit();
+    }
+    distinct
+        .iter()
+        .map(|&w| usize::try_from(w))
+        .collect::<Result<_, _>>()
+        .map_err(|_| fail("a width is too large for this machine"))
+}
+
+/// The file's name without its directories, for captions.
+fn file_name(file: &Path) -> String {
+    file.file_name().map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// Prints a `compare` / `coord-check` report as JSON or as text with the plot's path.
+fn print_report(
+    format: Format,
+    shown: Option<&str>,
+    json: impl FnOnce() -> serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> Result<(), Reported> {
+    let out = if format == Format::Json {
+        serde_json::to_string_pretty(&json())
+            .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
+            + "\n"
+    } else {
+        with_plot_line(text(), shown)
+    };
+    print_out(&out)
 }
 
 /// Writes the SVG of `compare` / `coord-check` (unless `--no-svg`) to `--svg` or to
