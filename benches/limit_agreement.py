@@ -16,7 +16,8 @@ maximum for the conditional engine itself:
 
     /work/venv-np/bin/python benches/limit_agreement.py [path/to/tpc] [N] [R]
 
-(numpy only; defaults: $CARGO_TARGET_DIR/release/tpc, N = 100000, R = 240, about 4 min.)
+(numpy only; defaults: $CARGO_TARGET_DIR/release/tpc, N = 100000, R = 240, about 4 min;
+PROG=file.tp INPUTS=points.csv for another program, INPUTS= for none.)
 Measured 2026-11-29 (default arguments): no bias (Hotelling p = 0.96 NNGP, 0.51 NTK);
 P(max |t| > 4) at K = 8 is 0.25 per kernel and 0.41-0.42 for either kernel; at K = 32,
 0.02 and 0.04. See README, "Finite width: the conditional engine".
@@ -35,13 +36,14 @@ TPC = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "target")), "release", "tpc")
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 100_000
 R = int(sys.argv[3]) if len(sys.argv) > 3 else 240
-PROG = os.path.join(HERE, "..", "shared", "spec", "examples", "rnn.tp")
-PTS = os.path.join(HERE, "examples", "rnn_points.csv")
+PROG = os.environ.get("PROG", os.path.join(HERE, "..", "shared", "spec", "examples", "rnn.tp"))
+PTS = os.environ.get("INPUTS", os.path.join(HERE, "examples", "rnn_points.csv"))
 KERNELS = ("nngp", "ntk")
 
 
 def tpc(*args):
-    out = subprocess.run([TPC, *args, PROG, "--inputs", PTS, "--format", "json"],
+    inputs = ["--inputs", PTS] if PTS else []
+    out = subprocess.run([TPC, *args, PROG, *inputs, "--format", "json"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -100,10 +102,12 @@ def main():
     lim = tpc("limit")
     draws = [tpc("run", "--engine", "conditional", "--width", str(N), "--seeds", "1",
                  "--seed", str(10_000 + s)) for s in range(R)]
-    iu = np.triu_indices(15)
+    iu = np.triu_indices(len(lim["nngp"]))
     dev = {k: np.array([np.array(d[k]) - np.array(lim[k]) for d in draws])[:, iu[0], iu[1]]
            for k in KERNELS}
-    print(f"{R} draws of rnn.tp at N = {N} against the limit (120 distinct entries per kernel)")
+    e = len(iu[0])
+    print(f"{R} draws of {os.path.basename(PROG)} at N = {N} against the limit "
+          f"({e} distinct entries per kernel)")
     for k in KERNELS:
         x = dev[k]
         z = x.mean(0) / (x.std(0, ddof=1) / np.sqrt(R))
@@ -126,7 +130,7 @@ def main():
         a = v * np.sqrt(np.clip(w, 0.0, None))
         gau = (rng.standard_normal((b * kk, both.shape[1])) @ a.T).reshape(b, kk, -1)
         for name, batch in (("subsampled", sub), ("Gaussian", gau)):
-            mn, mt = max_t(batch[:, :, :120]), max_t(batch[:, :, 120:])
+            mn, mt = max_t(batch[:, :, :e]), max_t(batch[:, :, e:])
             print(f"  K = {kk:2} {name:10}: P(max |t| > 4) NNGP {np.mean(mn > 4):.3f}, "
                   f"NTK {np.mean(mt > 4):.3f}, either {np.mean(np.maximum(mn, mt) > 4):.3f}; "
                   f"95% of maxima below {np.quantile(np.maximum(mn, mt), 0.95):.2f}")
