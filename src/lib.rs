@@ -6,7 +6,7 @@
 //! infinite-width limit by the Master Theorem. See `ARCHITECTURE.md` for the map.
 //!
 //! The public API: [`compile`] (source to [`ir::Program`], or an [`Error`] with rendered
-//! diagnostics), [`check_source`] (every diagnostic, warnings included), [`derive`] (the Z
+//! diagnostics), [`check_source`] (every diagnostic, warnings included), [`derive()`] (the Z
 //! derivation as text, for snapshot tests), [`limit_of`] / [`limit::limit`] (NNGP, NTK,
 //! observes, training trajectories), and [`finite::exec::run`] (the same at finite width).
 //!

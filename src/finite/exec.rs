@@ -377,7 +377,7 @@ fn sample_param(
 }
 
 /// Samples every parameter's trainable `w` for draw `draw` of seed `seed` at width `n`
-/// ([`sample_param`]). Shapes: hidden N×N, input N×d, readout and vector N×1, scalar 1×1.
+/// (`sample_param`). Shapes: hidden N×N, input N×d, readout and vector N×1, scalar 1×1.
 pub fn sample_params(
     prog: &Program,
     n: usize,
@@ -1051,7 +1051,7 @@ pub fn draw_bytes(prog: &Program, n: usize, p: usize) -> u128 {
 }
 
 /// Bytes one draw needs at width `n` with `p` points (an upper bound on the buffers
-/// of [`run_draw_with`]): the parameters, every vector's N×P block and N×(O·P)
+/// of `run_draw_with`): the parameters, every vector's N×P block and N×(O·P)
 /// cotangent, and a few N×P temporaries. A hidden matrix is N×N under the dense
 /// engine; under the conditional one it is its history ([`super::cond`]): a basis
 /// vector and its product, 2N words, per product column (P per forward use, O·P per
