@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Instant;
 
 use nalgebra::DMatrix;
@@ -269,32 +268,22 @@ fn conditional_draws_are_deterministic() {
     // And the CLI gives byte-identical JSON with 1 and 2 threads.
     let rnn = common::shared().join("spec/examples/rnn.tp");
     let p = manifest().join("examples/rnn_points.csv");
-    let run = |threads: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-            .args([
-                "run",
-                rnn.to_str().unwrap(),
-                "--engine",
-                "conditional",
-                "--width",
-                "300",
-                "--seeds",
-                "5",
-                "--inputs",
-                p.to_str().unwrap(),
-                "--format",
-                "json",
-            ])
-            .env("RAYON_NUM_THREADS", threads)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let (rnn, p) = (rnn.to_str().unwrap(), p.to_str().unwrap());
+    let args = [
+        "run",
+        rnn,
+        "--engine",
+        "conditional",
+        "--width",
+        "300",
+        "--seeds",
+        "5",
+        "--inputs",
+        p,
+        "--format",
+        "json",
+    ];
+    let run = |threads: &str| common::tpc_ok(&args, Some(threads));
     assert_eq!(run("1"), run("2"));
 }
 

@@ -307,17 +307,7 @@ fn coord_sizes_cover_every_vector_and_step() {
 }
 
 fn tpc_run(args: &[&str], threads: &str) -> Vec<u8> {
-    let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", threads)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    common::tpc_ok(args, Some(threads))
 }
 
 #[test]

@@ -15,8 +15,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use nalgebra::{DMatrix, DVector};
 use tpc::finite::exec::{run, RunConfig};
 use tpc::ir::Program;
@@ -464,42 +462,25 @@ fn cli_prints_the_trajectory() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("ntk.tp");
     std::fs::write(&file, sgd_mlp_ntk()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args(["limit", file.to_str().unwrap(), "--format", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = file.to_str().unwrap();
+    let out = common::tpc_ok(&["limit", file, "--format", "json"], None);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["regime"], "kernel");
     assert_eq!(v["train"]["method"], KERNEL_METHOD);
     let rows = v["train"]["f_t"].as_array().unwrap();
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().all(|r| r.as_array().unwrap().len() == 3));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args(["limit", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = common::tpc_ok(&["limit", file], None);
+    let text = String::from_utf8_lossy(&out);
     assert!(text.contains("# training trajectory f_t (mse, lr 0.5, 3 step(s)): kernel regime: NTK recursion, exact"), "{text}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args([
-            "limit",
-            common::shared()
-                .join("spec/examples/sgd_mlp.tp")
-                .to_str()
-                .unwrap(),
-            "--particles",
-            "65536",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let sgd = common::shared().join("spec/examples/sgd_mlp.tp");
+    let out = common::tpc_ok(
+        &["limit", sgd.to_str().unwrap(), "--particles", "65536"],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out);
     assert!(text.contains("particle engine: 65536 particles"), "{text}");
     assert!(text.contains(" ± "), "{text}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -151,17 +151,17 @@ observe e = mean(b * b)
 #[test]
 fn cli_prints_the_unrolled_derivation() {
     let file = common::shared().join("spec/examples/sgd_mlp.tp");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args(["limit", "--unrolled", "--particles", "4096"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::tpc_ok(
+        &[
+            "limit",
+            "--unrolled",
+            "--particles",
+            "4096",
+            file.to_str().unwrap(),
+        ],
+        None,
     );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = String::from_utf8(out).unwrap();
     let at = text
         .find("# Z derivation of the unrolled training program")
         .expect("the unrolled derivation");

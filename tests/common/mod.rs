@@ -95,3 +95,21 @@ pub fn train_inputs(prog: &tpc::ir::Program) -> Vec<Vec<f64>> {
         .map(|s| s.x.clone())
         .collect()
 }
+
+/// Runs the `tpc` binary with `args` (on `threads` rayon threads when given) and
+/// returns its standard output; panics with its standard error unless it succeeds.
+pub fn tpc_ok(args: &[&str], threads: Option<&str>) -> Vec<u8> {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"));
+    c.args(args);
+    if let Some(t) = threads {
+        c.env("RAYON_NUM_THREADS", t);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "tpc {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
