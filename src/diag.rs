@@ -114,13 +114,22 @@ const MAX_SHOWN_LINE: usize = 1000;
 
 /// Renders diagnostics for one source file.
 pub struct Renderer<'a> {
-    file: SimpleFile<&'a str, &'a str>,
+    file: SimpleFile<&'a str, std::borrow::Cow<'a, str>>,
 }
 
 impl<'a> Renderer<'a> {
+    /// The source is shown through [`displayable`]: same bytes offsets, visible lines.
     pub fn new(name: &'a str, source: &'a str) -> Self {
+        let shown = if source
+            .chars()
+            .any(|c| c != '\n' && c != '\t' && is_invisible(c))
+        {
+            std::borrow::Cow::Owned(displayable(source))
+        } else {
+            std::borrow::Cow::Borrowed(source)
+        };
         Renderer {
-            file: SimpleFile::new(name, source),
+            file: SimpleFile::new(name, shown),
         }
     }
 
@@ -137,7 +146,8 @@ impl<'a> Renderer<'a> {
         for d in diags {
             let mut d = d.clone();
             // codespan needs spans inside the file; clamp defensively.
-            let len = self.file.source().len();
+            let src: &str = self.file.source();
+            let len = src.len();
             d.span = Span::new(
                 d.span.start.min(len),
                 d.span.end.min(len).max(d.span.start.min(len)),
@@ -147,7 +157,6 @@ impl<'a> Renderer<'a> {
             }
             let mut cs = d.to_codespan();
             // Lines too long to show (generated or hostile input): give the position only.
-            let src = self.file.source();
             let line_start = src[..d.span.start].rfind('\n').map_or(0, |i| i + 1);
             let line_end = src[d.span.start..]
                 .find('\n')
@@ -226,6 +235,70 @@ pub const CODES: &[(&str, &str)] = &[
     ("N0102", "feature learning"),
 ];
 
+/// `text` as a diagnostic shows it, with every byte offset unchanged: a CR not followed by
+/// LF (old Mac line ending) becomes LF, since codespan splits lines at LF only; every
+/// other invisible character (byte-order mark, zero-width space, control character;
+/// not tab, LF or the CR of CRLF) becomes one visible character of the same UTF-8
+/// length (`?`, `·`, `�`, `🗵`), so the snippet never quotes it raw and the caret
+/// stays under it.
+pub fn displayable(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    for (i, c) in text.char_indices() {
+        match c {
+            '\r' if b.get(i + 1) == Some(&b'\n') => out.push(c),
+            '\r' => out.push('\n'),
+            '\n' | '\t' => out.push(c),
+            c if is_invisible(c) => out.push(match c.len_utf8() {
+                1 => '?',
+                2 => '\u{00B7}',
+                3 => '\u{FFFD}',
+                _ => '\u{1F5F5}',
+            }),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether `c` prints as nothing, or as a blank other than the ASCII space: control
+/// characters, Unicode format characters (byte-order mark, zero-width spaces and joiners,
+/// bidirectional controls), variation selectors, and non-ASCII spaces. A diagnostic that
+/// quoted one raw would show an empty or misleading quote.
+pub fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'
+            | '\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// User text for a diagnostic message: quoted in backticks, with every invisible
+/// character written as its code point (`U+FEFF`); a text that is one invisible character
+/// is named as such.
+pub fn quote(text: &str) -> String {
+    let mut chars = text.chars();
+    if let (Some(c), None) = (chars.next(), chars.next()) {
+        if is_invisible(c) {
+            return format!("the invisible character U+{:04X}", c as u32);
+        }
+    }
+    let mut s = String::with_capacity(text.len() + 2);
+    s.push('`');
+    for c in text.chars() {
+        if is_invisible(c) {
+            s.push_str(&format!("<U+{:04X}>", c as u32));
+        } else {
+            s.push(c);
+        }
+    }
+    s.push('`');
+    s
+}
+
 /// The closest name to `name` among `candidates`, if reasonably close (for "did you mean").
 pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
@@ -275,6 +348,27 @@ mod tests {
         assert_eq!(nearest("softplus", ["tanh", "relu", "erf"]), None);
         assert_eq!(nearest("mpu", ["sp", "ntk", "mup"]), Some("mup"));
         assert_eq!(nearest("T", ["x", "W"]), None);
+    }
+
+    #[test]
+    fn quotes_show_invisible_characters_by_code_point() {
+        assert_eq!(quote("relu"), "`relu`");
+        assert_eq!(quote("\u{FEFF}"), "the invisible character U+FEFF");
+        assert_eq!(quote("\u{200B}"), "the invisible character U+200B");
+        assert_eq!(quote("\r"), "the invisible character U+000D");
+        assert_eq!(quote("1.0\u{00A0}"), "`1.0<U+00A0>`");
+        assert_eq!(quote("é"), "`é`");
+        assert!(!is_invisible('x') && !is_invisible(' ') && !is_invisible('∞'));
+    }
+
+    #[test]
+    fn the_shown_source_keeps_every_offset() {
+        let src = "a\rb\r\nc\u{FEFF}d\u{200B}\u{00A0}\u{0007}\te\u{E0041}\n";
+        let shown = displayable(src);
+        assert_eq!(shown, "a\nb\r\nc\u{FFFD}d\u{FFFD}\u{00B7}?\te\u{1F5F5}\n");
+        assert_eq!(shown.len(), src.len());
+        let offsets = |s: &str| s.char_indices().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(offsets(&shown), offsets(src));
     }
 
     #[test]

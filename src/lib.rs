@@ -104,7 +104,10 @@ pub fn check_source(src: &str) -> (Option<ir::Program>, Vec<Diagnostic>) {
 }
 
 /// Checks raw bytes (a file as read): invalid UTF-8 is diagnosed at its first bad byte.
+/// A leading UTF-8 byte-order mark is dropped: the returned text, which every span refers
+/// to, starts after it, as an editor's columns do.
 pub fn check_bytes(bytes: &[u8]) -> (String, Option<ir::Program>, Vec<Diagnostic>) {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             let (p, d) = check_source(s);

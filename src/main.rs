@@ -1,4 +1,4 @@
-//! The `tpc` command line (cli.md). Exit codes: 0 success, 1 a diagnosed error in the
+//! The `tpc` command line (docs/cli.md). Exit codes: 0 success, 1 a diagnosed error in the
 //! user's program or data, 2 a usage error. Never a panic.
 
 use std::io::{IsTerminal, Write};
@@ -15,7 +15,9 @@ use tpc::ir::Program;
 #[command(
     name = "tpc",
     version,
-    about = "Compile neural networks to Tensor Programs: finite-width runs and infinite-width limits"
+    about = "Compile neural networks to Tensor Programs: finite-width runs and infinite-width limits",
+    after_help = "The language, the command line and the theory are documented in the repository: \
+                  docs/language.md, docs/cli.md, docs/theory.md; `tpc explain CODE` explains a diagnostic."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,7 +56,7 @@ enum Cmd {
         #[arg(long)]
         dot: bool,
         /// The `train` block unrolled into one program in the initial weights
-        /// (theory.md §6.1), with its limit coefficients
+        /// (docs/theory.md §6.1), with its limit coefficients
         #[arg(long)]
         unrolled: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -63,7 +65,7 @@ enum Cmd {
     /// The infinite-width limit: Z derivation, NNGP and NTK over the points, observes
     Limit {
         file: PathBuf,
-        /// CSV of input points, one per row (cli.md)
+        /// CSV of input points, one per row (docs/cli.md)
         #[arg(long)]
         inputs: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -74,7 +76,7 @@ enum Cmd {
               value_parser = clap::value_parser!(u64).range(32..=1_000_000_000))]
         particles: u64,
         /// Also print the Z derivation of the unrolled training program, with its Ż
-        /// terms (theory.md §2.1, §6.1)
+        /// terms (docs/theory.md §2.1, §6.1)
         #[arg(long)]
         unrolled: bool,
     },
@@ -95,7 +97,7 @@ enum Cmd {
         /// The run's seed S: draw k of seed S is the same whatever K and the thread count
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// CSV of input points, one per row (cli.md)
+        /// CSV of input points, one per row (docs/cli.md)
         #[arg(long)]
         inputs: Option<PathBuf>,
         /// How hidden-matrix products are drawn: dense (sample N×N, exact NTK) or
@@ -126,7 +128,7 @@ enum Cmd {
         /// The seed S, the same at every width
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// CSV of input points, one per row (cli.md)
+        /// CSV of input points, one per row (docs/cli.md)
         #[arg(long)]
         inputs: Option<PathBuf>,
         /// How hidden-matrix products are drawn (as for `run`): conditional reaches
@@ -446,7 +448,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let prog = compile_file(&file)?;
             if prog.train.is_none() {
                 return Err(fail(&format!(
-                    "`{}` has no `train` block: a coordinate check trains the program (language.md, Training)",
+                    "`{}` has no `train` block: a coordinate check trains the program (docs/language.md, Training)",
                     file.display()
                 )));
             }
@@ -563,8 +565,31 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
     match inputs {
         Some(path) => {
             let name = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
-            tpc::data::parse_points(prog, &name, &text).map_err(|e| fail(&e.0))
+            let bytes = std::fs::read(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+            // A leading byte-order mark is dropped before parsing, so that the rendered
+            // file and the spans agree (an editor does not count it as a column).
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            let text = match std::str::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    let at = e.valid_up_to();
+                    let shown = String::from_utf8_lossy(bytes).into_owned();
+                    let pos = shown.find('\u{FFFD}').unwrap_or(at.min(shown.len()));
+                    let d = Diagnostic::error(
+                        "E0028",
+                        format!("`{name}` is not valid UTF-8 text (byte {at})"),
+                        tpc::ir::Span::new(pos, pos + '\u{FFFD}'.len_utf8()),
+                        "invalid byte",
+                    )
+                    .with_help("--inputs is a CSV text file: numbers separated by commas, one point per row");
+                    emit(&name, &shown, &[d]);
+                    return Err(Reported);
+                }
+            };
+            tpc::data::parse_points(prog, &name, text).map_err(|e| {
+                emit(&name, text, &[e.diagnostic()]);
+                Reported
+            })
         }
         None => tpc::data::default_points(prog).ok_or_else(|| {
             fail("this program has inputs: pass points with `--inputs FILE` (CSV, one point per row)")
@@ -575,10 +600,10 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
 /// A limit that cannot be computed, reported against the node responsible.
 fn limit_fail(file: &Path, prog: &Program, e: &tpc::limit::LimitError) -> Reported {
     let name = file.display().to_string();
-    match (e.node, std::fs::read_to_string(file)) {
+    match (e.node, read_source(file)) {
         (Some(node), Ok(src)) => {
             let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), prog.node(node).span, "here")
-                .with_help("see theory.md for what the Master Theorem covers; `tpc run` still works at finite width");
+                .with_help("see docs/theory.md for what the Master Theorem covers; `tpc run` still works at finite width");
             emit(&name, &src, &[d]);
         }
         _ => eprintln!("error: no limit: {}", e.message),
@@ -615,7 +640,7 @@ fn with_progress<T>(draws: usize, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T 
 /// A run that failed (memory, overflow), reported against the node responsible.
 fn run_fail(file: &Path, prog: &Program, e: &tpc::finite::exec::RunError) -> Reported {
     let name = file.display().to_string();
-    match (e.node, std::fs::read_to_string(file)) {
+    match (e.node, read_source(file)) {
         (Some(node), Ok(src)) => {
             let d = Diagnostic::error(
                 "E0024",
@@ -642,6 +667,13 @@ fn print_out(s: &str) -> Result<(), Reported> {
 fn fail(msg: &str) -> Reported {
     eprintln!("error: {msg}");
     Reported
+}
+
+/// A program's text as `load` checked it (a leading byte-order mark dropped), so that
+/// spans from the program render at the right place.
+fn read_source(file: &Path) -> std::io::Result<String> {
+    let s = std::fs::read_to_string(file)?;
+    Ok(s.strip_prefix('\u{FEFF}').map(str::to_string).unwrap_or(s))
 }
 
 /// Reads and checks a file: its display name, text, program (if no error) and diagnostics.

@@ -1440,7 +1440,7 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
                 ));
             }
             out.push(d.with_help(
-                "for feature learning use muP (`parameterization mup`, theory.md §5.3)",
+                "for feature learning use muP (`parameterization mup`, docs/theory.md §5.3)",
             ));
         }
         Regime::FeatureLearning => {

@@ -22,7 +22,7 @@ fn manifest() -> PathBuf {
 }
 
 fn erf_deep() -> PathBuf {
-    common::shared().join("spec/examples/erf_deep.tp")
+    common::example_path("erf_deep")
 }
 
 fn erf_points() -> PathBuf {
@@ -185,7 +185,7 @@ fn output_is_deterministic_and_the_default_plot_is_named_after_the_program() {
 #[test]
 fn observes_are_a_group_of_their_own() {
     let dir = scratch("observe");
-    let prog = common::shared().join("spec/examples/semicircle.tp");
+    let prog = common::example_path("semicircle");
     let out = tpc(
         &[
             "compare",
@@ -222,7 +222,7 @@ fn observes_are_a_group_of_their_own() {
 #[test]
 fn the_conditional_engine_converges_at_rate_one_over_sqrt_n() {
     let dir = scratch("conditional");
-    let rnn = common::shared().join("spec/examples/rnn.tp");
+    let rnn = common::example_path("rnn");
     let pts = manifest().join("examples/rnn_points.csv");
     let args = [
         "compare",

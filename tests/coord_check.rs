@@ -27,10 +27,7 @@ fn manifest() -> PathBuf {
 }
 
 fn example(name: &str) -> String {
-    common::shared()
-        .join(format!("spec/examples/{name}.tp"))
-        .display()
-        .to_string()
+    common::example_path(name).display().to_string()
 }
 
 fn ntk_mlp() -> String {

@@ -20,9 +20,7 @@ fn every_contract_example_checks_clean() {
 #[test]
 fn tpc_check_exits_0_on_every_example() {
     for (name, _) in common::examples() {
-        let path = common::shared()
-            .join("spec/examples")
-            .join(format!("{name}.tp"));
+        let path = common::examples_dir().join(format!("{name}.tp"));
         let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
             .arg("check")
             .arg(&path)
@@ -49,7 +47,7 @@ fn listings_of_the_examples() {
 
 #[test]
 fn rnn_shares_one_w_node_across_its_four_uses() {
-    let path = common::shared().join("spec/examples/rnn.tp");
+    let path = common::example_path("rnn");
     let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
         .args(["graph", "--format", "json"])
         .arg(&path)

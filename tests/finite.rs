@@ -145,7 +145,7 @@ fn against_limit(name: &str, prog: &Program, pts: &[Vec<f64>], width: usize, see
 #[test]
 fn mlp3_agrees_with_the_limit() {
     let prog = compile(&common::example("mlp3"));
-    let pts = points(&prog, &common::shared().join("refs/programs/X1.csv"));
+    let pts = points(&prog, &common::refs_dir().join("programs/X1.csv"));
     against_limit("mlp3", &prog, &pts, 1024, 100);
 }
 
@@ -172,7 +172,7 @@ fn semicircle_moments_agree_with_the_limit() {
 #[test]
 fn draws_do_not_depend_on_how_many_are_run() {
     let prog = compile(&common::example("mlp3"));
-    let pts = points(&prog, &common::shared().join("refs/programs/X1.csv"));
+    let pts = points(&prog, &common::refs_dir().join("programs/X1.csv"));
     let one = run_one(&prog, &pts, 64, 5, 2).unwrap();
     let cfg = RunConfig {
         width: 64,
@@ -193,7 +193,7 @@ fn tpc_run(args: &[&str], threads: &str) -> Vec<u8> {
 
 #[test]
 fn run_json_is_deterministic_across_runs_and_threads() {
-    let rnn = common::shared().join("spec/examples/rnn.tp");
+    let rnn = common::example_path("rnn");
     let pts = manifest().join("examples/rnn_points.csv");
     let args = [
         "run",
@@ -232,8 +232,8 @@ fn run_json_is_deterministic_across_runs_and_threads() {
     assert_eq!(v["width"], 300);
     assert_eq!(v["nngp"].as_array().unwrap().len(), 15);
     // A width large enough for the products to run on both threads.
-    let mlp = common::shared().join("spec/examples/mlp3.tp");
-    let x1 = common::shared().join("refs/programs/X1.csv");
+    let mlp = common::example_path("mlp3");
+    let x1 = common::refs_dir().join("programs/X1.csv");
     let args = [
         "run",
         mlp.to_str().unwrap(),
@@ -264,8 +264,8 @@ fn overflow_names_the_node() {
 
 #[test]
 fn too_large_a_width_is_refused_with_the_largest_that_fits() {
-    let mlp = common::shared().join("spec/examples/mlp3.tp");
-    let x1 = common::shared().join("refs/programs/X1.csv");
+    let mlp = common::example_path("mlp3");
+    let x1 = common::refs_dir().join("programs/X1.csv");
     let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
         .args([
             "run",

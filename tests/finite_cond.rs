@@ -154,7 +154,7 @@ fn all_agree(name: &str, prog: &Program, pts: &[Vec<f64>], width: usize, seeds: 
 }
 
 fn mlp3_points(prog: &Program) -> Vec<Vec<f64>> {
-    points(prog, &common::shared().join("refs/programs/X1.csv"))
+    points(prog, &common::refs_dir().join("programs/X1.csv"))
 }
 
 #[test]
@@ -266,7 +266,7 @@ fn conditional_draws_are_deterministic() {
     let d1 = run_one_conditional(&prog, &pts, 300, 7, 1).unwrap();
     assert!((&all.f.mean * 3.0 - &d0.f - &d1.f - &a.f).amax() < 1e-12);
     // And the CLI gives byte-identical JSON with 1 and 2 threads.
-    let rnn = common::shared().join("spec/examples/rnn.tp");
+    let rnn = common::example_path("rnn");
     let p = manifest().join("examples/rnn_points.csv");
     let (rnn, p) = (rnn.to_str().unwrap(), p.to_str().unwrap());
     let args = [

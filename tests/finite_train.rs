@@ -88,7 +88,7 @@ fn one_step_is_minus_lr_times_the_gradient_xent() {
 /// −lr Σ_w lr_mult ⟨∂f/∂w, ∂L/∂w⟩ = −lr Σ_b Θ(x, x_b) χ_b (the lr-weighted NTK).
 #[test]
 fn a_small_step_moves_f_by_the_ntk_times_chi() {
-    let src = std::fs::read_to_string(common::shared().join("spec/examples/sgd_mlp.tp"))
+    let src = std::fs::read_to_string(common::example_path("sgd_mlp"))
         .unwrap()
         .replace("lr    = 0.5", "lr    = 1e-6")
         .replace("steps = 3", "steps = 1");
@@ -312,7 +312,7 @@ fn tpc_run(args: &[&str], threads: &str) -> Vec<u8> {
 
 #[test]
 fn train_json_is_deterministic_across_threads() {
-    let sgd = common::shared().join("spec/examples/sgd_mlp.tp");
+    let sgd = common::example_path("sgd_mlp");
     let x = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/X2_4.csv");
     for extra in [vec![], vec!["--inputs", x.to_str().unwrap()]] {
         let mut args = vec![
@@ -341,8 +341,8 @@ fn train_json_is_deterministic_across_threads() {
         assert_eq!(f_t[0], v["f"][0]);
     }
     // Without a train block there is no "train" key.
-    let mlp = common::shared().join("spec/examples/mlp3.tp");
-    let x1 = common::shared().join("refs/programs/X1.csv");
+    let mlp = common::example_path("mlp3");
+    let x1 = common::refs_dir().join("programs/X1.csv");
     let out = tpc_run(
         &[
             "run",

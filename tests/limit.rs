@@ -1,4 +1,4 @@
-//! The limit engine against references: Neural Tangents' kernels (`../shared/refs`,
+//! The limit engine against references: Neural Tangents' kernels (`tests/data/refs`, copies of `../shared/refs`,
 //! `tests/data/nt_extra.json`), the semicircle law, and snapshot-tested derivations.
 
 mod common;
@@ -67,7 +67,7 @@ fn check_cases(json: &Path, base: &Path, rel_nngp: f64, rel_ntk: f64) -> usize {
 
 #[test]
 fn shared_reference_kernels_to_1e10() {
-    let dir = common::shared().join("refs");
+    let dir = common::refs_dir();
     let n = check_cases(&dir.join("nt_kernels.json"), &dir, 1e-10, 1e-10);
     assert!(n >= 4);
 }
@@ -88,10 +88,10 @@ fn extra_reference_kernels() {
 #[test]
 fn mlp3_matches_the_seed_program_reference() {
     // mlp3.tp is the c2 reference's network (f = v^T relu(W relu(U xi)), d = 1).
-    let refs = read_json(&common::shared().join("refs/nt_kernels.json"));
+    let refs = read_json(&common::refs_dir().join("nt_kernels.json"));
     let case = &refs["cases"]["c2_relu_2hidden_X1"];
     let prog = tpc::compile(&common::example("mlp3")).unwrap();
-    let csv = std::fs::read_to_string(common::shared().join("refs/programs/X1.csv")).unwrap();
+    let csv = std::fs::read_to_string(common::refs_dir().join("programs/X1.csv")).unwrap();
     let points = tpc::data::parse_points(&prog, "X1", &csv).unwrap();
     let r = tpc::limit::limit(&prog, &points).unwrap();
     assert_close(
@@ -165,7 +165,7 @@ fn chain_fast_path_equals_the_general_engine() {
     let cases = [
         (
             common::example("mlp3"),
-            common::shared().join("refs/programs/X1.csv"),
+            common::refs_dir().join("programs/X1.csv"),
         ),
         (
             common::example("erf_deep"),

@@ -475,7 +475,7 @@ fn cli_prints_the_trajectory() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains("# training trajectory f_t (mse, lr 0.5, 3 step(s)): kernel regime: NTK recursion, exact"), "{text}");
 
-    let sgd = common::shared().join("spec/examples/sgd_mlp.tp");
+    let sgd = common::example_path("sgd_mlp");
     let out = common::tpc_ok(
         &["limit", sgd.to_str().unwrap(), "--particles", "65536"],
         None,

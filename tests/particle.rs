@@ -150,7 +150,7 @@ observe e = mean(b * b)
 /// included, after the forward one; the trajectory's method names the particle engine.
 #[test]
 fn cli_prints_the_unrolled_derivation() {
-    let file = common::shared().join("spec/examples/sgd_mlp.tp");
+    let file = common::example_path("sgd_mlp");
     let out = common::tpc_ok(
         &[
             "limit",

@@ -301,7 +301,7 @@ fn tp4_closed_forms_on_a_grid() {
 // ---- the contract examples ----------------------------------------------------------
 
 fn example(name: &str) -> String {
-    std::fs::read_to_string(common::shared().join(format!("spec/examples/{name}.tp"))).unwrap()
+    std::fs::read_to_string(common::example_path(name)).unwrap()
 }
 
 /// The exponent of the node named `name` (or `W @ h1` for an unnamed MatMul).
@@ -628,7 +628,7 @@ fn limit_json_reports_the_regime_only_with_train() {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let ex = |n: &str| common::shared().join(format!("spec/examples/{n}.tp"));
+    let ex = |n: &str| common::example_path(n);
     assert_eq!(run(&ex("sgd_mlp"), &[])["regime"], "feature-learning");
     assert_eq!(run(&ex("sp_blowup"), &[])["regime"], "unstable");
     let dir = std::env::temp_dir().join(format!("tpc-scaling-limit-{}", std::process::id()));

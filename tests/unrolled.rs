@@ -19,7 +19,7 @@ fn compile(src: &str) -> Program {
 }
 
 fn example(name: &str) -> Program {
-    let path = common::shared().join("spec/examples").join(name);
+    let path = common::examples_dir().join(name);
     compile(&std::fs::read_to_string(path).unwrap())
 }
 
@@ -190,7 +190,7 @@ fn conditional_engine_training_has_the_dense_law() {
 /// rank-one corrections of the next forward pass (read and checked by hand).
 #[test]
 fn unrolled_listing_snapshot() {
-    let src = std::fs::read_to_string(common::shared().join("spec/examples/sgd_mlp.tp"))
+    let src = std::fs::read_to_string(common::example_path("sgd_mlp"))
         .unwrap()
         .replace("steps = 3", "steps = 1")
         .replace(

@@ -80,16 +80,59 @@ impl Lowerer<'_> {
         };
         match &e.kind {
             ExprKind::Num(v) => {
-                if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                // A literal of digits is read exactly from the source (an f64 holds
+                // integers exactly only up to 2^53); other forms (`1e3`, `8.0`) are exact
+                // integers only while |v| <= 2^53.
+                let text = self.src.get(e.span.range()).unwrap_or("").trim();
+                if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                    return text.parse::<i64>().ok().or_else(|| overflow(self, e.span));
+                }
+                const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+                if v.fract() == 0.0 && v.abs() <= EXACT {
                     Some(*v as i64)
-                } else if v.fract() == 0.0 {
+                } else if v.fract() == 0.0 && v.abs() >= i64::MAX as f64 {
                     overflow(self, e.span)
+                } else if v.fract() == 0.0 {
+                    self.int_err(
+                        e.span,
+                        format!("`{text}` is beyond 2^53 and not exact in this form"),
+                        "write an integer above 2^53 with its digits",
+                    )
                 } else {
                     self.int_err(
                         e.span,
                         format!("`{v}` is not an integer"),
                         "indices, bounds and constants are integers",
                     )
+                }
+            }
+            ExprKind::Pow(a, p) => {
+                let x = self.eval_int(a)?;
+                // Integer powers: a non-negative integer exponent (or ±1 to any integer).
+                if p.fract() != 0.0 {
+                    return self.int_err(
+                        e.span,
+                        format!("`^{p}` is not an integer power"),
+                        "integer constants use whole exponents such as `2^3`",
+                    );
+                }
+                if *p < 0.0 {
+                    return match x {
+                        1 => Some(1),
+                        -1 => Some(if (*p as i64) % 2 == 0 { 1 } else { -1 }),
+                        _ => self.int_err(
+                            e.span,
+                            format!("{x}^{p} is not an integer"),
+                            "integer constants use non-negative exponents",
+                        ),
+                    };
+                }
+                match u32::try_from(*p as u64).ok().and_then(|k| x.checked_pow(k)) {
+                    Some(r) => Some(r),
+                    // 0, ±1 to a huge power are still exact.
+                    None if x == 0 || x == 1 => Some(x),
+                    None if x == -1 => Some(if *p % 2.0 == 0.0 { 1 } else { -1 }),
+                    None => overflow(self, e.span),
                 }
             }
             ExprKind::Name { name, index } if index.is_empty() => {
@@ -165,6 +208,7 @@ impl Lowerer<'_> {
                 }
             }
             ExprKind::Neg(a) => Some(-self.eval_num(a)?),
+            ExprKind::Pow(a, p) => Some(self.eval_num(a)?.powf(*p)),
             ExprKind::Bin(op, a, b) => {
                 let (x, y) = (self.eval_num(a)?, self.eval_num(b)?);
                 Some(match op {

@@ -7,7 +7,36 @@ use crate::syntax::{self, LawSyntax, Mono};
 
 impl Lowerer<'_> {
     /// The law of a parameter, the preset it came from (if any) and the span to blame.
+    /// Every coefficient is a finite f64: `{ std = 1e300 }` has variance 1e600, which is
+    /// refused here rather than carried as infinity into both interpreters.
     pub(crate) fn law(
+        &mut self,
+        p: &syntax::ParamDecl,
+        shape: Shape,
+    ) -> Option<(Law, Option<Preset>, Span)> {
+        let (law, preset, span) = self.law_unchecked(p, shape)?;
+        for (what, m) in [
+            ("variance", law.var),
+            ("multiplier", law.mult),
+            ("learning rate", law.lr),
+        ] {
+            if !m.coef.is_finite() {
+                self.err(
+                    Diagnostic::error(
+                        "E0024",
+                        format!("the {what} of `{}` overflows: its coefficient is not a finite number", p.name.name),
+                        span,
+                        "too large",
+                    )
+                    .with_help("coefficients of a law must fit in a 64-bit float (a `std` up to about 1e154, whose square is the variance)"),
+                );
+                return None;
+            }
+        }
+        Some((law, preset, span))
+    }
+
+    fn law_unchecked(
         &mut self,
         p: &syntax::ParamDecl,
         shape: Shape,

@@ -917,7 +917,7 @@ impl<'a> Lowerer<'a> {
                             self.err(
                                 Diagnostic::error(
                                     "E0021",
-                                    format!("the learning rate must be positive, found {v}"),
+                                    format!("the learning rate must be a positive finite number, found {v}"),
                                     ex.span,
                                     "not positive",
                                 )

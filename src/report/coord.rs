@@ -352,7 +352,7 @@ pub fn coord_check(
     let mut prog = prog.clone();
     let Some(train) = prog.train.as_mut() else {
         return Err(usage(
-            "this program has no `train` block: a coordinate check trains it (language.md, Training)",
+            "this program has no `train` block: a coordinate check trains it (docs/language.md, Training)",
         ));
     };
     if let Some(s) = cfg.steps {

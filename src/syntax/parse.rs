@@ -67,7 +67,7 @@ fn prescan(src: &str) -> R<()> {
     while i < bytes.len() {
         match bytes[i] {
             b'#' => {
-                while i < bytes.len() && bytes[i] != b'\n' {
+                while i < bytes.len() && bytes[i] != b'\n' && bytes[i] != b'\r' {
                     i += 1;
                 }
                 continue;
@@ -158,7 +158,7 @@ fn syntax_error(src: &str, e: pest::error::Error<Rule>) -> Diagnostic {
                 let found = if found.is_empty() {
                     "end of file".to_string()
                 } else {
-                    format!("`{found}`")
+                    crate::diag::quote(found)
                 };
                 return Diagnostic::error(
                     "E0001",
@@ -172,7 +172,7 @@ fn syntax_error(src: &str, e: pest::error::Error<Rule>) -> Diagnostic {
                 let found = if found.is_empty() {
                     "end of file".to_string()
                 } else {
-                    format!("`{found}`")
+                    crate::diag::quote(found)
                 };
                 return Diagnostic::error("E0001", format!("syntax error: expected `=`, found {found}"), Span::new(start, tok_end.min(src.len())), "expected `=`")
                     .with_help("statements are `name = expr`, `output f = v @ x`, `observe m = mean(..)`, `for t in 1..=T { .. }`");
@@ -192,7 +192,7 @@ fn syntax_error(src: &str, e: pest::error::Error<Rule>) -> Diagnostic {
             let found = if found.is_empty() {
                 "end of file".to_string()
             } else {
-                format!("`{found}`")
+                crate::diag::quote(found)
             };
             (
                 format!("expected {want}, found {found}"),

@@ -1,18 +1,42 @@
-//! Helpers shared by the integration tests: where the contract lives.
+//! Helpers shared by the integration tests: where the contract's examples and the
+//! reference data live. The project carries its own copies (`examples/`,
+//! `tests/data/refs/`, `docs/`), so a fresh clone tests itself; `tests/contract.rs`
+//! checks them byte for byte against `../shared` when that directory is present.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
-/// `../shared` beside the crate (CI has it at the same place).
-pub fn shared() -> PathBuf {
+/// The crate root.
+pub fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("shared")
+}
+
+/// The project's copies of the contract examples (`../shared/spec/examples`).
+pub fn examples_dir() -> PathBuf {
+    manifest().join("examples")
+}
+
+/// The path of the contract example `name` (without `.tp`).
+pub fn example_path(name: &str) -> PathBuf {
+    examples_dir().join(format!("{name}.tp"))
+}
+
+/// The project's copy of the Neural Tangents references (`../shared/refs`):
+/// `nt_kernels.json` and `programs/` (the reference programs and X1.csv, X3.csv).
+pub fn refs_dir() -> PathBuf {
+    manifest().join("tests").join("data").join("refs")
+}
+
+/// `../shared` beside the crate, when it is there (the upstream contract); a fresh
+/// clone has none, and the tests use the project's copies only.
+pub fn upstream_shared() -> Option<PathBuf> {
+    let p = manifest().join("..").join("shared");
+    p.join("spec").is_dir().then_some(p)
 }
 
 /// Every contract example, sorted by name: (stem, source).
 pub fn examples() -> Vec<(String, String)> {
-    let dir = shared().join("spec").join("examples");
+    let dir = examples_dir();
     let mut out: Vec<(String, String)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .filter_map(|e| e.ok())
@@ -33,13 +57,8 @@ pub fn examples() -> Vec<(String, String)> {
 }
 
 pub fn example(name: &str) -> String {
-    std::fs::read_to_string(
-        shared()
-            .join("spec")
-            .join("examples")
-            .join(format!("{name}.tp")),
-    )
-    .unwrap()
+    let p = example_path(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
 }
 
 /// Every backward rule: an input layer, a bias, a moment feeding a Nonlin, a matrix
