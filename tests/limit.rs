@@ -1,5 +1,6 @@
-//! The limit engine against references: Neural Tangents' kernels (`tests/data/refs`, copies of `../shared/refs`,
-//! `tests/data/nt_extra.json`), the semicircle law, and snapshot-tested derivations.
+//! The limit engine against references: Neural Tangents' kernels (`tests/data/refs`, the
+//! project's copy of `../shared/refs`, and `tests/data/nt_extra.json`), the semicircle law,
+//! and snapshot-tested derivations.
 
 mod common;
 

@@ -248,7 +248,10 @@ def write_csv(path, a):
 
 def main():
     os.makedirs(os.path.join(HERE, "programs"), exist_ok=True)
-    spec = os.path.join(os.environ.get("TP_SPEC_EXAMPLES", "/work/shared/spec/examples"),
+    # The project's copy of the contract example (examples/ is checked against
+    # ../shared/spec/examples by tests/contract.rs).
+    spec = os.path.join(os.environ.get("TP_SPEC_EXAMPLES",
+                                       os.path.join(HERE, "..", "..", "examples")),
                         "erf_deep.tp")
     if not os.path.exists(spec):  # fall back to the copy made by an earlier run
         spec = os.path.join(HERE, "programs", "erf_deep.tp")
