@@ -292,7 +292,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             particles,
             unrolled,
         } => {
-            let prog = compile_file(&file)?;
+            let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &prog, &e))?;
             let mut derivation = tpc::limit::derivation_text(&prog, &der);
@@ -406,7 +406,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             no_svg,
         } => {
             let distinct = slope_widths(&widths)?;
-            let prog = compile_file(&file)?;
+            let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let lim =
                 tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
@@ -572,16 +572,14 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
     }
 }
 
-/// A limit that cannot be computed, reported against the node responsible.
+/// A limit that cannot be computed, reported against the node responsible (or the
+/// input declaration of a bad point), with its code.
 fn limit_fail(file: &Path, prog: &Program, e: &tpc::limit::LimitError) -> Reported {
+    let _ = prog;
     let name = file.display().to_string();
-    match (e.node, std::fs::read_to_string(file)) {
-        (Some(node), Ok(src)) => {
-            let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), prog.node(node).span, "here")
-                .with_help("see theory.md for what the Master Theorem covers; `tpc run` still works at finite width");
-            emit(&name, &src, &[d]);
-        }
-        _ => eprintln!("error: no limit: {}", e.message),
+    match (e.diagnostic(), std::fs::read_to_string(file)) {
+        (Some(d), Ok(src)) => emit(&name, &src, &[d]),
+        _ => eprintln!("error[{}]: no limit: {}", e.code, e.message),
     }
     Reported
 }
@@ -655,6 +653,15 @@ fn load(path: &Path) -> Result<(String, String, Option<Program>, Vec<Diagnostic>
 /// Reads, checks and reports; the program when there was no error.
 fn compile_file(path: &Path) -> Result<Program, Reported> {
     let (name, src, prog, diags) = load(path)?;
+    emit(&name, &src, &diags);
+    prog.ok_or(Reported)
+}
+
+/// [`compile_file`] for commands that compute the limit: an expectation that does not
+/// exist is then the limit's error (E0031 at the same span), not also a warning.
+fn compile_file_for_limit(path: &Path) -> Result<Program, Reported> {
+    let (name, src, prog, mut diags) = load(path)?;
+    diags.retain(|d| d.is_error() || d.code != tpc::ir::integrability::CODE);
     emit(&name, &src, &diags);
     prog.ok_or(Reported)
 }
