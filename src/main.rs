@@ -294,7 +294,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
         } => {
             let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
-            let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &e))?;
             let mut derivation = tpc::limit::derivation_text(&prog, &der);
             if unrolled {
                 if prog.train.is_none() {
@@ -316,8 +316,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 particles: particles as usize,
                 ..Default::default()
             };
-            let r = tpc::limit::limit_with(&prog, &points, &cfg)
-                .map_err(|e| limit_fail(&file, &prog, &e))?;
+            let r =
+                tpc::limit::limit_with(&prog, &points, &cfg).map_err(|e| limit_fail(&file, &e))?;
             let text = if format == Format::Json {
                 serde_json::to_string_pretty(&tpc::report::limit::json(&r))
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
@@ -336,13 +336,12 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     format,
                 },
         } => {
-            let prog = compile_file(&file)?;
+            let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let mut secs = Vec::new();
             for _ in 0..repeat.max(1) {
                 let t = std::time::Instant::now();
-                let r =
-                    tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+                let r = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &e))?;
                 secs.push(t.elapsed().as_secs_f64());
                 drop(r);
             }
@@ -408,8 +407,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let distinct = slope_widths(&widths)?;
             let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
-            let lim =
-                tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let lim = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &e))?;
             let cfg = tpc::report::compare::CompareConfig {
                 widths: distinct,
                 seeds: usize::try_from(seeds)
@@ -574,8 +572,7 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
 
 /// A limit that cannot be computed, reported against the node responsible (or the
 /// input declaration of a bad point), with its code.
-fn limit_fail(file: &Path, prog: &Program, e: &tpc::limit::LimitError) -> Reported {
-    let _ = prog;
+fn limit_fail(file: &Path, e: &tpc::limit::LimitError) -> Reported {
     let name = file.display().to_string();
     match (e.diagnostic(), std::fs::read_to_string(file)) {
         (Some(d), Ok(src)) => emit(&name, &src, &[d]),

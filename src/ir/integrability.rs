@@ -392,7 +392,7 @@ fn powi(a: &Info, k: i32, show: &dyn Fn() -> String) -> Info {
     if k == 0 {
         return Info::constant(1.0);
     }
-    let even = k % 2 == 0;
+    let even = k.is_multiple_of(2);
     let p = |x: f64| x.powi(k as i32);
     let (lo, hi) = if even {
         let m = a.lo.abs().max(a.hi.abs());

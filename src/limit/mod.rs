@@ -117,8 +117,8 @@ impl LimitError {
             ),
             "E0032" => (
                 "this value",
-                "the limit of this value overflows f64 or is undefined here: smaller variances, \
-                 other points or bounded functions keep it finite",
+                "the limit of this value overflows f64 or is undefined here: smaller variances or \
+                 learning rates, other points or bounded functions keep it finite",
             ),
             "E0034" => (
                 "this law",
