@@ -654,7 +654,13 @@ fn collect_factors<'e>(e: &'e Expr, k: i32, out: &mut Vec<(&'e Expr, i32)>) {
 /// `e` with every operand written as the first slot holding the same node, so that
 /// equal subexpressions compare equal (`Arg(0) * Arg(1)` over one node is a square).
 fn canonical(e: &Expr, ops: &[NodeId]) -> Expr {
-    e.substitute(&|i| Expr::Arg(ops.iter().position(|o| *o == ops[i]).unwrap_or(i)))
+    e.substitute(&|i| {
+        Expr::Arg(
+            ops.get(i)
+                .and_then(|n| ops.iter().position(|o| o == n))
+                .unwrap_or(i),
+        )
+    })
 }
 
 /// An expectation the limit would take that does not exist.
@@ -934,6 +940,22 @@ mod tests {
         for (name, e, k) in accepted {
             assert_eq!(verdict(&e, k), Ok(()), "{name} should be accepted");
         }
+    }
+
+    /// `h / m` for a moment m (language.md's own advice for normalizing): a number in
+    /// the limit, taken to be nonzero (a zero is caught by the final finite check).
+    #[test]
+    fn division_by_a_moment_is_accepted() {
+        let args = [
+            Info::leaf(NodeId::new(0), Growth::Poly(1)),
+            Info::deterministic(),
+        ];
+        let e = Expr::div(z(0), z(1));
+        let show = |s: &Expr| s.display(&|i| format!("a{i}")).to_string();
+        assert_eq!(eval(&e, &args, &show).verdict(), Ok(()));
+        // ... but not a Gaussian divided by a moment times a Gaussian.
+        let e = Expr::div(z(1), Expr::mul(z(1), z(0)));
+        assert!(eval(&e, &args, &show).verdict().is_err());
     }
 
     #[test]
