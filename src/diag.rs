@@ -222,6 +222,19 @@ pub const CODES: &[(&str, &str)] = &[
         "E0030",
         "the limit engine cannot compute this program's limit",
     ),
+    (
+        "E0031",
+        "a Gaussian expectation the limit needs does not exist (a pole where a Gaussian has density, or growth like exp(c z^2) or faster)",
+    ),
+    (
+        "E0032",
+        "a limit quantity is not finite (overflow or NaN)",
+    ),
+    ("E0033", "an input point is not finite or has the wrong length"),
+    (
+        "E0034",
+        "a parameter law's variance overflows f64 in the limit",
+    ),
     ("W0001", "parameter is never used"),
     ("W0002", "value is computed but never used"),
     ("W0101", "parameterization blows up at initialization"),

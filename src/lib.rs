@@ -69,6 +69,13 @@ pub fn check_source(src: &str) -> (Option<ir::Program>, Vec<Diagnostic>) {
             if let Some(p) = &prog {
                 if !diags.iter().any(Diagnostic::is_error) {
                     diags.extend(scaling::diagnostics(p, &owned));
+                    // Expectations that do not exist: the limit refuses them; at finite
+                    // width the mean over seeds has nothing to converge to.
+                    diags.extend(
+                        ir::integrability::check(p)
+                            .iter()
+                            .map(|b| b.diagnostic(false)),
+                    );
                 }
             }
             (prog, diags)
@@ -165,16 +172,7 @@ pub fn derive(src: &str) -> Result<String, Error> {
     let prog = compile(src)?;
     match limit::derivation(&prog) {
         Ok(d) => Ok(limit::derivation_text(&prog, &d)),
-        Err(e) => {
-            let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
-            let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), span, "here")
-                .with_help("`tpc run` still works at finite width");
-            Err(Error {
-                diagnostics: vec![d],
-                source: src.to_string(),
-                name: "<source>".to_string(),
-            })
-        }
+        Err(e) => Err(limit_error(src, &e)),
     }
 }
 
@@ -189,14 +187,25 @@ pub fn derive(src: &str) -> Result<String, Error> {
 /// ```
 pub fn limit_of(src: &str, points: &[Vec<f64>]) -> Result<limit::LimitResult, Error> {
     let prog = compile(src)?;
-    limit::limit(&prog, points).map_err(|e| {
-        let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
-        let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), span, "here")
-            .with_help("`tpc run` still works at finite width");
-        Error {
-            diagnostics: vec![d],
-            source: src.to_string(),
-            name: "<source>".to_string(),
-        }
-    })
+    limit::limit(&prog, points).map_err(|e| limit_error(src, &e))
+}
+
+/// A refused limit as an [`Error`]: its diagnostic at the node (or input declaration)
+/// responsible, with its code; one without a place in the source (memory) is given at
+/// the start of the file and says so.
+fn limit_error(src: &str, e: &limit::LimitError) -> Error {
+    let d = e.diagnostic().unwrap_or_else(|| {
+        Diagnostic::error(
+            e.code,
+            format!("no limit: {}", e.message),
+            ir::Span::new(0, 0),
+            "this program",
+        )
+        .with_help("no single statement is responsible")
+    });
+    Error {
+        diagnostics: vec![d],
+        source: src.to_string(),
+        name: "<source>".to_string(),
+    }
 }

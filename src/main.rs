@@ -294,9 +294,9 @@ fn run(cli: Cli) -> Result<(), Reported> {
             particles,
             unrolled,
         } => {
-            let prog = compile_file(&file)?;
+            let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
-            let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &e))?;
             let mut derivation = tpc::limit::derivation_text(&prog, &der);
             if unrolled {
                 if prog.train.is_none() {
@@ -318,8 +318,8 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 particles: particles as usize,
                 ..Default::default()
             };
-            let r = tpc::limit::limit_with(&prog, &points, &cfg)
-                .map_err(|e| limit_fail(&file, &prog, &e))?;
+            let r =
+                tpc::limit::limit_with(&prog, &points, &cfg).map_err(|e| limit_fail(&file, &e))?;
             let text = if format == Format::Json {
                 serde_json::to_string_pretty(&tpc::report::limit::json(&r))
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
@@ -338,13 +338,12 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     format,
                 },
         } => {
-            let prog = compile_file(&file)?;
+            let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
             let mut secs = Vec::new();
             for _ in 0..repeat.max(1) {
                 let t = std::time::Instant::now();
-                let r =
-                    tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+                let r = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &e))?;
                 secs.push(t.elapsed().as_secs_f64());
                 drop(r);
             }
@@ -408,10 +407,9 @@ fn run(cli: Cli) -> Result<(), Reported> {
             no_svg,
         } => {
             let distinct = slope_widths(&widths)?;
-            let prog = compile_file(&file)?;
+            let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
-            let lim =
-                tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &prog, &e))?;
+            let lim = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &e))?;
             let cfg = tpc::report::compare::CompareConfig {
                 widths: distinct,
                 seeds: usize::try_from(seeds)
@@ -597,16 +595,13 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
     }
 }
 
-/// A limit that cannot be computed, reported against the node responsible.
-fn limit_fail(file: &Path, prog: &Program, e: &tpc::limit::LimitError) -> Reported {
+/// A limit that cannot be computed, reported against the node responsible (or the
+/// input declaration of a bad point), with its code.
+fn limit_fail(file: &Path, e: &tpc::limit::LimitError) -> Reported {
     let name = file.display().to_string();
-    match (e.node, read_source(file)) {
-        (Some(node), Ok(src)) => {
-            let d = Diagnostic::error("E0030", format!("no limit: {}", e.message), prog.node(node).span, "here")
-                .with_help("see docs/theory.md for what the Master Theorem covers; `tpc run` still works at finite width");
-            emit(&name, &src, &[d]);
-        }
-        _ => eprintln!("error: no limit: {}", e.message),
+    match (e.diagnostic(), read_source(file)) {
+        (Some(d), Ok(src)) => emit(&name, &src, &[d]),
+        _ => eprintln!("error[{}]: no limit: {}", e.code, e.message),
     }
     Reported
 }
@@ -687,6 +682,15 @@ fn load(path: &Path) -> Result<(String, String, Option<Program>, Vec<Diagnostic>
 /// Reads, checks and reports; the program when there was no error.
 fn compile_file(path: &Path) -> Result<Program, Reported> {
     let (name, src, prog, diags) = load(path)?;
+    emit(&name, &src, &diags);
+    prog.ok_or(Reported)
+}
+
+/// [`compile_file`] for commands that compute the limit: an expectation that does not
+/// exist is then the limit's error (E0031 at the same span), not also a warning.
+fn compile_file_for_limit(path: &Path) -> Result<Program, Reported> {
+    let (name, src, prog, mut diags) = load(path)?;
+    diags.retain(|d| d.is_error() || d.code != tpc::ir::integrability::CODE);
     emit(&name, &src, &diags);
     prog.ok_or(Reported)
 }

@@ -441,10 +441,13 @@ impl fmt::Display for ExprDisplay<'_> {
     }
 }
 
-/// Shortest decimal that reads back as the same f64.
+/// Shortest decimal that reads back as the same f64, in scientific notation (which
+/// the language reads too) when plain digits would be long: `1e300`, not 301 digits.
 pub fn fmt_num(c: f64) -> String {
     if c.is_finite() && c == c.trunc() && c.abs() < 1e15 {
         format!("{}", c as i64)
+    } else if c.is_finite() && c != 0.0 && (c.abs() >= 1e15 || c.abs() < 1e-5) {
+        format!("{c:e}")
     } else {
         format!("{c}")
     }
@@ -576,6 +579,25 @@ mod tests {
         let t = (0.5f64).tanh();
         assert!((d0 - (1.0 - t * t)).abs() < 1e-14);
         assert!((d1 - 2.0 * (1.0 - t * t)).abs() < 1e-14);
+    }
+
+    /// Large and tiny constants print in scientific notation and read back exactly.
+    #[test]
+    fn fmt_num_is_short_and_round_trips() {
+        for (c, want) in [
+            (1e300, "1e300"),
+            (-2.5e300, "-2.5e300"),
+            (1e-300, "1e-300"),
+            (1e15, "1e15"),
+            (123456789012345.0, "123456789012345"),
+            (0.25, "0.25"),
+            (3.0, "3"),
+            (f64::MAX, "1.7976931348623157e308"),
+        ] {
+            let s = fmt_num(c);
+            assert_eq!(s, want);
+            assert_eq!(s.parse::<f64>(), Ok(c));
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   numerics (laws are monomials in n, not sampled values).
 
 pub mod expr;
+pub mod integrability;
 pub mod law;
 
 use petgraph::graph::{DiGraph, NodeIndex};

@@ -216,7 +216,9 @@ impl<'a> Engine<'a> {
     /// Computes the vector blocks of the real run in topological order: for each node,
     /// its `E[Z Z']` blocks, then its tangent blocks. Each layer then reads only the
     /// previous layer's blocks, which are freed as soon as it is done.
-    pub fn warm_up(&mut self) -> R<()> {
+    /// A block that cannot be computed names the vector it belongs to (the later of the
+    /// pair), which the caller reports at that node's span.
+    pub fn warm_up(&mut self) -> Result<(), (NodeId, NumError)> {
         let mut keys: Vec<(NodeId, u8, NodeId, NodeId)> = self
             .vv
             .keys()
@@ -226,15 +228,16 @@ impl<'a> Engine<'a> {
         keys.extend(self.tv.keys().into_iter().map(|(a, b)| (b.max(a), 1, a, b)));
         keys.sort();
         for (_, kind, a, b) in keys {
+            let at = |e: NumError| (a.max(b), e);
             if kind == 0 {
                 if !self.vv.has(&(a, b)) {
-                    let (za, zb) = (self.zf(a)?, self.zf(b)?);
-                    let m = self.zz(&za, &zb, a == b)?;
+                    let (za, zb) = (self.zf(a).map_err(at)?, self.zf(b).map_err(at)?);
+                    let m = self.zz(&za, &zb, a == b).map_err(at)?;
                     self.vv.warm((a, b), m);
                 }
             } else if !self.tv.has(&(a, b)) {
-                let (za, zb) = (self.zf(a)?, self.zf(b)?);
-                let t = self.tz(&za, &zb, a == b)?;
+                let (za, zb) = (self.zf(a).map_err(at)?, self.zf(b).map_err(at)?);
+                let t = self.tz(&za, &zb, a == b).map_err(at)?;
                 self.tv.warm((a, b), t);
             }
         }

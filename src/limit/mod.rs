@@ -31,7 +31,7 @@ use std::collections::HashMap;
 
 use nalgebra::DMatrix;
 
-use crate::ir::{Monomial, NodeId, Op, OutTerm, Program, Rational, Shape};
+use crate::ir::{Monomial, NodeId, Op, OutTerm, Program, Rational, Shape, Span};
 use engine::{Engine, Scaled};
 use zform::{Derivation, GaussKind};
 
@@ -58,11 +58,20 @@ pub struct LimitResult {
     pub train: Option<train::LimitTrain>,
 }
 
-/// Why the limit could not be computed.
+/// Why the limit could not be computed, and where: every refusal names the node (and
+/// so the source span) responsible when there is one, with a diagnostic code.
 #[derive(Clone, Debug)]
 pub struct LimitError {
     pub node: Option<NodeId>,
+    /// The source span: the node's, or an input declaration's for a bad point.
+    pub span: Option<Span>,
+    /// The diagnostic code (diag.rs `CODES`): E0030 a program the engines do not cover,
+    /// E0031 an expectation that does not exist, E0032 a number that is not finite,
+    /// E0033 a bad input point, E0034 a law constant that overflows f64.
+    pub code: &'static str,
     pub message: String,
+    /// Further explanation (the reason an expectation does not exist).
+    pub note: Option<String>,
 }
 
 impl std::fmt::Display for LimitError {
@@ -71,12 +80,105 @@ impl std::fmt::Display for LimitError {
     }
 }
 
+impl LimitError {
+    /// A refusal that no one node is responsible for (memory, the machine).
+    pub fn general(code: &'static str, message: impl Into<String>) -> LimitError {
+        LimitError {
+            node: None,
+            span: None,
+            code,
+            message: message.into(),
+            note: None,
+        }
+    }
+
+    /// A refusal at a node of the program (its span is the node's).
+    pub fn at(
+        prog: &Program,
+        node: NodeId,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> LimitError {
+        LimitError {
+            node: Some(node),
+            span: Some(prog.node(node).span),
+            ..LimitError::general(code, message)
+        }
+    }
+
+    /// The diagnostic, when the error has a place in the source.
+    pub fn diagnostic(&self) -> Option<crate::diag::Diagnostic> {
+        let span = self.span?;
+        let (label, help) = match self.code {
+            "E0031" => (
+                "the limit takes an expectation of this",
+                "keep denominators away from 0 (e.g. `1 / (1 + h * h)`) and growth at most exp(c|h|); \
+                 `tpc run` still computes finite-width values, but their mean over seeds has no limit",
+            ),
+            "E0032" => (
+                "this value",
+                "the limit of this value overflows f64 or is undefined here: smaller variances or \
+                 learning rates, other points or bounded functions keep it finite",
+            ),
+            "E0034" => (
+                "this law",
+                "a smaller constant in the law keeps the variance within f64 (about 1.8e308)",
+            ),
+            "E0033" => (
+                "this input",
+                "every coordinate of every point must be a finite number",
+            ),
+            _ => (
+                "here",
+                "see docs/theory.md for what the Master Theorem covers; `tpc run` still works at finite width",
+            ),
+        };
+        let mut d = crate::diag::Diagnostic::error(
+            self.code,
+            format!("no limit: {}", self.message),
+            span,
+            label,
+        )
+        .with_help(help);
+        if let Some(n) = &self.note {
+            d = d.with_note(n.clone());
+        }
+        Some(d)
+    }
+}
+
 /// The Z derivation of a program.
 pub fn derivation(prog: &Program) -> Result<Derivation, LimitError> {
-    Derivation::new(prog).map_err(|u| LimitError {
-        node: u.node,
-        message: u.reason,
-    })
+    let der = Derivation::new(prog).map_err(|u| match u.node {
+        Some(n) => LimitError::at(prog, n, "E0030", u.reason),
+        None => LimitError::general("E0030", u.reason),
+    })?;
+    // A base Gaussian's variance is a law constant (σ² · mult², times n^0 in the
+    // limit); a finite law can still square past f64's range (N(0, 1) * 1e200).
+    for g in &der.gauss {
+        let (param, v) = match g.kind {
+            GaussKind::Initial { param, var } | GaussKind::InputLayer { param, var, .. } => {
+                (param, var)
+            }
+            GaussKind::Hat { param, sigma2, .. } => (param, sigma2),
+        };
+        if !v.is_finite() {
+            let prm = &prog.params[param];
+            return Err(LimitError {
+                node: Some(prm.node),
+                span: Some(prm.law_span),
+                ..LimitError::general(
+                    "E0034",
+                    format!(
+                        "the variance of the entries of `{}` in the limit, {}, overflows f64",
+                        prm.name,
+                        prm.law.entry_var()
+                    ),
+                )
+            });
+        }
+    }
+    Ok(der)
 }
 
 /// P x d values of every input node from rows of points (all inputs concatenated, each
@@ -114,6 +216,20 @@ pub fn limit_with(
     points: &[Vec<f64>],
     particles: &particle::ParticleConfig,
 ) -> Result<LimitResult, LimitError> {
+    check_points(prog, points)?;
+    // Refuse expectations that do not exist before computing any: quadrature would
+    // return a finite number for them (theory.md §1.2 needs the expectation to exist).
+    if let Some(bad) = crate::ir::integrability::check(prog).into_iter().next() {
+        return Err(LimitError {
+            note: Some(bad.reason),
+            ..LimitError::at(
+                prog,
+                bad.node,
+                crate::ir::integrability::CODE,
+                format!("the Gaussian expectation of `{}` does not exist", bad.name),
+            )
+        });
+    }
     let mut r = kernels(prog, points)?;
     if let Some(tr) = &prog.train {
         r.train = Some(train::trajectory(
@@ -124,7 +240,126 @@ pub fn limit_with(
             particles,
         ));
     }
+    check_finite(prog, &r)?;
     Ok(r)
+}
+
+/// Points given through the library must be rows of the right length of finite
+/// numbers (the command line's `--inputs` parser checks the same, data.rs); a bad one is
+/// reported at the input declaration it belongs to.
+fn check_points(prog: &Program, points: &[Vec<f64>]) -> Result<(), LimitError> {
+    if prog.inputs.is_empty() {
+        return Ok(());
+    }
+    let row: usize = prog.inputs.iter().map(|d| d.row_len()).sum();
+    let bad = |input: usize, message: String| LimitError {
+        span: Some(prog.inputs[input].span),
+        ..LimitError::general("E0033", message)
+    };
+    for (i, pt) in points.iter().enumerate() {
+        if pt.len() != row {
+            return Err(bad(
+                0,
+                format!(
+                    "point {} has {} numbers; the inputs need {row} per point",
+                    i + 1,
+                    pt.len()
+                ),
+            ));
+        }
+        if let Some(j) = pt.iter().position(|v| !v.is_finite()) {
+            // The input declaration that coordinate j belongs to.
+            let mut k = 0;
+            let mut off = 0;
+            while k + 1 < prog.inputs.len() && j >= off + prog.inputs[k].row_len() {
+                off += prog.inputs[k].row_len();
+                k += 1;
+            }
+            return Err(bad(
+                k,
+                format!(
+                    "point {} has a non-finite coordinate {} of `{}`: {}",
+                    i + 1,
+                    j - off + 1,
+                    prog.inputs[k].name,
+                    pt[j]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The final guard: no limit quantity is reported when it is not finite. The first
+/// non-finite entry is blamed on its output (or observe), at its span.
+fn check_finite(prog: &Program, r: &LimitResult) -> Result<(), LimitError> {
+    let p = r.points.len().max(1);
+    let output = |col: usize| prog.outputs.get(col / p).copied();
+    let refuse = |node: Option<NodeId>, what: String| match node {
+        Some(n) => LimitError::at(prog, n, "E0032", what),
+        None => LimitError::general("E0032", what),
+    };
+    let first_bad = |m: &DMatrix<f64>| {
+        (0..m.nrows())
+            .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
+            .find(|&(i, j)| !m[(i, j)].is_finite())
+    };
+    for (kernel, m) in [("NNGP", &r.nngp), ("NTK", &r.ntk)] {
+        if let Some((i, j)) = m.as_ref().and_then(first_bad) {
+            let node = output(i);
+            return Err(refuse(
+                node,
+                format!(
+                    "the {kernel} entry of `{}` at points {} and {} is not finite (overflow or NaN in the limit)",
+                    node.map_or("?".into(), |n| prog.label(n)),
+                    i % p + 1,
+                    j % p + 1
+                ),
+            ));
+        }
+    }
+    for (k, (name, vals)) in r.observe.iter().enumerate() {
+        if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+            return Err(refuse(
+                prog.observes.get(k).copied(),
+                format!(
+                    "the observe `{name}` is not finite at point {} ({}) (overflow or NaN in the limit)",
+                    i + 1,
+                    vals[i]
+                ),
+            ));
+        }
+    }
+    if let Some(t) = &r.train {
+        for (what, m) in [
+            ("f_t", &t.f_t),
+            ("f_t_var", &t.f_t_var),
+            ("f_t_se", &t.f_t_se),
+        ] {
+            if let Some((step, col)) = m.as_ref().and_then(first_bad) {
+                let node = output(col);
+                return Err(refuse(
+                    node,
+                    format!(
+                        "the training trajectory's {what} of `{}` at point {} is not finite at step {step} \
+                         (overflow or NaN in the limit)",
+                        node.map_or("?".into(), |n| prog.label(n)),
+                        col % p + 1
+                    ),
+                ));
+            }
+        }
+    }
+    if !r.max_error.is_finite() {
+        return Err(refuse(
+            None,
+            format!(
+                "the stated error of the expectations is not finite ({}): the numbers cannot be trusted",
+                r.max_error
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The kernels and moments on the points (everything but the trajectory).
@@ -140,16 +375,16 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
     if let Some(avail) = crate::machine::mem_available() {
         if 8 * words > avail {
             let fit = ((avail / 48) as f64).sqrt() as usize / prog.outputs.len().max(1);
-            return Err(LimitError {
-                node: None,
-                message: format!(
+            return Err(LimitError::general(
+                "E0030",
+                format!(
                     "{} points need about {:.1} GB for the kernel blocks; this machine has {:.1} GB available \
                      (at most about {fit} points fit)",
                     points.len(),
                     8.0 * words as f64 / 1e9,
                     avail as f64 / 1e9
                 ),
-            });
+            ));
         }
     }
     if let Some((nngp, ntk, methods, max_error)) =
@@ -190,18 +425,14 @@ pub fn limit_general(
     };
     let der = der.clone();
     let p = points.len();
-    let err = |e: engine::NumError| LimitError {
-        node: None,
-        message: e.0,
-    };
     // Dry run on no points: counts block uses so the real run can free each block at
     // its last use (engine::Memo).
     let mut eng = Engine::new(prog, &der, 0, input_values(prog, &[]));
-    compute(prog, &der, &mut eng, 0).map_err(err)?;
+    compute(prog, &der, &mut eng, 0)?;
     eng.arm(p, input_values(prog, &points));
-    eng.warm_up().map_err(err)?;
-    let (nngp, nngp_note, ntk, ntk_note, observe) =
-        compute(prog, &der, &mut eng, p).map_err(err)?;
+    eng.warm_up()
+        .map_err(|(node, e)| LimitError::at(prog, node, "E0032", e.0))?;
+    let (nngp, nngp_note, ntk, ntk_note, observe) = compute(prog, &der, &mut eng, p)?;
     Ok(LimitResult {
         outputs: prog.output_names(),
         points: if prog.inputs.is_empty() {
@@ -235,8 +466,9 @@ fn compute(
     der: &Derivation,
     eng: &mut Engine<'_>,
     p: usize,
-) -> Result<Computed, engine::NumError> {
-    let err = |e: LimitError| engine::NumError(e.message);
+) -> Result<Computed, LimitError> {
+    // A non-finite block is blamed on the output or observe being computed.
+    let at = |node: NodeId| move |e: engine::NumError| LimitError::at(prog, node, "E0032", e.0);
     let o = prog.outputs.len();
     let mut nngp = DMatrix::zeros(o * p, o * p);
     let mut ntk = DMatrix::zeros(o * p, o * p);
@@ -254,7 +486,8 @@ fn compute(
     }
     for (a, &oa) in prog.outputs.iter().enumerate() {
         for (b, &ob) in prog.outputs.iter().enumerate().skip(a) {
-            let (k, t) = output_pair(prog, eng, oa, ob, gia)?;
+            let (k, t) =
+                output_pair(prog, eng, oa, ob, gia).map_err(at(if a == b { oa } else { ob }))?;
             match k.limit_of() {
                 Some(m) => set_block(&mut nngp, a, b, p, &m),
                 None => {
@@ -296,15 +529,13 @@ fn compute(
         let zs: Vec<zform::ZForm> = ops
             .iter()
             .map(|o| {
-                der.zform(*o).cloned().ok_or_else(|| LimitError {
-                    node: Some(m),
-                    message: "moment of a non-vector".into(),
-                })
+                der.zform(*o)
+                    .cloned()
+                    .ok_or_else(|| LimitError::at(prog, m, "E0030", "moment of a non-vector"))
             })
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+            .collect::<Result<_, _>>()?;
         let z = zform::apply(e, &zs);
-        let v = eng.zmean(&z)?;
+        let v = eng.zmean(&z).map_err(at(m))?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals
             .iter()
@@ -536,6 +767,10 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
     out
 }
 
+/// A law constant for the derivation, rounded to 12 decimals where that is exact
+/// enough; large values are printed as they are (`v * 1e12` would overflow to `inf`
+/// for finite variances above 1.8e296).
 fn fmt(v: f64) -> String {
-    crate::ir::expr::fmt_num((v * 1e12).round() / 1e12)
+    let r = (v * 1e12).round() / 1e12;
+    crate::ir::expr::fmt_num(if r.is_finite() { r } else { v })
 }
