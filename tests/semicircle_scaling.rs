@@ -127,3 +127,16 @@ fn the_derivation_grows_polynomially() {
         "particle derivation: {b30} -> {b60} bytes"
     );
 }
+
+/// Moments of polynomials of degree ≤ 2 in several Gaussian forms are closed forms
+/// `f(0) + ½ Σ ∂_i∂_j f Cov(L_i, L_j)`: here `E[(v + x)(v − x)] + 3 = Var v − Var x + 3`
+/// with `Var x = σ_W² Var v = 0.5`, exact rather than a quadrature's 1e-11.
+#[test]
+fn quadratic_moments_of_several_forms_are_exact() {
+    let src = "width n\nparam W : n x n ~ N(0, 1/(2*n))\nparam v : n ~ N(0, 1)\n\
+               x = W @ v\nobserve m = mean((v + x) * (v - x) + 3)\n";
+    let prog = tpc::compile(src).unwrap();
+    let r = tpc::limit::limit(&prog, &[]).unwrap();
+    assert_eq!(r.observe[0].1, vec![3.5]);
+    assert_eq!(r.methods, vec!["closed form (linear)".to_string()]);
+}

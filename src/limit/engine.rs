@@ -770,7 +770,8 @@ mod tests {
 
     /// Issue 12: a moment of two forms (`mean(x[0] * x[k])`) was integrated per point, so
     /// its covariance lookups were never counted, every block under it was recomputed
-    /// without a memo, and `semicircle.tp` took 2^k steps.
+    /// without a memo, and `semicircle.tp` took 2^k steps. (It is now a closed form;
+    /// the next test keeps the quadrature path honest.)
     #[test]
     fn moments_of_several_forms_are_counted_by_the_dry_run() {
         let src = "width n\nparam W : n x n ~ N(0, 1/(2*n))\nparam v : n ~ N(0, 1)\n\
@@ -790,5 +791,21 @@ mod tests {
                    observe m = mean(tanh(h3) * sin(h1))\noutput f = v @ relu(h3)\n";
         let points = vec![vec![0.5], vec![-1.0], vec![2.0]];
         assert_eq!(strays(src, &points), 0);
+    }
+
+    #[test]
+    fn quadratic_polynomials_are_recognized() {
+        let (x, y) = (Expr::Arg(0), Expr::Arg(1));
+        let xy = Expr::mul(x.clone(), y.clone());
+        assert!(quadratic(&xy, 2));
+        assert!(quadratic(&Expr::powi(x.clone(), 2), 1));
+        assert!(quadratic(
+            &Expr::add(Expr::mul(Expr::Const(2.0), xy.clone()), Expr::Const(3.0)),
+            2
+        ));
+        assert!(!quadratic(&Expr::mul(xy.clone(), x.clone()), 2));
+        let tanh_y = Expr::mul(Expr::call(crate::ir::Fun::Tanh, x.clone()), y.clone());
+        assert!(!quadratic(&tanh_y, 2));
+        assert!(!quadratic(&Expr::div(x, y), 2));
     }
 }
