@@ -79,6 +79,10 @@ struct Memo<K, V> {
     /// Remaining lookups per key (None during the dry run: count instead).
     left: Option<HashMap<K, usize>>,
     counts: HashMap<K, usize>,
+    /// Real-run lookups the dry run did not count: each one recomputes its block (and
+    /// everything below it) without a memo, exponential in depth when it nests, so
+    /// there must be none (`Engine::stray_lookups`).
+    strays: usize,
 }
 
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
@@ -87,6 +91,7 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
             map: HashMap::new(),
             left: None,
             counts: HashMap::new(),
+            strays: 0,
         }
     }
     /// Looks a key up, counting (dry run) or consuming one use (real run).
@@ -97,7 +102,10 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
                 self.map.get(k).cloned()
             }
             Some(left) => {
-                let n = left.get_mut(k)?;
+                let Some(n) = left.get_mut(k) else {
+                    self.strays += 1;
+                    return None;
+                };
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     left.remove(k);
@@ -254,6 +262,12 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Lookups of the real run that the dry run did not count (see [`Memo`]); zero
+    /// whenever every lookup is made independently of the number of points.
+    pub fn stray_lookups(&self) -> usize {
+        self.lcov.strays + self.vv.strays + self.tg.strays + self.tv.strays
+    }
+
     // ---- covariances ------------------------------------------------------------
 
     /// `Cov(G_j(xi_p), G_k(xi_q))`, or None when independent.
@@ -396,10 +410,41 @@ impl<'a> Engine<'a> {
                 self.note(k.method().to_string(), k.error_bound());
                 Ok(DVector::from_iterator(p, d.iter().map(|&s| k.eval(s))))
             }
+            m if quadratic(&a.f, m) => {
+                // E[f(L)] = f(0) + ½ Σ_ij ∂_i∂_j f · Cov(L_i, L_j) for a polynomial f of
+                // degree ≤ 2 in centered Gaussians: exact, where a quadrature rule
+                // would see `Cov(L_i, L_j)` only through an eigendecomposition whose
+                // rounding is relative to the largest variance (random-matrix moments
+                // such as `mean(x[0] * x[60])` span 30 orders of magnitude).
+                let zero = vec![0.0; m];
+                let mut out = DVector::from_element(p, a.f.eval(&zero));
+                // Rounding of the sum, stated like the 1-d closed forms (dual::MeanKernel).
+                let mut size = out.amax();
+                for i in 0..m {
+                    let di = a.f.diff(i);
+                    for j in i..m {
+                        let h = di.diff(j).eval(&zero);
+                        if h == 0.0 {
+                            continue;
+                        }
+                        let c = self.lcov(&a.args[i], &a.args[j])?.diagonal();
+                        // The pair (i, j) and (j, i) for i ≠ j; ½ for i = j.
+                        let term = c * if i == j { 0.5 * h } else { h };
+                        size += term.amax();
+                        out += term;
+                    }
+                }
+                self.note(
+                    gauss::Method::ClosedForm(gauss::Families::LINEAR).to_string(),
+                    64.0 * f64::EPSILON * size.max(1.0),
+                );
+                Ok(out)
+            }
             _ => {
                 let mut out = DVector::zeros(p);
+                let blocks = self.joint_blocks(&a.args, &[])?;
                 for i in 0..p {
-                    let cov = self.joint_cov(&a.args, i, &[], i)?;
+                    let cov = joint_cov(&blocks, a.args.len(), a.args.len(), i, i);
                     let f = a.f.clone();
                     let est =
                         gauss::expect_multi(&move |x: &[f64]| f.eval(x), &cov, TOL, self.seed);
@@ -411,24 +456,25 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Covariance of `[L_1(xi_p) .. L_m(xi_p), M_1(xi_q) .. M_k(xi_q)]`.
-    fn joint_cov(&mut self, la: &[LinForm], p: usize, lb: &[LinForm], q: usize) -> R<DMatrix<f64>> {
-        let all: Vec<(&LinForm, usize)> = la
-            .iter()
-            .map(|l| (l, p))
-            .chain(lb.iter().map(|l| (l, q)))
-            .collect();
+    /// The P x P covariance blocks of every pair among `[L_1 .. L_m, M_1 .. M_k]`
+    /// (upper triangle, row-major), for [`joint_cov`] to read point pairs from.
+    ///
+    /// Why blocks, once, rather than per point pair: the memo tables learn their use
+    /// counts from a dry run at P = 0 ([`Memo`]), so every lookup must happen the same
+    /// number of times whatever P is. A lookup made once per point pair is never made in
+    /// the dry run; in the real run its block (and, recursively, every block it reads)
+    /// was already freed and is recomputed without a memo — exponential in the depth of
+    /// a program with W and W.T (issue 12: `semicircle.tp` to k = 16).
+    fn joint_blocks(&mut self, la: &[LinForm], lb: &[LinForm]) -> R<Vec<DMatrix<f64>>> {
+        let all: Vec<&LinForm> = la.iter().chain(lb).collect();
         let k = all.len();
-        let mut c = DMatrix::zeros(k, k);
+        let mut out = Vec::with_capacity(k * (k + 1) / 2);
         for i in 0..k {
             for j in i..k {
-                let blk = self.lcov(all[i].0, all[j].0)?;
-                let v = blk[(all[i].1, all[j].1)];
-                c[(i, j)] = v;
-                c[(j, i)] = v;
+                out.push(self.lcov(all[i], all[j])?);
             }
         }
-        Ok(c)
+        Ok(out)
     }
 
     fn atom_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<DMatrix<f64>> {
@@ -486,13 +532,14 @@ impl<'a> Engine<'a> {
             _ => {
                 let mut out = DMatrix::zeros(p, p);
                 let m = a.args.len();
+                let blocks = self.joint_blocks(&a.args, &b.args)?;
                 for i in 0..p {
                     for j in 0..p {
                         if symmetric && j < i {
                             out[(i, j)] = out[(j, i)];
                             continue;
                         }
-                        let cov = self.joint_cov(&a.args, i, &b.args, j)?;
+                        let cov = joint_cov(&blocks, m, m + b.args.len(), i, j);
                         let (fa, fb) = (a.f.clone(), b.f.clone());
                         let f = move |x: &[f64]| fa.eval(&x[..m]) * fb.eval(&x[m..]);
                         let est = gauss::expect_multi(&f, &cov, TOL, self.seed);
@@ -674,6 +721,28 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// Is `f` of `m` operands a polynomial of degree at most 2 (every first partial affine)?
+fn quadratic(f: &Expr, m: usize) -> bool {
+    (0..m).all(|i| f.diff(i).is_affine())
+}
+
+/// Covariance of `[L_1(xi_p) .. L_m(xi_p), M_1(xi_q) .. M_k(xi_q)]` from the blocks of
+/// [`Engine::joint_blocks`] of `k` forms (the first `m` at point p, the rest at point q).
+fn joint_cov(blocks: &[DMatrix<f64>], m: usize, k: usize, p: usize, q: usize) -> DMatrix<f64> {
+    let at = |i: usize| if i < m { p } else { q };
+    let mut c = DMatrix::zeros(k, k);
+    let mut idx = 0;
+    for i in 0..k {
+        for j in i..k {
+            let v = blocks[idx][(at(i), at(j))];
+            c[(i, j)] = v;
+            c[(j, i)] = v;
+            idx += 1;
+        }
+    }
+    c
+}
+
 fn check(m: &DMatrix<f64>, what: &str) -> R<()> {
     if m.iter().all(|v| v.is_finite()) {
         Ok(())
@@ -681,5 +750,65 @@ fn check(m: &DMatrix<f64>, what: &str) -> R<()> {
         Err(NumError(format!(
             "{what} is not finite (overflow or NaN in the limit)"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{compute, input_values};
+    use super::*;
+
+    /// The dry run and the real run of [`super::super::limit_general`], returning the
+    /// real run's lookups that the dry run did not count.
+    fn strays(src: &str, points: &[Vec<f64>]) -> usize {
+        let prog = crate::compile(src).unwrap();
+        let der = Derivation::new(&prog).unwrap();
+        let mut eng = Engine::new(&prog, &der, 0, input_values(&prog, &[]));
+        compute(&prog, &der, &mut eng, 0).unwrap();
+        eng.arm(points.len(), input_values(&prog, points));
+        eng.warm_up().unwrap();
+        compute(&prog, &der, &mut eng, points.len()).unwrap();
+        eng.stray_lookups()
+    }
+
+    /// Issue 12: a moment of two forms (`mean(x[0] * x[k])`) was integrated per point, so
+    /// its covariance lookups were never counted, every block under it was recomputed
+    /// without a memo, and `semicircle.tp` took 2^k steps. (It is now a closed form;
+    /// the next test keeps the quadrature path honest.)
+    #[test]
+    fn moments_of_several_forms_are_counted_by_the_dry_run() {
+        let src = "width n\nparam W : n x n ~ N(0, 1/(2*n))\nparam v : n ~ N(0, 1)\n\
+                   x[0] = v\nfor k in 1..=12 {\n  x[k] = W @ x[k-1] + W.T @ x[k-1]\n  \
+                   observe m[k] = mean(x[0] * x[k])\n}\n";
+        assert_eq!(strays(src, &[vec![]]), 0);
+    }
+
+    /// The same for atoms of several forms inside a vector (pair blocks integrated per
+    /// pair of points) and in an observe, on three points.
+    #[test]
+    fn atoms_of_several_forms_are_counted_by_the_dry_run() {
+        let src = "width n\ninput xi : 1\nparam U : n x 1 ~ N(0, 1)\n\
+                   param V : n x 1 ~ N(0, 1)\nparam W : n x n ~ N(0, 1/n)\n\
+                   param v : 1 x n ~ N(0, 1/n)\n\
+                   h1 = U @ xi\nh2 = V @ xi\ny = tanh(h1) * relu(h2)\nh3 = W @ y\n\
+                   observe m = mean(tanh(h3) * sin(h1))\noutput f = v @ relu(h3)\n";
+        let points = vec![vec![0.5], vec![-1.0], vec![2.0]];
+        assert_eq!(strays(src, &points), 0);
+    }
+
+    #[test]
+    fn quadratic_polynomials_are_recognized() {
+        let (x, y) = (Expr::Arg(0), Expr::Arg(1));
+        let xy = Expr::mul(x.clone(), y.clone());
+        assert!(quadratic(&xy, 2));
+        assert!(quadratic(&Expr::powi(x.clone(), 2), 1));
+        assert!(quadratic(
+            &Expr::add(Expr::mul(Expr::Const(2.0), xy.clone()), Expr::Const(3.0)),
+            2
+        ));
+        assert!(!quadratic(&Expr::mul(xy.clone(), x.clone()), 2));
+        let tanh_y = Expr::mul(Expr::call(crate::ir::Fun::Tanh, x.clone()), y.clone());
+        assert!(!quadratic(&tanh_y, 2));
+        assert!(!quadratic(&Expr::div(x, y), 2));
     }
 }
