@@ -13,6 +13,28 @@ impl std::fmt::Display for DataError {
     }
 }
 
+impl std::error::Error for DataError {}
+
+/// The most points tpc takes in one call.
+pub const MAX_POINTS: usize = 100_000;
+
+/// What a point of `prog` consists of, in words: `x (2 numbers), s (3 x 1 numbers,
+/// time-major)`, or that the program has no inputs.
+pub fn needs(prog: &Program) -> String {
+    if prog.inputs.is_empty() {
+        return "empty: the program has no `input`".to_string();
+    }
+    let what: Vec<String> = prog
+        .inputs
+        .iter()
+        .map(|d| match d.len {
+            None => format!("{} ({} numbers)", d.name, d.dim),
+            Some(t) => format!("{} ({t} x {} numbers, time-major)", d.name, d.dim),
+        })
+        .collect();
+    what.join(", ")
+}
+
 /// Numbers per row that the program's inputs need.
 pub fn row_len(prog: &Program) -> usize {
     prog.inputs.iter().map(|i| i.row_len()).sum()
@@ -49,29 +71,31 @@ pub fn parse_points(prog: &Program, name: &str, text: &str) -> Result<Vec<Vec<f6
             col += field.len() + 1;
         }
         if row.len() != want {
-            let what: Vec<String> = prog
-                .inputs
-                .iter()
-                .map(|d| match d.len {
-                    None => format!("{} ({} numbers)", d.name, d.dim),
-                    Some(t) => format!("{} ({t} x {} numbers, time-major)", d.name, d.dim),
-                })
-                .collect();
-            return Err(DataError(format!(
-                "{name}:{}:1: the row has {} numbers; the program's inputs need {want}: {}",
-                i + 1,
-                row.len(),
-                what.join(", ")
-            )));
+            let msg = if want == 0 {
+                format!(
+                    "{name}:{}:1: the row has {} numbers, but the program has no `input`: \
+                     omit --inputs",
+                    i + 1,
+                    row.len()
+                )
+            } else {
+                format!(
+                    "{name}:{}:1: the row has {} numbers; the program's inputs need {want}: {}",
+                    i + 1,
+                    row.len(),
+                    needs(prog)
+                )
+            };
+            return Err(DataError(msg));
         }
         rows.push(row);
     }
     if rows.is_empty() && want > 0 {
         return Err(DataError(format!("{name}: no points")));
     }
-    if rows.len() > 100_000 {
+    if rows.len() > MAX_POINTS {
         return Err(DataError(format!(
-            "{name}: {} points; tpc takes at most 100000",
+            "{name}: {} points; tpc takes at most {MAX_POINTS}",
             rows.len()
         )));
     }

@@ -74,18 +74,44 @@ pub fn json(r: &LimitResult) -> Value {
     out
 }
 
+/// Width of the text report: matrices wider than this are printed in column blocks.
+pub const TEXT_WIDTH: usize = 100;
+
+/// A labelled matrix: a header row of column labels, then one labelled row per entry,
+/// split into blocks of columns so that no line passes [`TEXT_WIDTH`] characters.
 fn matrix_text(m: &DMatrix<f64>, labels: &[String]) -> String {
-    let w = labels.iter().map(|l| l.len()).max().unwrap_or(0);
+    const CELL: usize = 13; // " " + 12 characters
+    let label = |i: usize| labels.get(i).map(String::as_str).unwrap_or("");
+    let w = (0..m.nrows().max(m.ncols()))
+        .map(|i| label(i).chars().count())
+        .max()
+        .unwrap_or(0);
+    let per_block = ((TEXT_WIDTH.saturating_sub(w + 3)) / CELL).max(1);
     let mut s = String::new();
-    for i in 0..m.nrows() {
-        s.push_str(&format!(
-            "  {:w$} ",
-            labels.get(i).map(String::as_str).unwrap_or("")
-        ));
-        for j in 0..m.ncols() {
-            s.push_str(&format!(" {:>12.8}", m[(i, j)]));
+    let mut start = 0;
+    while start < m.ncols() {
+        let end = (start + per_block).min(m.ncols());
+        if m.ncols() > per_block {
+            s.push_str(&format!(
+                "  columns {}–{} of {}\n",
+                start + 1,
+                end,
+                m.ncols()
+            ));
+        }
+        s.push_str(&format!("  {:w$} ", ""));
+        for j in start..end {
+            s.push_str(&format!(" {:>12}", label(j)));
         }
         s.push('\n');
+        for i in 0..m.nrows() {
+            s.push_str(&format!("  {:w$} ", label(i)));
+            for j in start..end {
+                s.push_str(&format!(" {:>12.8}", m[(i, j)]));
+            }
+            s.push('\n');
+        }
+        start = end;
     }
     s
 }
@@ -99,10 +125,43 @@ pub fn labels(r: &LimitResult) -> Vec<String> {
         .collect()
 }
 
-/// The text report: derivation first, then the numbers.
+/// Points listed in full up to this many; beyond, only their number.
+const LISTED_POINTS: usize = 10;
+
+/// What p1…pP are: the rows of `--inputs` (or, without it, the training inputs).
+fn points_text(r: &LimitResult) -> String {
+    if r.points.iter().all(Vec::is_empty) {
+        return String::new();
+    }
+    let p = r.points.len();
+    let mut s = format!(
+        "\n# points p1…p{p}: the rows of the --inputs CSV, in order (without --inputs, the \
+         training inputs)\n"
+    );
+    if p <= LISTED_POINTS {
+        for (i, x) in r.points.iter().enumerate() {
+            let nums: Vec<String> = x.iter().map(|v| crate::ir::expr::fmt_num(*v)).collect();
+            let mut row = nums.join(", ");
+            if row.chars().count() > TEXT_WIDTH - 12 {
+                row = row.chars().take(TEXT_WIDTH - 16).collect::<String>() + ", …";
+            }
+            s.push_str(&format!("  p{} = ({row})\n", i + 1));
+        }
+    }
+    s
+}
+
+/// The whole `tpc limit` text report: the derivation ([`crate::limit::derivation_text`]),
+/// the points, the NNGP and NTK over (output, point) pairs, every observe, the regime and
+/// training trajectory when there is a `train` block, and how the numbers were computed.
+/// [`crate::report_limit`] builds it from a source text.
 pub fn text(derivation: &str, r: &LimitResult) -> String {
-    let mut s = String::from("# Z derivation (Master Theorem, theory.md §1-2)\n");
+    let mut s = String::from(
+        "# Z derivation (Master Theorem, theory.md §1-2): Z^x is the limit law of a \
+         coordinate of vector x;\n# Ẑ are Gaussians; p, q are two input points\n",
+    );
     s.push_str(derivation);
+    s.push_str(&points_text(r));
     let l = labels(r);
     if !r.outputs.is_empty() {
         s.push_str("\n# NNGP (output-major: row k = output*P + point)\n");
@@ -137,11 +196,26 @@ pub fn text(derivation: &str, r: &LimitResult) -> String {
     if let Some(t) = &r.train {
         s.push_str(&trajectory_text(t, &l));
     }
-    s.push_str(&format!(
-        "\n# methods: {}; largest stated error {:.1e}\n",
-        r.methods.join("; "),
-        r.max_error
-    ));
+    if r.methods.is_empty() {
+        s.push_str("\n# methods: none (no expectation had to be computed)\n");
+    } else {
+        let line = format!(
+            "# methods: {}; largest stated error {:.1e}",
+            r.methods.join("; "),
+            r.max_error
+        );
+        if line.chars().count() <= TEXT_WIDTH {
+            s.push_str(&format!("\n{line}\n"));
+        } else {
+            s.push_str(&format!(
+                "\n# methods (largest stated error {:.1e}):\n",
+                r.max_error
+            ));
+            for m in &r.methods {
+                s.push_str(&format!("#   {m}\n"));
+            }
+        }
+    }
     s
 }
 
