@@ -237,6 +237,16 @@ pub fn check_points(
         ));
     }
     for (k, x) in points.iter().enumerate() {
+        if x.len() != want && want == 0 {
+            return Err(bad(
+                format!(
+                    "point {} has {} number(s), but the program has no `input`",
+                    k + 1,
+                    x.len()
+                ),
+                "pass no points (or one empty point)".into(),
+            ));
+        }
         if x.len() != want {
             return Err(bad(
                 format!(

@@ -138,7 +138,7 @@ fn points_are_checked() {
     assert_eq!(tpc::limit_of(free, &[]).unwrap().observe.len(), 1);
     let e = tpc::limit_of(free, &[vec![1.0]]).unwrap_err().render();
     assert!(
-        e.contains("the program's inputs need 0") && e.contains("no `input`"),
+        e.contains("point 1 has 1 number(s), but the program has no `input`"),
         "{e}"
     );
 
