@@ -491,9 +491,16 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                             .filter(|g| matches!(&g.kind, GaussKind::Hat { param, transpose: tt, .. } if prog.params[*param].node == ops[0] && tt == transpose))
                             .count();
                         if seen.insert((ops[0], *transpose, false)) {
+                            let members = if size == 1 {
+                                format!("the Ẑ of its one product {w}{t} a is Gaussian")
+                            } else {
+                                format!(
+                                    "the Ẑ of its {size} products {w}{t} a are jointly Gaussian"
+                                )
+                            };
                             s.push_str(&format!(
-                                "\n    family {w}{t}: the Ẑ of its {size} product(s) {w}{t} a are jointly \
-                                 Gaussian,\n    Cov(Ẑ^{{{w}{t} a}}, Ẑ^{{{w}{t} b}}) = {}·E[Z^a Z^b], \
+                                "\n    family {w}{t}: {members},\n    \
+                                 Cov(Ẑ^{{{w}{t} a}}, Ẑ^{{{w}{t} b}}) = {}·E[Z^a Z^b], \
                                  independent of other families",
                                 fmt(sigma2)
                             ));

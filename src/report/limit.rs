@@ -135,8 +135,8 @@ fn points_text(r: &LimitResult) -> String {
     }
     let p = r.points.len();
     let mut s = format!(
-        "\n# points p1…p{p}: the rows of the --inputs CSV, in order (without --inputs, the \
-         training inputs)\n"
+        "\n# points p1…p{p}: the rows of the --inputs CSV (or the points passed), in order; \
+         by default\n# the training inputs\n"
     );
     if p <= LISTED_POINTS {
         for (i, x) in r.points.iter().enumerate() {
