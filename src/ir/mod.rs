@@ -525,3 +525,50 @@ fn is_atomic(s: &str) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(src: &str) -> Vec<String> {
+        let prog = crate::compile(src).expect("a valid program");
+        prog.stable_names()
+    }
+
+    /// Unnamed products and functions are named by their structure, operands by their
+    /// own names; an argument that is not one term is parenthesized.
+    #[test]
+    fn structural_names() {
+        let n = names(
+            "width n\ninput x : 1\nparam U : n x 1\nparam W : n x n\nparam v : 1 x n\n\
+             h = tanh(W @ (relu(U @ x) + 1))\noutput f = v @ h\n",
+        );
+        for want in ["{U x}", "{relu(U x) + 1}", "{W (relu(U x) + 1)}", "h", "f"] {
+            assert!(n.contains(&want.to_string()), "{want} not in {n:?}");
+        }
+        assert!(n.iter().all(|s| !s.starts_with('%')), "{n:?}");
+    }
+
+    /// A structural name longer than MAX_STRUCTURAL_NAME is abbreviated after the
+    /// named vector computed from it, counting in program order.
+    #[test]
+    fn long_names_are_abbreviated_after_their_named_consumer() {
+        let n = names(
+            "width n\ninput x : 1\nparam U : n x 1\nparam W : n x n\nparam v : 1 x n\n\
+             h = tanh(W @ (relu(U @ x) + sin(U @ x) + cos(U @ x) + erf(U @ x)))\n\
+             output f = v @ h\n",
+        );
+        assert!(n.contains(&"h#1".to_string()), "{n:?}");
+        assert!(n.contains(&"{W h#1}".to_string()), "{n:?}");
+        let z = Program::z_name(
+            &n,
+            NodeIndex::new(n.iter().position(|s| s == "h#1").unwrap()),
+        );
+        assert_eq!(z, "Z^{h#1}");
+        assert!(
+            n.iter()
+                .all(|s| s.chars().count() <= MAX_STRUCTURAL_NAME + 2),
+            "{n:?}"
+        );
+    }
+}
