@@ -219,29 +219,53 @@ pub fn text(derivation: &str, r: &LimitResult) -> String {
     s
 }
 
+/// A `#` comment line broken at spaces into lines of at most [`TEXT_WIDTH`] characters
+/// (a longer word stays whole), continued with `#   `.
+fn wrap_comment(line: &str) -> String {
+    let mut out = String::new();
+    let mut cur = String::new();
+    for word in line.split(' ') {
+        let len = cur.chars().count();
+        if len > 4 && len + 1 + word.chars().count() > TEXT_WIDTH {
+            out.push_str(cur.trim_end());
+            out.push('\n');
+            cur = String::from("#  ");
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    out.push_str(cur.trim_end());
+    out.push('\n');
+    out
+}
+
 /// The training trajectory: the method line, then one row per step.
 fn trajectory_text(t: &crate::limit::train::LimitTrain, labels: &[String]) -> String {
-    let mut s = format!(
-        "\n# training trajectory f_t ({}, lr {}, {} step(s)): {}\n",
+    let mut s = String::from("\n");
+    s.push_str(&wrap_comment(&format!(
+        "# training trajectory f_t ({}, lr {}, {} step(s)): {}",
         t.loss.name(),
         t.lr,
         t.steps,
         t.method
-    );
+    )));
     if let Some(n) = &t.note {
-        s.push_str(&format!("#   {n}\n"));
+        s.push_str(&wrap_comment(&format!("#   {n}")));
     }
     let Some(f) = &t.f_t else {
         s.push_str("  f_t: none\n");
         return s;
     };
-    s.push_str("  t  ");
+    let mut header = String::from("  t  ");
     for l in labels {
         match &t.f_t_se {
-            Some(_) => s.push_str(&format!(" {l:>10}{:11}", "")),
-            None => s.push_str(&format!(" {l:>14}")),
+            Some(_) => header.push_str(&format!(" {l:>10}{:11}", "")),
+            None => header.push_str(&format!(" {l:>14}")),
         }
     }
+    s.push_str(header.trim_end());
     s.push('\n');
     for i in 0..f.nrows() {
         s.push_str(&format!("  {i:<3}"));
@@ -264,4 +288,23 @@ fn trajectory_text(t: &crate::limit::train::LimitTrain, labels: &[String]) -> St
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_comments_wrap_at_the_text_width() {
+        let words = vec!["particle"; 40].join(" ");
+        let text = wrap_comment(&format!("# method: {words}"));
+        assert!(text.lines().count() > 1, "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= TEXT_WIDTH, "{line}");
+            assert!(line.starts_with('#'), "{line}");
+        }
+        let back: Vec<&str> = text.split_whitespace().filter(|w| *w != "#").collect();
+        assert_eq!(back.join(" "), format!("method: {words}"));
+        assert_eq!(wrap_comment("#   short note"), "#   short note\n");
+    }
 }
