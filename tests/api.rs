@@ -235,3 +235,49 @@ fn empty_methods_are_said_in_words() {
         "{text}"
     );
 }
+
+/// A trajectory over many (output, point) pairs is printed in column blocks too.
+#[test]
+fn wide_trajectories_fit_100_columns() {
+    use tpc::nalgebra::DMatrix;
+    let k = 12;
+    for se in [true, false] {
+        let r = tpc::LimitResult {
+            outputs: vec!["y".into()],
+            points: (0..k).map(|i| vec![i as f64]).collect(),
+            nngp: None,
+            nngp_note: Some("not Gaussian".into()),
+            ntk: None,
+            ntk_note: Some("not computed".into()),
+            observe: vec![],
+            methods: vec!["closed form".into()],
+            max_error: 0.0,
+            regime: Some("kernel".into()),
+            train: Some(tpc::limit::train::LimitTrain {
+                loss: tpc::ir::Loss::Mse,
+                lr: 0.5,
+                steps: 2,
+                f_t: Some(DMatrix::from_fn(3, k, |i, j| (i * k + j) as f64)),
+                f_t_var: (!se).then(|| DMatrix::from_element(3, k, 0.25)),
+                f_t_se: se.then(|| DMatrix::from_element(3, k, 0.001)),
+                method: "a method".into(),
+                note: None,
+            }),
+        };
+        let text = tpc::report::limit::text("", &r);
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= 100,
+                "{} characters: {line}",
+                line.chars().count()
+            );
+        }
+        // Every value is printed once, under its own column label.
+        assert!(text.contains(&format!("y(p{k})")), "{text}");
+        assert!(
+            text.contains(&format!("{:.6}", (2 * k + k - 1) as f64)),
+            "{text}"
+        );
+        assert!(text.contains(&format!("of {k}")), "{text}");
+    }
+}

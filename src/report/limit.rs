@@ -258,33 +258,50 @@ fn trajectory_text(t: &crate::limit::train::LimitTrain, labels: &[String]) -> St
         s.push_str("  f_t: none\n");
         return s;
     };
-    let mut header = String::from("  t  ");
-    for l in labels {
-        match &t.f_t_se {
-            Some(_) => header.push_str(&format!(" {l:>10}{:11}", "")),
-            None => header.push_str(&format!(" {l:>14}")),
+    // Columns in blocks that fit TEXT_WIDTH, each block under its own header.
+    let cell = if t.f_t_se.is_some() { 23 } else { 15 };
+    let per_block = ((TEXT_WIDTH - 5) / cell).max(1);
+    let blocks: Vec<(usize, usize)> = (0..f.ncols())
+        .step_by(per_block)
+        .map(|a| (a, (a + per_block).min(f.ncols())))
+        .collect();
+    for &(a, b) in &blocks {
+        if blocks.len() > 1 {
+            s.push_str(&format!("  columns {}–{} of {}\n", a + 1, b, f.ncols()));
         }
-    }
-    s.push_str(header.trim_end());
-    s.push('\n');
-    for i in 0..f.nrows() {
-        s.push_str(&format!("  {i:<3}"));
-        for j in 0..f.ncols() {
+        let mut header = String::from("  t  ");
+        for l in &labels[a.min(labels.len())..b.min(labels.len())] {
             match &t.f_t_se {
-                Some(se) => s.push_str(&format!(" {:>10.6} ± {:<8.6}", f[(i, j)], se[(i, j)])),
-                None => s.push_str(&format!(" {:>14.10}", f[(i, j)])),
+                Some(_) => header.push_str(&format!(" {l:>10}{:11}", "")),
+                None => header.push_str(&format!(" {l:>14}")),
             }
         }
+        s.push_str(header.trim_end());
         s.push('\n');
+        for i in 0..f.nrows() {
+            s.push_str(&format!("  {i:<3}"));
+            for j in a..b {
+                match &t.f_t_se {
+                    Some(se) => s.push_str(&format!(" {:>10.6} ± {:<8.6}", f[(i, j)], se[(i, j)])),
+                    None => s.push_str(&format!(" {:>14.10}", f[(i, j)])),
+                }
+            }
+            s.push('\n');
+        }
     }
     if let Some(v) = &t.f_t_var {
         s.push_str("  standard deviation of f_t over f_0 (the NNGP):\n");
-        for i in 0..v.nrows() {
-            s.push_str(&format!("  {i:<3}"));
-            for j in 0..v.ncols() {
-                s.push_str(&format!(" {:>14.10}", v[(i, j)].sqrt()));
+        for &(a, b) in &blocks {
+            if blocks.len() > 1 {
+                s.push_str(&format!("  columns {}–{} of {}\n", a + 1, b, v.ncols()));
             }
-            s.push('\n');
+            for i in 0..v.nrows() {
+                s.push_str(&format!("  {i:<3}"));
+                for j in a..b.min(v.ncols()) {
+                    s.push_str(&format!(" {:>14.10}", v[(i, j)].sqrt()));
+                }
+                s.push('\n');
+            }
         }
     }
     s
