@@ -37,6 +37,28 @@ impl DataError {
     }
 }
 
+impl std::error::Error for DataError {}
+
+/// The most points tpc takes in one call.
+pub const MAX_POINTS: usize = 100_000;
+
+/// What a point of `prog` consists of, in words: `x (2 numbers), s (3 x 1 numbers,
+/// time-major)`, or that the program has no inputs.
+pub fn needs(prog: &Program) -> String {
+    if prog.inputs.is_empty() {
+        return "empty: the program has no `input`".to_string();
+    }
+    let what: Vec<String> = prog
+        .inputs
+        .iter()
+        .map(|d| match d.len {
+            None => format!("{} ({} numbers)", d.name, d.dim),
+            Some(t) => format!("{} ({t} x {} numbers, time-major)", d.name, d.dim),
+        })
+        .collect();
+    what.join(", ")
+}
+
 /// Numbers per row that the program's inputs need.
 pub fn row_len(prog: &Program) -> usize {
     prog.inputs.iter().map(|i| i.row_len()).sum()
@@ -122,28 +144,32 @@ pub fn parse_points(
             off += field.len() + 1;
         }
         if row.len() != want {
-            let what: Vec<String> = prog
-                .inputs
-                .iter()
-                .map(|d| match d.len {
-                    None => format!("{} ({} numbers)", d.name, d.dim),
-                    Some(t) => format!("{} ({t} x {} numbers, time-major)", d.name, d.dim),
-                })
-                .collect();
+            let what = needs(prog);
             let lead = raw.len() - raw.trim_start().len();
             let numbers = |k: usize| format!("{k} number{}", if k == 1 { "" } else { "s" });
             return Err(Box::new(DataError {
                 file: name.to_string(),
                 line: i + 1,
                 col: raw[..lead].chars().count() + 1,
-                what: format!(
-                    "the row has {}; the program's inputs need {want}: {}",
-                    numbers(row.len()),
-                    what.join(", ")
-                ),
+                what: if want == 0 {
+                    format!(
+                        "the row has {}, but the program has no `input`",
+                        numbers(row.len())
+                    )
+                } else {
+                    format!(
+                        "the row has {}; the program's inputs need {want}: {}",
+                        numbers(row.len()),
+                        what
+                    )
+                },
                 span: Span::new(at + lead, at + lead + line.len()),
                 label: numbers(row.len()),
-                help: format!("each row holds {}: {}", numbers(want), what.join(", ")),
+                help: if want == 0 {
+                    "omit --inputs: the program has no `input`".into()
+                } else {
+                    format!("each row holds {}: {}", numbers(want), what)
+                },
             }));
         }
         rows.push(row);
@@ -159,12 +185,12 @@ pub fn parse_points(
             help: "write one point per row, numbers separated by commas".into(),
         }));
     }
-    if rows.len() > 100_000 {
+    if rows.len() > MAX_POINTS {
         return Err(Box::new(DataError {
             file: name.to_string(),
             line: 0,
             col: 0,
-            what: format!("{} points; tpc takes at most 100000", rows.len()),
+            what: format!("{} points; tpc takes at most {MAX_POINTS}", rows.len()),
             span: whole,
             label: "too many rows".into(),
             help: "use fewer points".into(),

@@ -33,6 +33,21 @@ pub struct Diagnostic {
     pub notes: Vec<String>,
 }
 
+/// One line, `error[E0004]: undefined name `x``: the message without the source; render
+/// with [`Renderer`] (or [`crate::Error`]) to show the span and help.
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Note => "note",
+        };
+        write!(f, "{sev}[{}]: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Diagnostic {}
+
 impl Diagnostic {
     pub fn error(
         code: &'static str,

@@ -5,15 +5,36 @@
 //! vectors) and gives it two meanings: run it at finite width, or derive its
 //! infinite-width limit by the Master Theorem. See `ARCHITECTURE.md` for the map.
 //!
-//! The public API: [`compile`] (source to [`ir::Program`], or an [`Error`] with rendered
-//! diagnostics), [`check_source`] (every diagnostic, warnings included), [`derive()`] (the Z
-//! derivation as text, for snapshot tests), [`limit_of`] / [`limit::limit`] (NNGP, NTK,
-//! observes, training trajectories), and [`finite::exec::run`] (the same at finite width).
+//! # The public API
+//!
+//! Everything takes the program's source text and returns an [`Error`] (rendered
+//! diagnostics with codes, like `tpc check`) when the program or the points are bad:
+//!
+//! | function | gives | command line |
+//! | --- | --- | --- |
+//! | [`compile`] | the IR, [`ir::Program`] | `tpc graph` |
+//! | [`check_source`] | every diagnostic, warnings included | `tpc check` |
+//! | [`derive()`] | the Z derivation as text (names from the source, stable under unrelated edits) | first part of `tpc limit` |
+//! | [`derive_unrolled`] | the Z derivation of the unrolled training program, with Ż terms | `tpc limit --unrolled` |
+//! | [`limit_of`] | NNGP, NTK, observes, training trajectory: [`LimitResult`] | `tpc limit --format json` |
+//! | [`report_limit`] | the whole `tpc limit` text report ([`report::limit::text`]) | `tpc limit` |
+//! | [`run`] | the same quantities at finite width N, ± standard errors | `tpc run` |
+//!
+//! Points are rows as in `--inputs` (cli.md): one `Vec<f64>` per point, all inputs
+//! concatenated, sequences time-major. An empty slice means the default points of the
+//! command line: the training inputs, or the one empty point of a program without
+//! inputs; otherwise every point must have exactly the numbers the inputs need, all
+//! finite (else error E0028). Matrices are [`nalgebra`]'s, re-exported as
+//! [`tpc::nalgebra`](nalgebra) so that callers need not match its version.
 //!
 //! ```
 //! let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
 //! let prog = tpc::compile(src).expect("a valid program");
 //! assert_eq!(prog.output_names(), ["f"]);
+//! let r = tpc::limit_of(src, &[vec![1.0], vec![-1.0]])?;
+//! let k: &tpc::nalgebra::DMatrix<f64> = r.nngp.as_ref().expect("a Gaussian limit");
+//! assert!((k[(0, 1)] - 0.0).abs() < 1e-12); // E[relu(u) relu(-u)] = 0
+//! # Ok::<(), tpc::Error>(())
 //! ```
 
 pub mod autodiff;
@@ -28,7 +49,18 @@ pub mod report;
 pub mod scaling;
 pub mod syntax;
 
+pub use data::DataError;
+pub use finite::exec::{RunConfig, RunError, RunResult};
+pub use limit::{LimitError, LimitResult};
+pub use nalgebra;
+
 use diag::{Diagnostic, Renderer};
+use ir::Program;
+
+/// The README's Rust examples run as doctests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// A program with errors: its diagnostics, renderable against the source.
 #[derive(Debug, Clone)]
@@ -159,41 +191,19 @@ pub fn error_for(name: &str, source: &str, diagnostics: Vec<Diagnostic>) -> Erro
     }
 }
 
-/// The Z derivation of a program (theory.md §1–2), one line per vector: what
-/// `tpc limit` prints first, and what users snapshot-test.
-///
-/// ```
-/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
-/// let text = tpc::derive(src)?;
-/// assert!(text.contains("Z^h = relu("));
-/// # Ok::<(), tpc::Error>(())
-/// ```
-pub fn derive(src: &str) -> Result<String, Error> {
-    let prog = compile(src)?;
-    match limit::derivation(&prog) {
-        Ok(d) => Ok(limit::derivation_text(&prog, &d)),
-        Err(e) => Err(limit_error(src, &e)),
+/// An [`Error`] for `src` with one diagnostic.
+fn error_in(src: &str, d: Diagnostic) -> Error {
+    Error {
+        diagnostics: vec![d],
+        source: src.to_string(),
+        name: "<source>".to_string(),
     }
-}
-
-/// The infinite-width limit of a program on points (rows as in `--inputs`).
-///
-/// ```
-/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
-/// let r = tpc::limit_of(src, &[vec![1.0], vec![2.0]])?;
-/// let k = r.nngp.unwrap();
-/// assert!((k[(0, 0)] - 0.5).abs() < 1e-12); // E[relu(u)^2] = Var(u)/2
-/// # Ok::<(), tpc::Error>(())
-/// ```
-pub fn limit_of(src: &str, points: &[Vec<f64>]) -> Result<limit::LimitResult, Error> {
-    let prog = compile(src)?;
-    limit::limit(&prog, points).map_err(|e| limit_error(src, &e))
 }
 
 /// A refused limit as an [`Error`]: its diagnostic at the node (or input declaration)
 /// responsible, with its code; one without a place in the source (memory) is given at
 /// the start of the file and says so.
-fn limit_error(src: &str, e: &limit::LimitError) -> Error {
+fn limit_error(src: &str, e: &LimitError) -> Error {
     let d = e.diagnostic().unwrap_or_else(|| {
         Diagnostic::error(
             e.code,
@@ -203,9 +213,195 @@ fn limit_error(src: &str, e: &limit::LimitError) -> Error {
         )
         .with_help("no single statement is responsible")
     });
-    Error {
-        diagnostics: vec![d],
-        source: src.to_string(),
-        name: "<source>".to_string(),
+    error_in(src, d)
+}
+
+/// The points to evaluate `prog` on (module docs, "Points"): `points` checked against
+/// the program's inputs, or the command line's default points when `points` is empty.
+/// Every problem is an E0028 at the first `input` declaration.
+pub fn check_points(
+    src: &str,
+    prog: &Program,
+    points: &[Vec<f64>],
+) -> Result<Vec<Vec<f64>>, Error> {
+    let span = prog.inputs.first().map(|d| d.span).unwrap_or_default();
+    let want = data::row_len(prog);
+    let needs = data::needs(prog);
+    let bad = |msg: String, help: String| {
+        error_in(
+            src,
+            Diagnostic::error("E0028", msg, span, "the points are for these inputs")
+                .with_help(help),
+        )
+    };
+    if points.is_empty() {
+        return data::default_points(prog).ok_or_else(|| {
+            bad(
+                "no points: this program has inputs and no `train` data to default to".into(),
+                format!("pass at least one point of {want} number(s): {needs}"),
+            )
+        });
     }
+    if points.len() > data::MAX_POINTS {
+        return Err(bad(
+            format!(
+                "{} points; tpc takes at most {}",
+                points.len(),
+                data::MAX_POINTS
+            ),
+            "split the points into several calls".into(),
+        ));
+    }
+    for (k, x) in points.iter().enumerate() {
+        if x.len() != want && want == 0 {
+            return Err(bad(
+                format!(
+                    "point {} has {} number(s), but the program has no `input`",
+                    k + 1,
+                    x.len()
+                ),
+                "pass no points (or one empty point)".into(),
+            ));
+        }
+        if x.len() != want {
+            return Err(bad(
+                format!(
+                    "point {} has {} number(s); the program's inputs need {want}",
+                    k + 1,
+                    x.len()
+                ),
+                format!("a point is {needs}"),
+            ));
+        }
+        if let Some(j) = x.iter().position(|v| !v.is_finite()) {
+            return Err(bad(
+                format!(
+                    "point {}, number {}, is {}: not a finite number",
+                    k + 1,
+                    j + 1,
+                    x[j]
+                ),
+                "every coordinate of a point must be finite".into(),
+            ));
+        }
+    }
+    Ok(points.to_vec())
+}
+
+/// The Z derivation of a program (theory.md §1–2), one line per vector: what
+/// `tpc limit` prints first, and what users snapshot-test. Vectors are named from the
+/// source (`Z^h`, `Z^x[3]`; an unnamed product `Z^{W h[0]}`), so the text does not change
+/// when an unrelated parameter or statement is added ([`ir::Program::stable_names`]).
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
+/// let text = tpc::derive(src)?;
+/// assert!(text.contains("Z^h = relu(Z^{U x})"));
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn derive(src: &str) -> Result<String, Error> {
+    let prog = compile(src)?;
+    let d = limit::derivation(&prog).map_err(|e| limit_error(src, &e))?;
+    Ok(limit::derivation_text(&prog, &d))
+}
+
+/// The Z derivation of the program's `train` block unrolled into one program in the
+/// initial weights (theory.md §6.1), with its Ż terms (§2.1): what `tpc limit --unrolled`
+/// adds. `points` are where f_t is evaluated (empty: the training inputs).
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparameterization mup\nparam U : n x 1\nparam v : 1 x n\n\
+///            h = U @ x\noutput f = v @ h\n\
+///            train { loss = mse  lr = 0.5  steps = 1  data = [ ([1.0], 1.0) ] }\n";
+/// let text = tpc::derive_unrolled(src, &[])?;
+/// assert!(text.contains("f_1(ξ1)"));
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn derive_unrolled(src: &str, points: &[Vec<f64>]) -> Result<String, Error> {
+    let prog = compile(src)?;
+    let eval: Vec<Vec<f64>> = if points.is_empty() || prog.inputs.is_empty() {
+        Vec::new()
+    } else {
+        check_points(src, &prog, points)?
+    };
+    let u = autodiff::unroll(&prog, &eval, autodiff::Width::Limit).map_err(|e| {
+        let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
+        error_in(
+            src,
+            Diagnostic::error(
+                "E0030",
+                format!("cannot unroll training: {}", e.message),
+                span,
+                "here",
+            )
+            .with_help("`tpc run` still trains at finite width"),
+        )
+    })?;
+    Ok(limit::particle::derivation_text(&u.prog))
+}
+
+/// The infinite-width limit of a program on points (rows as in `--inputs`; see the
+/// module docs for the default points and the checks): the numbers of
+/// `tpc limit --format json`.
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
+/// let r = tpc::limit_of(src, &[vec![1.0], vec![2.0]])?;
+/// let k = r.nngp.unwrap();
+/// assert!((k[(0, 0)] - 0.5).abs() < 1e-12); // E[relu(u)^2] = Var(u)/2
+/// // A point with the wrong number of coordinates is an error, not padded:
+/// let e = tpc::limit_of(src, &[vec![1.0, 2.0]]).unwrap_err();
+/// assert!(e.render().contains("point 1 has 2 number(s); the program's inputs need 1"));
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn limit_of(src: &str, points: &[Vec<f64>]) -> Result<LimitResult, Error> {
+    let prog = compile(src)?;
+    let points = check_points(src, &prog, points)?;
+    limit::limit(&prog, &points).map_err(|e| limit_error(src, &e))
+}
+
+/// The whole text report of `tpc limit` (without `--unrolled`): the derivation of
+/// [`derive()`], the points, the NNGP and NTK with labelled rows and columns, observes, the
+/// training trajectory and the methods ([`report::limit::text`]).
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
+/// let text = tpc::report_limit(src, &[vec![1.0], vec![2.0]])?;
+/// assert!(text.contains("# NNGP"));
+/// assert!(text.contains("p2 = (2)"));
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn report_limit(src: &str, points: &[Vec<f64>]) -> Result<String, Error> {
+    let prog = compile(src)?;
+    let points = check_points(src, &prog, points)?;
+    let der = limit::derivation(&prog).map_err(|e| limit_error(src, &e))?;
+    let r = limit::limit(&prog, &points).map_err(|e| limit_error(src, &e))?;
+    Ok(report::limit::text(
+        &limit::derivation_text(&prog, &der),
+        &r,
+    ))
+}
+
+/// The program at finite width `cfg.width`, over `cfg.seeds` seeded draws (the dense
+/// engine of `tpc run`): means and standard errors of the same quantities as
+/// [`limit_of`]. Points as for [`limit_of`].
+///
+/// ```
+/// let src = "width n\ninput x : 1\nparam U : n x 1\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
+/// let cfg = tpc::RunConfig { width: 256, seeds: 4, seed: 0 };
+/// let r = tpc::run(src, &[vec![1.0]], &cfg)?;
+/// assert_eq!(r.width, 256);
+/// # Ok::<(), tpc::Error>(())
+/// ```
+pub fn run(src: &str, points: &[Vec<f64>], cfg: &RunConfig) -> Result<RunResult, Error> {
+    let prog = compile(src)?;
+    let points = check_points(src, &prog, points)?;
+    finite::exec::run(&prog, &points, cfg, &|| {}).map_err(|e| {
+        let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
+        error_in(
+            src,
+            Diagnostic::error("E0024", e.message.clone(), span, "this value")
+                .with_help("a smaller width, other laws or bounded functions keep values finite"),
+        )
+    })
 }

@@ -166,7 +166,10 @@ fn cli_prints_the_unrolled_derivation() {
         .find("# Z derivation of the unrolled training program")
         .expect("the unrolled derivation");
     let unrolled = &text[at..];
-    assert!(unrolled.contains("Z^dh1_0(ξ1) = Ẑ^{W.T %28} + Z^h1_0(ξ1)·E[∂Z^%28/∂Ẑ^{W h1_0(ξ1)}]"));
+    assert!(unrolled.contains(
+        "Z^dh1_0(ξ1) = Ẑ^{Wᵀ (step(W h1_0(ξ1)) * dh2_0(ξ1))} \
+         + Z^h1_0(ξ1)·E[∂Z^{step(W h1_0(ξ1)) * dh2_0(ξ1)}/∂Ẑ^{W h1_0(ξ1)}]"
+    ));
     assert!(unrolled.contains("f_3(ξ3) = "));
     assert!(text.contains("particle engine: 4096 particles"));
 }

@@ -20,6 +20,8 @@ pub mod expr;
 pub mod integrability;
 pub mod law;
 
+use std::collections::HashMap;
+
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
@@ -327,6 +329,102 @@ impl Program {
         }
     }
 
+    /// A name for every node that users can snapshot: it comes from the source and does
+    /// not depend on how unrelated nodes are numbered (adding an unused `param` or an
+    /// unrelated statement leaves every name unchanged).
+    ///
+    /// * a node the program names keeps its name (`h`, `x[3]`, `f`);
+    /// * an unnamed product is named by its structure, `{W h[0]}` or `{Wᵀ x[2]}`;
+    /// * an unnamed coordinatewise function by its expression over its operands' names,
+    ///   `{relu(U x) * 2}`, and an unnamed moment or scalar likewise, unbraced: `E[v * h]`;
+    /// * an unnamed node whose structural name would pass [`MAX_STRUCTURAL_NAME`]
+    ///   characters is named after the first named node computed from it, `h[2]#1` (the
+    ///   first such intermediate of `h[2]`, counting in program order).
+    ///
+    /// Only a node from which no named node is computed (none in a compiled program) falls
+    /// back to its number, `%7`. Structural names are braced so that [`Self::z_name`]
+    /// can write `Z^{W h[0]}`.
+    pub fn stable_names(&self) -> Vec<String> {
+        let n = self.len();
+        // The named node each node is (first) computed into: the consumer of smallest
+        // index, its own name if it has one, else its owner. Depends only on source names.
+        let mut owner: Vec<Option<NodeId>> = vec![None; n];
+        let mut consumers: Vec<Vec<NodeId>> = vec![Vec::new(); n];
+        for id in self.ids() {
+            for a in self.operands(id) {
+                consumers[a.index()].push(id);
+            }
+        }
+        for i in (0..n).rev() {
+            if let Some(&c) = consumers[i].iter().min() {
+                owner[i] = if self.node(c).name.is_some() {
+                    Some(c)
+                } else {
+                    owner[c.index()]
+                };
+            }
+        }
+        let mut names: Vec<String> = Vec::with_capacity(n);
+        let mut counts: HashMap<NodeId, usize> = HashMap::new();
+        for id in self.ids() {
+            let node = self.node(id);
+            if let Some(nm) = &node.name {
+                names.push(nm.clone());
+                continue;
+            }
+            let ops = self.operands(id);
+            let inner = |o: NodeId| unbrace(&names[o.index()]).to_string();
+            let grouped = |o: NodeId| {
+                let s = inner(o);
+                if is_atomic(&s) || matches!(self.node(o).op, Op::MatMul { .. }) {
+                    s
+                } else {
+                    format!("({s})")
+                }
+            };
+            let structural = match &node.op {
+                Op::MatMul { transpose } => {
+                    let t = if *transpose { "ᵀ" } else { "" };
+                    Some(format!(
+                        "{}{t} {}",
+                        inner(ops[0]),
+                        product_arg(&names, ops[1])
+                    ))
+                }
+                Op::Nonlin(e) | Op::Scalar(e) => Some(e.display(&|k| grouped(ops[k])).to_string()),
+                Op::Moment(e) => Some(format!("E[{}]", e.display(&|k| grouped(ops[k])))),
+                _ => None,
+            };
+            // Vectors' structural names are braced (`Z^{W h}`); scalars' read as they are.
+            let vector = matches!(node.op, Op::MatMul { .. } | Op::Nonlin(_));
+            let name = match structural {
+                Some(s) if s.chars().count() <= MAX_STRUCTURAL_NAME && vector => format!("{{{s}}}"),
+                Some(s) if s.chars().count() <= MAX_STRUCTURAL_NAME => s,
+                _ => match owner[id.index()] {
+                    Some(o) => {
+                        let k = counts.entry(o).or_insert(0);
+                        *k += 1;
+                        format!("{}#{k}", names_of(self, o))
+                    }
+                    None => format!("%{}", id.index()),
+                },
+            };
+            names.push(name);
+        }
+        names
+    }
+
+    /// `Z^h` for a named node, `Z^{W h[0]}` for a structural name from
+    /// [`Self::stable_names`], `Z^{h[2]#1}` for an abbreviated one.
+    pub fn z_name(names: &[String], id: NodeId) -> String {
+        let s = &names[id.index()];
+        if s.starts_with('{') || s.contains('#') {
+            format!("Z^{}", brace(s))
+        } else {
+            format!("Z^{s}")
+        }
+    }
+
     pub fn output_names(&self) -> Vec<String> {
         self.outputs.iter().map(|&o| self.label(o)).collect()
     }
@@ -378,5 +476,100 @@ impl Program {
             }
         }
         Ok(())
+    }
+}
+
+/// Longest structural name [`Program::stable_names`] spells out, in characters.
+pub const MAX_STRUCTURAL_NAME: usize = 40;
+
+fn names_of(prog: &Program, id: NodeId) -> String {
+    prog.node(id).name.clone().unwrap_or_default()
+}
+
+/// A name from [`Program::stable_names`] as the argument of a product: unbraced, in
+/// parentheses unless it reads as one term (`W h`, `Wᵀ (a + b)`).
+pub fn product_arg(names: &[String], id: NodeId) -> String {
+    let s = unbrace(&names[id.index()]);
+    if is_atomic(s) {
+        s.to_string()
+    } else {
+        format!("({s})")
+    }
+}
+
+/// `{s}` without its braces.
+fn unbrace(s: &str) -> &str {
+    s.strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or(s)
+}
+
+/// `s` braced once.
+fn brace(s: &str) -> String {
+    if s.starts_with('{') {
+        s.to_string()
+    } else {
+        format!("{{{s}}}")
+    }
+}
+
+/// Whether `s` reads as one term: no space outside brackets.
+fn is_atomic(s: &str) -> bool {
+    let mut depth = 0i32;
+    for c in s.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ' ' if depth == 0 => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(src: &str) -> Vec<String> {
+        let prog = crate::compile(src).expect("a valid program");
+        prog.stable_names()
+    }
+
+    /// Unnamed products and functions are named by their structure, operands by their
+    /// own names; an argument that is not one term is parenthesized.
+    #[test]
+    fn structural_names() {
+        let n = names(
+            "width n\ninput x : 1\nparam U : n x 1\nparam W : n x n\nparam v : 1 x n\n\
+             h = tanh(W @ (relu(U @ x) + 1))\noutput f = v @ h\n",
+        );
+        for want in ["{U x}", "{relu(U x) + 1}", "{W (relu(U x) + 1)}", "h", "f"] {
+            assert!(n.contains(&want.to_string()), "{want} not in {n:?}");
+        }
+        assert!(n.iter().all(|s| !s.starts_with('%')), "{n:?}");
+    }
+
+    /// A structural name longer than MAX_STRUCTURAL_NAME is abbreviated after the
+    /// named vector computed from it, counting in program order.
+    #[test]
+    fn long_names_are_abbreviated_after_their_named_consumer() {
+        let n = names(
+            "width n\ninput x : 1\nparam U : n x 1\nparam W : n x n\nparam v : 1 x n\n\
+             h = tanh(W @ (relu(U @ x) + sin(U @ x) + cos(U @ x) + erf(U @ x)))\n\
+             output f = v @ h\n",
+        );
+        assert!(n.contains(&"h#1".to_string()), "{n:?}");
+        assert!(n.contains(&"{W h#1}".to_string()), "{n:?}");
+        let z = Program::z_name(
+            &n,
+            NodeIndex::new(n.iter().position(|s| s == "h#1").unwrap()),
+        );
+        assert_eq!(z, "Z^{h#1}");
+        assert!(
+            n.iter()
+                .all(|s| s.chars().count() <= MAX_STRUCTURAL_NAME + 2),
+            "{n:?}"
+        );
     }
 }

@@ -185,6 +185,14 @@ pub struct Engine<'a> {
 #[derive(Debug, Clone)]
 pub struct NumError(pub String);
 
+impl std::fmt::Display for NumError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NumError {}
+
 type R<T> = Result<T, NumError>;
 
 impl<'a> Engine<'a> {

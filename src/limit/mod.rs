@@ -147,6 +147,8 @@ impl LimitError {
     }
 }
 
+impl std::error::Error for LimitError {}
+
 /// The Z derivation of a program.
 pub fn derivation(prog: &Program) -> Result<Derivation, LimitError> {
     let der = Derivation::new(prog).map_err(|u| match u.node {
@@ -676,9 +678,17 @@ fn add_scaled(a: Scaled, b: Scaled) -> Scaled {
 }
 
 /// The Z derivation as text, one line per vector (what `tpc limit` prints first).
+///
+/// Every vector is named from the source ([`Program::stable_names`]): `Z^h` for a named
+/// vector, `Z^{W h[0]}` for an unnamed product, so the text does not change when
+/// unrelated parts of the program do. `p` and `q` stand for two input points. Each
+/// hidden matrix's products form one family of jointly Gaussian Ẑ (theory.md §2.1); the
+/// family's covariance rule is spelled out at its first member.
 pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
+    let names = prog.stable_names();
     let mut out = String::new();
-    let z = |id: NodeId| format!("Z^{}", prog.label(id));
+    let z = |id: NodeId| Program::z_name(&names, id);
+    let mut seen = std::collections::HashSet::new();
     for id in prog.ids() {
         let ops = prog.operands(id);
         let line = match &prog.node(id).op {
@@ -690,29 +700,54 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                 _ => format!("{} = 0", z(id)),
             },
             Op::MatMul { transpose } => {
-                let w = prog.label(ops[0]);
-                let t = if *transpose { ".T" } else { "" };
+                let w = &names[ops[0].index()];
+                let t = if *transpose { "ᵀ" } else { "" };
+                let arg = crate::ir::product_arg(&names, ops[1]);
                 match der.own[id.index()].map(|g| der.gauss[g].kind.clone()) {
-                    Some(GaussKind::InputLayer { var, input, .. }) => {
-                        let x = prog.label(input);
+                    Some(GaussKind::InputLayer { var, .. }) => {
                         format!(
-                            "{} = Ẑ^{{{w} {x}}},  Ẑ ~ N(0, {} {x}·{x}')",
+                            "{} = Ẑ^{{{w} {arg}}},  Cov(Ẑ(p), Ẑ(q)) = {}·⟨{arg}(p), {arg}(q)⟩",
                             z(id),
                             fmt(var)
                         )
                     }
-                    Some(GaussKind::Hat { sigma2, arg, .. }) => {
-                        let mut s = format!("{} = Ẑ^{{{w}{t} {}}}", z(id), prog.label(arg));
+                    Some(GaussKind::Hat { sigma2, .. }) => {
+                        let mut s = format!("{} = Ẑ^{{{w}{t} {arg}}}", z(id));
                         for (_g, c, y) in &der.zdot[id.index()] {
                             s.push_str(&format!(" + {}·{}", fmt(*c), z(*y)));
                         }
-                        let fam = der.gauss.iter().filter(|g| matches!(&g.kind, GaussKind::Hat { param, transpose: tt, .. } if prog.params[*param].node == ops[0] && tt == transpose)).count();
-                        s.push_str(&format!(
-                            ",  Cov(Ẑ^{{{w}{t} a}}, Ẑ^{{{w}{t} b}}) = {} E[Z^a Z^b]  ({fam} in this family)",
-                            fmt(sigma2)
-                        ));
-                        if !der.zdot[id.index()].is_empty() {
-                            s.push_str(&format!(",  Ż from {w} and {w}.T (theory.md §2.1)"));
+                        let size = der
+                            .gauss
+                            .iter()
+                            .filter(|g| matches!(&g.kind, GaussKind::Hat { param, transpose: tt, .. } if prog.params[*param].node == ops[0] && tt == transpose))
+                            .count();
+                        if seen.insert((ops[0], *transpose, false)) {
+                            let members = if size == 1 {
+                                format!("the Ẑ of its one product {w}{t} a is Gaussian")
+                            } else {
+                                format!(
+                                    "the Ẑ of its {size} products {w}{t} a are jointly Gaussian"
+                                )
+                            };
+                            s.push_str(&format!(
+                                "\n    family {w}{t}: {members},\n    \
+                                 Cov(Ẑ^{{{w}{t} a}}, Ẑ^{{{w}{t} b}}) = {}·E[Z^a Z^b], \
+                                 independent of other families",
+                                fmt(sigma2)
+                            ));
+                        }
+                        if !der.zdot[id.index()].is_empty()
+                            && seen.insert((ops[0], *transpose, true))
+                        {
+                            let other = if *transpose {
+                                w.to_string()
+                            } else {
+                                format!("{w}ᵀ")
+                            };
+                            s.push_str(&format!(
+                                "\n    the terms after Ẑ^{{{w}{t} ·}} are Ż: the program also multiplies by \
+                                 {other} (theory.md §2.1)"
+                            ));
                         }
                         s
                     }
@@ -720,18 +755,19 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                 }
             }
             Op::Nonlin(e) => {
-                let names: Vec<String> = ops.iter().map(|&o| z(o)).collect();
-                format!("{} = {}", z(id), e.display(&|i| names[i].clone()))
+                let zs: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                format!("{} = {}", z(id), e.display(&|i| zs[i].clone()))
             }
             Op::Moment(e) => {
-                let names: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                let zs: Vec<String> = ops.iter().map(|&o| z(o)).collect();
                 format!(
                     "{} -> E[{}]",
-                    prog.label(id),
-                    e.display(&|i| names[i].clone())
+                    names[id.index()],
+                    e.display(&|i| zs[i].clone())
                 )
             }
             Op::Output { terms, .. } => {
+                let f = &names[id.index()];
                 let parts: Vec<String> = terms
                     .iter()
                     .map(|t| match t {
@@ -741,21 +777,19 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                             let prm = prog.param_of(ops[*readout]);
                             let s2 =
                                 prm.map(|p| Monomial::n_pow(Rational::ONE) * p.law.entry_var());
+                            let zx = z(ops[*vector]);
                             format!(
-                                "{} E[{} {}']",
+                                "{}·E[{zx}(p) {zx}(q)]",
                                 s2.map_or("?".into(), |m| m.to_string()),
-                                z(ops[*vector]),
-                                z(ops[*vector])
                             )
                         }
                         OutTerm::Scalar { param, .. } => {
-                            format!("Var({})", prog.label(ops[*param]))
+                            format!("Var({})", names[ops[*param].index()])
                         }
                     })
                     .collect();
                 format!(
-                    "{} ~ Gaussian process, covariance {}",
-                    prog.label(id),
+                    "{f} ~ Gaussian process over points, Cov({f}(p), {f}(q)) = {}",
                     parts.join(" + ")
                 )
             }

@@ -785,12 +785,15 @@ fn fmt(v: f64) -> String {
 /// every structurally nonzero Ż term (theory.md §2.1): what the particle engine samples.
 pub fn derivation_text(prog: &Program) -> String {
     let st = Structure::new(prog);
-    let z = |id: NodeId| format!("Z^{}", prog.label(id));
+    let names = prog.stable_names();
+    let z = |id: NodeId| Program::z_name(&names, id);
+    let label = |id: NodeId| names[id.index()].clone();
+    let arg = |id: NodeId| crate::ir::product_arg(&names, id);
     let fam = |mem: &Member| {
         format!(
             "{}{}",
-            prog.label(mem.matrix),
-            if mem.transpose { ".T" } else { "" }
+            label(mem.matrix),
+            if mem.transpose { "ᵀ" } else { "" }
         )
     };
     let mut out = String::new();
@@ -801,7 +804,7 @@ pub fn derivation_text(prog: &Program) -> String {
             .iter()
             .map(|&a| match prog.ty(a) {
                 Ty::Vector => z(a),
-                _ => prog.label(a),
+                _ => label(a),
             })
             .collect();
         let line = match &st.kind[id.index()] {
@@ -810,16 +813,16 @@ pub fn derivation_text(prog: &Program) -> String {
                 if matches!(prog.node(id).op, Op::Param(_)) && prog.users(id).is_empty() {
                     continue;
                 }
-                format!("{}: not a particle quantity ({why})", prog.label(id))
+                format!("{}: not a particle quantity ({why})", label(id))
             }
             Kind::Zero => format!("{} = 0  (the variance vanishes as n grows)", z(id)),
             Kind::ZeroScalar => {
-                format!("{} = 0  (the variance vanishes as n grows)", prog.label(id))
+                format!("{} = 0  (the variance vanishes as n grows)", label(id))
             }
             Kind::Initial { std } => format!("{} ~ N(0, {})", z(id), fmt(std * std)),
             Kind::InputLayer { std, .. } => {
-                let u = prog.label(o[0]);
-                let x = prog.label(o[1]);
+                let u = label(o[0]);
+                let x = arg(o[1]);
                 format!(
                     "{} = Σ_i {x}_i Z^{{{u}_i}},  Z^{{{u}_i}} iid N(0, {})",
                     z(id),
@@ -829,7 +832,7 @@ pub fn derivation_text(prog: &Program) -> String {
             Kind::Hat { member } => {
                 let mem = &st.members[*member];
                 let f = fam(mem);
-                let mut s = format!("{} = Ẑ^{{{f} {}}}", z(id), prog.label(mem.arg));
+                let mut s = format!("{} = Ẑ^{{{f} {}}}", z(id), arg(mem.arg));
                 for &j in &mem.zdot {
                     let other = &st.members[j];
                     s.push_str(&format!(
@@ -842,24 +845,20 @@ pub fn derivation_text(prog: &Program) -> String {
                         z(other.arg),
                         z(mem.arg),
                         fam(other),
-                        prog.label(other.arg)
+                        arg(other.arg)
                     ));
                 }
                 if seen.insert((mem.matrix.index(), mem.transpose)) {
                     s.push_str(&format!(
-                        ",  Cov(Ẑ^{{{f} a}}, Ẑ^{{{f} b}}) = {} E[Z^a Z^b]",
+                        "  (family {f}: Cov(Ẑ^{{{f} a}}, Ẑ^{{{f} b}}) = {}·E[Z^a Z^b])",
                         fmt(mem.sigma2)
                     ));
                 }
                 s
             }
             Kind::Nonlin(e) => format!("{} = {}", z(id), e.display(&|i| names[i].clone())),
-            Kind::Moment(e) => format!(
-                "{} = E[{}]",
-                prog.label(id),
-                e.display(&|i| names[i].clone())
-            ),
-            Kind::Scalar(e) => format!("{} = {}", prog.label(id), e.display(&|i| names[i].clone())),
+            Kind::Moment(e) => format!("{} = E[{}]", label(id), e.display(&|i| names[i].clone())),
+            Kind::Scalar(e) => format!("{} = {}", label(id), e.display(&|i| names[i].clone())),
         };
         out.push_str(&line);
         out.push('\n');

@@ -5,11 +5,12 @@ use serde_json::{json, Value};
 use crate::ir::expr::fmt_num;
 use crate::ir::{Law, NodeId, Op, OutTerm, Program};
 
-/// How an operand is shown: parameters and inputs by name, other nodes by `%id`.
+/// How an operand is shown: by its source name when it has one (`h1`, `x[2]`, `W`), so
+/// a listing reads like the program; unnamed intermediates by their instruction `%id`.
 fn operand(prog: &Program, id: NodeId) -> String {
-    match prog.node(id).op {
-        Op::Param(_) | Op::Input { .. } => prog.label(id),
-        _ => format!("%{}", id.index()),
+    match &prog.node(id).name {
+        Some(n) => n.clone(),
+        None => format!("%{}", id.index()),
     }
 }
 
