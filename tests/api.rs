@@ -155,8 +155,9 @@ fn csv_rows_for_a_program_without_inputs() {
     let e = tpc::data::parse_points(&prog, "p.csv", "1, 2\n").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "p.csv:1:1: the row has 2 numbers, but the program has no `input`: omit --inputs"
+        "p.csv:1:1: the row has 2 numbers, but the program has no `input`"
     );
+    assert_eq!(e.help, "omit --inputs: the program has no `input`");
 }
 
 fn is_error<E: std::error::Error + Send + Sync + 'static>() {}
