@@ -213,6 +213,18 @@ pub const CODES: &[(&str, &str)] = &[
         "E0030",
         "the limit engine cannot compute this program's limit",
     ),
+    (
+        "E0035",
+        "training diverges at finite width: values overflow (the learning rate is too large for this width)",
+    ),
+    (
+        "E0036",
+        "a result cannot be reported: a mean, standard error or fitted size is infinite, NaN or beyond ±1e150",
+    ),
+    (
+        "E0037",
+        "the run does not fit in memory (points × width × draws); the message says what fits",
+    ),
     ("W0001", "parameter is never used"),
     ("W0002", "value is computed but never used"),
     ("W0101", "parameterization blows up at initialization"),

@@ -164,8 +164,8 @@ enum Cmd {
         #[arg(long, default_value_t = tpc::report::coord::DEFAULT_SEEDS,
               value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
         seeds: u64,
-        /// Training steps [default: the program's `steps`]
-        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        /// Training steps [default: the program's `steps`; at most 1000, as in `train`]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=tpc::lower::MAX_STEPS as u64))]
         steps: Option<u64>,
         /// The seed S, the same at every width
         #[arg(long, default_value_t = 0)]
@@ -563,7 +563,9 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
     match inputs {
         Some(path) => {
             let name = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+            let bytes = read_limited(path, tpc::data::MAX_BYTES)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| fail(&format!("`{name}` is not UTF-8 text (a CSV of numbers)")))?;
             tpc::data::parse_points(prog, &name, &text).map_err(|e| fail(&e.0))
         }
         None => tpc::data::default_points(prog).ok_or_else(|| {
@@ -612,23 +614,57 @@ fn with_progress<T>(draws: usize, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T 
     out
 }
 
-/// A run that failed (memory, overflow), reported against the node responsible.
+/// A run that failed (memory, overflow), reported against the node responsible (or
+/// the source span the error carries, for nodes of the unrolled training program);
+/// a divergence in training also points at the learning rate.
 fn run_fail(file: &Path, prog: &Program, e: &tpc::finite::exec::RunError) -> Reported {
     let name = file.display().to_string();
-    match (e.node, std::fs::read_to_string(file)) {
-        (Some(node), Ok(src)) => {
-            let d = Diagnostic::error(
-                "E0024",
-                e.message.clone(),
-                prog.node(node).span,
-                "this value",
-            )
-            .with_help("a smaller width, other laws or bounded functions keep values finite");
+    let span = e.span.or_else(|| e.node.map(|n| prog.node(n).span));
+    let src = read_limited(file, tpc::syntax::MAX_SOURCE)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    match (span, src, e.code) {
+        (Some(span), Some(src), code) => {
+            let code = code.unwrap_or("E0024");
+            let mut d = Diagnostic::error(code, e.message.clone(), span, "this value").with_help(
+                e.help.clone().unwrap_or_else(|| {
+                    "a smaller width, other laws or bounded functions keep values finite".into()
+                }),
+            );
+            if let (Some(t), "E0035") = (&prog.train, code) {
+                d = d.with_secondary(t.lr_span, format!("learning rate {}", t.lr));
+            }
             emit(&name, &src, &[d]);
+        }
+        (_, _, Some(code)) => {
+            eprintln!("error[{code}]: {}", e.message);
+            if let Some(h) = &e.help {
+                eprintln!("  = help: {h}");
+            }
         }
         _ => eprintln!("error: {}", e.message),
     }
     Reported
+}
+
+/// The contents of `path`, reading at most `limit` + 1 bytes (`Read::take`): a file
+/// over the limit is refused after that many bytes, so `/dev/zero` fails at once and
+/// `/dev/urandom` cannot hang the reader.
+fn read_limited(path: &Path, limit: usize) -> Result<Vec<u8>, Reported> {
+    use std::io::Read;
+    let name = path.display();
+    let f = std::fs::File::open(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    let mut bytes = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    if bytes.len() > limit {
+        return Err(fail(&format!(
+            "`{name}` is larger than {} MiB; tpc reads at most {limit} bytes",
+            limit >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 fn print_out(s: &str) -> Result<(), Reported> {
@@ -647,7 +683,7 @@ fn fail(msg: &str) -> Reported {
 /// Reads and checks a file: its display name, text, program (if no error) and diagnostics.
 fn load(path: &Path) -> Result<(String, String, Option<Program>, Vec<Diagnostic>), Reported> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    let bytes = read_limited(path, tpc::syntax::MAX_SOURCE)?;
     let (src, prog, diags) = tpc::check_bytes(&bytes);
     Ok((name, src, prog, diags))
 }
