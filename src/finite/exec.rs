@@ -114,7 +114,7 @@ pub const MAX_VALUE: f64 = 1e150;
 /// The first value of `it` that is not a number tpc can report: NaN, infinite, or
 /// beyond [`MAX_VALUE`].
 pub fn out_of_range(it: impl IntoIterator<Item = f64>) -> Option<f64> {
-    it.into_iter().find(|v| !(v.abs() <= MAX_VALUE))
+    it.into_iter().find(|v| v.is_nan() || v.abs() > MAX_VALUE)
 }
 
 /// The reason a value is out of range, for messages.
