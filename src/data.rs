@@ -59,6 +59,12 @@ pub fn needs(prog: &Program) -> String {
     what.join(", ")
 }
 
+/// The largest `--inputs` file read, in bytes: 64 MiB holds the 10^5 points
+/// [`parse_points`] accepts at ~30 numbers a row, or 10^4 points of a 28×28 image.
+/// The reader stops one byte past it, so a device (`/dev/zero`, `/dev/urandom`) is
+/// refused after 64 MiB instead of being read to exhaustion.
+pub const MAX_BYTES: usize = 64 << 20;
+
 /// Numbers per row that the program's inputs need.
 pub fn row_len(prog: &Program) -> usize {
     prog.inputs.iter().map(|i| i.row_len()).sum()

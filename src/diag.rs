@@ -250,6 +250,18 @@ pub const CODES: &[(&str, &str)] = &[
         "E0034",
         "a parameter law's variance overflows f64 in the limit",
     ),
+    (
+        "E0035",
+        "training diverges at finite width: values overflow (the learning rate is too large for this width)",
+    ),
+    (
+        "E0036",
+        "a result cannot be reported: a mean, standard error or fitted size is infinite, NaN or beyond ±1e150",
+    ),
+    (
+        "E0037",
+        "the run does not fit in memory (points × width × draws); the message says what fits",
+    ),
     ("W0001", "parameter is never used"),
     ("W0002", "value is computed but never used"),
     ("W0101", "parameterization blows up at initialization"),

@@ -397,11 +397,19 @@ pub fn run(src: &str, points: &[Vec<f64>], cfg: &RunConfig) -> Result<RunResult,
     let prog = compile(src)?;
     let points = check_points(src, &prog, points)?;
     finite::exec::run(&prog, &points, cfg, &|| {}).map_err(|e| {
-        let span = e.node.map(|n| prog.node(n).span).unwrap_or_default();
-        error_in(
-            src,
-            Diagnostic::error("E0024", e.message.clone(), span, "this value")
-                .with_help("a smaller width, other laws or bounded functions keep values finite"),
-        )
+        let d = e.diagnostic(&prog).unwrap_or_else(|| {
+            Diagnostic::error(
+                e.code.unwrap_or("E0024"),
+                e.message.clone(),
+                ir::Span::new(0, 0),
+                "this program",
+            )
+            .with_help(
+                e.help
+                    .clone()
+                    .unwrap_or_else(|| "no single statement is responsible".into()),
+            )
+        });
+        error_in(src, d)
     })
 }

@@ -166,8 +166,8 @@ enum Cmd {
         #[arg(long, default_value_t = tpc::report::coord::DEFAULT_SEEDS,
               value_parser = clap::value_parser!(u64).range(2..=100_000_000))]
         seeds: u64,
-        /// Training steps [default: the program's `steps`]
-        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        /// Training steps [default: the program's `steps`; at most 1000, as in `train`]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=tpc::lower::MAX_STEPS as u64))]
         steps: Option<u64>,
         /// The seed S, the same at every width
         #[arg(long, default_value_t = 0)]
@@ -563,7 +563,7 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
     match inputs {
         Some(path) => {
             let name = path.display().to_string();
-            let bytes = std::fs::read(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+            let bytes = read_limited(path, tpc::data::MAX_BYTES)?;
             // A leading byte-order mark is dropped before parsing, so that the rendered
             // file and the spans agree (an editor does not count it as a column).
             let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
@@ -600,7 +600,7 @@ fn load_points(prog: &Program, inputs: Option<&Path>) -> Result<Vec<Vec<f64>>, R
 fn limit_fail(file: &Path, e: &tpc::limit::LimitError) -> Reported {
     let name = file.display().to_string();
     match (e.diagnostic(), read_source(file)) {
-        (Some(d), Ok(src)) => emit(&name, &src, &[d]),
+        (Some(d), Some(src)) => emit(&name, &src, &[d]),
         _ => eprintln!("error[{}]: no limit: {}", e.code, e.message),
     }
     Reported
@@ -632,23 +632,42 @@ fn with_progress<T>(draws: usize, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T 
     out
 }
 
-/// A run that failed (memory, overflow), reported against the node responsible.
+/// A run that failed (memory, overflow), reported against the node responsible (or
+/// the source span the error carries, for nodes of the unrolled training program);
+/// a divergence in training also points at the learning rate.
 fn run_fail(file: &Path, prog: &Program, e: &tpc::finite::exec::RunError) -> Reported {
     let name = file.display().to_string();
-    match (e.node, read_source(file)) {
-        (Some(node), Ok(src)) => {
-            let d = Diagnostic::error(
-                "E0024",
-                e.message.clone(),
-                prog.node(node).span,
-                "this value",
-            )
-            .with_help("a smaller width, other laws or bounded functions keep values finite");
-            emit(&name, &src, &[d]);
+    match (e.diagnostic(prog), read_source(file), e.code) {
+        (Some(d), Some(src), _) => emit(&name, &src, &[d]),
+        (_, _, Some(code)) => {
+            eprintln!("error[{code}]: {}", e.message);
+            if let Some(h) = &e.help {
+                eprintln!("  = help: {h}");
+            }
         }
         _ => eprintln!("error: {}", e.message),
     }
     Reported
+}
+
+/// The contents of `path`, reading at most `limit` + 1 bytes (`Read::take`): a file
+/// over the limit is refused after that many bytes, so `/dev/zero` fails at once and
+/// `/dev/urandom` cannot hang the reader.
+fn read_limited(path: &Path, limit: usize) -> Result<Vec<u8>, Reported> {
+    use std::io::Read;
+    let name = path.display();
+    let f = std::fs::File::open(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    let mut bytes = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    if bytes.len() > limit {
+        return Err(fail(&format!(
+            "`{name}` is larger than {} MiB; tpc reads at most {limit} bytes",
+            limit >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 fn print_out(s: &str) -> Result<(), Reported> {
@@ -666,15 +685,22 @@ fn fail(msg: &str) -> Reported {
 
 /// A program's text as `load` checked it (a leading byte-order mark dropped), so that
 /// spans from the program render at the right place.
-fn read_source(file: &Path) -> std::io::Result<String> {
-    let s = std::fs::read_to_string(file)?;
-    Ok(s.strip_prefix('\u{FEFF}').map(str::to_string).unwrap_or(s))
+fn read_source(file: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .ok()?
+        .take(tpc::syntax::MAX_SOURCE as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let s = String::from_utf8(bytes).ok()?;
+    Some(s.strip_prefix('\u{FEFF}').map(str::to_string).unwrap_or(s))
 }
 
 /// Reads and checks a file: its display name, text, program (if no error) and diagnostics.
 fn load(path: &Path) -> Result<(String, String, Option<Program>, Vec<Diagnostic>), Reported> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| fail(&format!("cannot read `{name}`: {e}")))?;
+    let bytes = read_limited(path, tpc::syntax::MAX_SOURCE)?;
     let (src, prog, diags) = tpc::check_bytes(&bytes);
     Ok((name, src, prog, diags))
 }

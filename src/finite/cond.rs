@@ -166,9 +166,17 @@ impl CondMatrix {
     /// M z (or Mᵀ z) into `out` (zeroed): `mine` is the side z lives on, `other` the
     /// opposite side; `scratch` is a reusable buffer (left empty when it joins the
     /// history).
+    ///
+    /// M is linear, so M z = s·M(z/s): the history only ever sees z/s with s the power
+    /// of two at the top of z's largest entry. Norms of z itself would overflow once
+    /// its entries pass ~1e154 (‖z‖² = inf), and then `r > RANK_TOL·‖z‖` fails for
+    /// every z, so every product came out as its (empty) determined part: an exact 0
+    /// that the forward pass could not tell from a real value (issue 12). Scaling by a
+    /// power of two is exact, so results below that size are bit for bit unchanged;
+    /// the product itself may still overflow, and the forward pass reports that.
     fn apply_one(&mut self, z: &[f64], transpose: bool, out: &mut [f64], scratch: &mut Vec<f64>) {
-        let znorm = dot(z, z).sqrt();
-        if znorm == 0.0 {
+        let scale = pow2_scale(z);
+        if scale == 0.0 {
             return; // M 0 = 0 (a cotangent column no output reaches)
         }
         let (mine, other) = if transpose {
@@ -179,7 +187,8 @@ impl CondMatrix {
         let (mut mine, other) = (mine, other);
         let mut u = std::mem::take(scratch);
         u.clear();
-        u.extend_from_slice(z);
+        u.extend(z.iter().map(|v| v / scale));
+        let znorm = dot(&u, &u).sqrt();
         let c = mine.project_out(&mut u);
         let r = dot(&u, &u).sqrt();
         // The determined part: A c (Bᵀ Q_X = Q_Yᵀ A makes the other terms cancel).
@@ -201,6 +210,11 @@ impl CondMatrix {
         } else {
             *scratch = u;
         }
+        if scale != 1.0 {
+            for o in out.iter_mut() {
+                *o *= scale;
+            }
+        }
         if transpose {
             self.y = mine;
             self.x = other;
@@ -209,6 +223,24 @@ impl CondMatrix {
             self.y = other;
         }
     }
+}
+
+/// 1 when z's sums of squares cannot overflow or underflow (every |z_i| within
+/// 2^±500: then nothing changes, bit for bit); otherwise the power of two at the top of
+/// the largest |z_i| (2^⌊log₂ max⌋, at least the smallest normal number), so that z/s
+/// has entries below 2 with no rounding. 0 for z = 0. Entries must be finite
+/// ([`CondEngine`] checks).
+fn pow2_scale(z: &[f64]) -> f64 {
+    let m = z.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if m == 0.0 {
+        return 0.0;
+    }
+    let bound = 2f64.powi(500);
+    if (1.0 / bound..=bound).contains(&m) {
+        return 1.0;
+    }
+    let top = f64::from_bits(m.to_bits() & 0x7ff0_0000_0000_0000);
+    top.max(f64::MIN_POSITIVE)
 }
 
 /// The conditional engine of one draw: a [`CondMatrix`] per hidden parameter.
@@ -249,6 +281,9 @@ impl HiddenProducts for CondEngine {
             .ok_or_else(|| bug(None, "a conditional product of a matrix that is not hidden"))?;
         if !m.s.is_finite() {
             return Err(bug(None, "a hidden matrix whose entry std is not finite"));
+        }
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(bug(None, "a product of a vector that is infinite or NaN"));
         }
         Ok(if transpose { m.apply_t(x) } else { m.apply(x) })
     }
@@ -299,5 +334,58 @@ mod tests {
             }
         }
         assert!(worst < 1e-12, "QᵀQ − I: {worst:e}");
+    }
+
+    /// Issue 12: a vector with entries near 1e160 has ‖z‖² = inf; every product of it
+    /// came out as exactly 0. M is linear, so M(c·z) must be c·M z, bit for bit when
+    /// c is a power of two, for huge and tiny c alike, and never zero.
+    #[test]
+    fn products_of_huge_and_tiny_vectors_scale_exactly() {
+        let n = 300;
+        let z: Vec<f64> = (0..n)
+            .map(|i| ((i * 37 % 101) as f64 - 50.0) / 17.0)
+            .collect();
+        let key = StreamKey::new(9, 1, 3);
+        let mut plain = CondMatrix::new(n, 0.1, key);
+        let base = plain.apply(&DMatrix::from_column_slice(n, 1, &z));
+        assert!(base.iter().any(|v| *v != 0.0));
+        for c in [2f64.powi(530), 2f64.powi(-600)] {
+            let big: Vec<f64> = z.iter().map(|v| v * c).collect();
+            let mut m = CondMatrix::new(n, 0.1, key);
+            let out = m.apply(&DMatrix::from_column_slice(n, 1, &big));
+            for (a, b) in out.iter().zip(base.iter()) {
+                assert_eq!(*a, b * c, "scale {c:e}");
+            }
+            // It joined the history: the same vector again is determined by it.
+            let again = m.apply(&DMatrix::from_column_slice(n, 1, &big));
+            assert_eq!(m.rank(), (1, 0));
+            for (a, b) in again.iter().zip(out.iter()) {
+                assert!((a - b).abs() <= 1e-12 * b.abs().max(c * 1e-3), "{a} vs {b}");
+            }
+        }
+        // A value beyond 1e154 (‖z‖² = inf unscaled) gives a nonzero product.
+        let huge: Vec<f64> = z.iter().map(|v| v * 1e160).collect();
+        let mut m = CondMatrix::new(n, 0.1, key);
+        let out = m.apply(&DMatrix::from_column_slice(n, 1, &huge));
+        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e150));
+    }
+
+    /// A non-finite input is an error, not a product.
+    #[test]
+    fn a_non_finite_input_is_refused() {
+        let prog = crate::check_source(
+            "width n\ninput xi : 1\nparam U : n x 1 ~ N(0, 1)\nparam W : n x n ~ N(0, 1) * n^(-1/2)\nparam v : 1 x n ~ N(0, 1) * n^(-1/2)\nh1 = U @ xi\nx1 = relu(h1)\nh2 = W @ x1\nx2 = relu(h2)\noutput f = v @ x2\n",
+        )
+        .0
+        .expect("a valid program");
+        let wi = prog
+            .params
+            .iter()
+            .position(|p| p.shape == crate::ir::Shape::Hidden)
+            .unwrap();
+        let mut e = CondEngine::new(&prog, 8, 0, 0);
+        let mut x = DMatrix::from_element(8, 1, 1.0);
+        x[3] = f64::INFINITY;
+        assert!(e.product(wi, false, &x).is_err());
     }
 }

@@ -93,6 +93,37 @@ pub(super) trait HiddenProducts {
 pub struct RunError {
     pub node: Option<NodeId>,
     pub message: String,
+    /// The source span, when the error is about a node of another program than the
+    /// front end's (the unrolled training program's nodes carry source spans too).
+    pub span: Option<crate::ir::Span>,
+    /// The diagnostic code, when the error is a diagnosed one (numbers, memory); `None`
+    /// for an internal failure.
+    pub code: Option<&'static str>,
+    /// What to do about it.
+    pub help: Option<String>,
+}
+
+/// The largest magnitude a finite-width value may reach: beyond it a square (every
+/// moment, norm and Gram entry is a sum of products) overflows f64 (max ≈ 1.8e308),
+/// so later numbers would be infinite, NaN, or — where a NaN is swallowed by a
+/// comparison — silently wrong. With |v| ≤ 1e150, a sum of up to 1.8e8 squares is
+/// still finite. A network whose values pass this has blown up (a learning rate too
+/// large for the width, a law that grows with n): that is reported, not computed.
+pub const MAX_VALUE: f64 = 1e150;
+
+/// The first value of `it` that is not a number tpc can report: NaN, infinite, or
+/// beyond [`MAX_VALUE`].
+pub fn out_of_range(it: impl IntoIterator<Item = f64>) -> Option<f64> {
+    it.into_iter().find(|v| v.is_nan() || v.abs() > MAX_VALUE)
+}
+
+/// The reason a value is out of range, for messages.
+pub fn describe_value(v: f64) -> String {
+    if !v.is_finite() {
+        "a value is infinite or NaN".to_string()
+    } else {
+        format!("a value reaches {v:.3e}, beyond ±{MAX_VALUE:e} (its square would be infinite or NaN in f64)")
+    }
 }
 
 impl std::fmt::Display for RunError {
@@ -104,9 +135,82 @@ impl std::fmt::Display for RunError {
 impl std::error::Error for RunError {}
 
 pub(super) fn bug(node: Option<NodeId>, message: impl Into<String>) -> RunError {
-    RunError {
-        node,
-        message: message.into(),
+    RunError::new(node, message)
+}
+
+impl RunError {
+    /// The diagnostic, when the error has a place: the span it carries (nodes of an
+    /// unrolled training program point back to the source this way), else its node's;
+    /// a divergence in training (E0035) also points at the learning rate.
+    pub fn diagnostic(&self, prog: &Program) -> Option<crate::diag::Diagnostic> {
+        let span = self.span.or_else(|| self.node.map(|n| prog.node(n).span))?;
+        let code = self.code.unwrap_or("E0024");
+        let help = self.help.clone().unwrap_or_else(|| {
+            "a smaller width, other laws or bounded functions keep values finite".into()
+        });
+        let mut d = crate::diag::Diagnostic::error(code, self.message.clone(), span, "this value")
+            .with_help(help);
+        if let (Some(t), "E0035") = (&prog.train, code) {
+            d = d.with_secondary(t.lr_span, format!("learning rate {}", t.lr));
+        }
+        Some(d)
+    }
+
+    /// An error about `node` (if any) with no code or help yet.
+    pub fn new(node: Option<NodeId>, message: impl Into<String>) -> RunError {
+        RunError {
+            node,
+            message: message.into(),
+            span: None,
+            code: None,
+            help: None,
+        }
+    }
+
+    /// A value out of range (E0024), with the default help.
+    pub fn overflow(node: Option<NodeId>, message: impl Into<String>) -> RunError {
+        RunError {
+            code: Some("E0024"),
+            help: Some(
+                "a smaller width, other laws or bounded functions keep values finite".into(),
+            ),
+            ..RunError::new(node, message)
+        }
+    }
+
+    /// A run that does not fit (E0037).
+    pub fn resources(message: impl Into<String>, help: impl Into<String>) -> RunError {
+        RunError {
+            code: Some("E0037"),
+            help: Some(help.into()),
+            ..RunError::new(None, message)
+        }
+    }
+
+    /// Whether this is a value out of range (so training may call it a divergence).
+    pub fn is_overflow(&self) -> bool {
+        matches!(self.code, Some("E0024") | Some("E0035"))
+    }
+
+    /// This error happened while training: an overflow becomes a divergence (E0035)
+    /// whose help names the learning rate; `what` says when.
+    pub fn in_training(self, what: &str) -> RunError {
+        let message = format!("{what}: {}", self.message);
+        if self.is_overflow() {
+            RunError {
+                message,
+                code: Some("E0035"),
+                help: Some(
+                    "the learning rate is too large for this width: lower `lr`, or use a \
+                     parameterization whose updates stay bounded as n grows (`mup`); \
+                     `tpc check` warns when training blows up with the width (W0103)"
+                        .into(),
+                ),
+                ..self
+            }
+        } else {
+            RunError { message, ..self }
+        }
     }
 }
 
@@ -166,6 +270,9 @@ pub(super) struct Plan<'a> {
     /// Node's value depends on some parameter, so the reverse pass needs its
     /// cotangent (false for inputs and constants such as `h[0] = 0`).
     pub(super) grad: Vec<bool>,
+    /// Per Nonlin that is a sum of products, the sum of its terms' magnitudes
+    /// ([`magnitude`]), when the plan checks for cancellation.
+    magnitudes: Vec<Option<Expr>>,
 }
 
 /// A forward value.
@@ -253,7 +360,23 @@ impl<'a> Plan<'a> {
             inputs,
             operands,
             grad,
+            magnitudes: Vec::new(),
         })
+    }
+
+    /// This plan also refuses a sum whose terms cancel below their rounding error
+    /// ([`check_cancellation`]): for unrolled training programs, where a product
+    /// W_t z is W_0 z minus rank-one corrections that grow with every step.
+    pub(super) fn checking_cancellation(mut self) -> Self {
+        self.magnitudes = self
+            .prog
+            .ids()
+            .map(|id| match &self.prog.node(id).op {
+                Op::Nonlin(e) if sums(e) > 0 => magnitude(e),
+                _ => None,
+            })
+            .collect();
+        self
     }
 
     pub(super) fn label(&self, id: NodeId) -> String {
@@ -276,13 +399,25 @@ impl<'a> Plan<'a> {
         }
     }
 
-    pub(super) fn nonfinite(&self, id: NodeId, n: usize, draw: usize, what: &str) -> RunError {
+    /// `id`'s value `bad` is out of range ([`out_of_range`]).
+    pub(super) fn nonfinite(
+        &self,
+        id: NodeId,
+        n: usize,
+        draw: usize,
+        what: &str,
+        bad: f64,
+    ) -> RunError {
         RunError {
-            node: Some(id),
-            message: format!(
-                "{} {what} at width {n} (draw {draw}): a value is infinite or NaN",
-                self.label(id)
-            ),
+            span: Some(self.prog.node(id).span),
+            ..RunError::overflow(
+                Some(id),
+                format!(
+                    "{} {what} at width {n} (draw {draw}): {}",
+                    self.label(id),
+                    describe_value(bad)
+                ),
+            )
         }
     }
 }
@@ -348,6 +483,64 @@ fn eval_block(e: &Expr, vals: &[Val], ops: &[NodeId], n: usize, c: usize) -> Opt
         eval_column(e, &src, slice);
     }
     Some(out)
+}
+
+/// The number of additions and subtractions in `e`.
+fn sums(e: &Expr) -> usize {
+    match e {
+        Expr::Arg(_) | Expr::Const(_) => 0,
+        Expr::Call(_, x) | Expr::Neg(x) | Expr::Powi(x, _) => sums(x),
+        Expr::Add(a, b) | Expr::Sub(a, b) => 1 + sums(a) + sums(b),
+        Expr::Mul(a, b) | Expr::Div(a, b) => sums(a) + sums(b),
+    }
+}
+
+/// For a polynomial `e` (sums of products of operands and constants), the same
+/// polynomial in the absolute values with every subtraction an addition: the sum of
+/// the magnitudes of its terms, M. Rounding leaves |ê − e| ≤ k·ε·M with k the number of
+/// operations (Higham, *Accuracy and Stability*, §3.1), so a value far below M·kε
+/// carries no significant digit. `None` for expressions with functions or divisions.
+fn magnitude(e: &Expr) -> Option<Expr> {
+    let b = |x: Expr| Box::new(x);
+    Some(match e {
+        Expr::Arg(i) => Expr::Call(crate::ir::expr::Fun::Abs, b(Expr::Arg(*i))),
+        Expr::Const(c) => Expr::Const(c.abs()),
+        Expr::Neg(x) => magnitude(x)?,
+        Expr::Add(x, y) | Expr::Sub(x, y) => Expr::Add(b(magnitude(x)?), b(magnitude(y)?)),
+        Expr::Mul(x, y) => Expr::Mul(b(magnitude(x)?), b(magnitude(y)?)),
+        Expr::Powi(x, k) if *k >= 0 => Expr::Powi(b(magnitude(x)?), *k),
+        Expr::Powi(..) | Expr::Call(..) | Expr::Div(..) => return None,
+    })
+}
+
+/// Significant bits a vector must keep: fewer (2^-20 of the rounding bound: about six
+/// decimal digits) and it is refused as noise.
+const KEPT_BITS: i32 = 20;
+
+/// Refuses a sum whose value, per point, is below its rounding error by the norm-wise
+/// bound ‖ê − e‖ ≤ k·ε·‖M‖ ([`magnitude`]) times 2^[`KEPT_BITS`]: every digit would
+/// be rounding noise (a diverging unrolled training, whose noise a relu then turns
+/// into an exact 0). Returns the first such column's ‖value‖ and ‖M‖.
+fn cancelled(value: &DMatrix<f64>, mag: &DMatrix<f64>, ops: usize) -> Option<(f64, f64)> {
+    // ‖x‖ = s·‖x/s‖ with s the largest |x_i|: values up to MAX_VALUE have squares
+    // whose sum would overflow.
+    let norm = |m: &DMatrix<f64>, j: usize| {
+        let s = m.column(j).iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        if s == 0.0 || !s.is_finite() {
+            return s;
+        }
+        s * m
+            .column(j)
+            .iter()
+            .map(|v| (v / s) * (v / s))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let bound = (ops + 1) as f64 * f64::EPSILON * 2f64.powi(KEPT_BITS);
+    (0..value.ncols()).find_map(|j| {
+        let (v, m) = (norm(value, j), norm(mag, j));
+        (m > 0.0 && v <= bound * m).then_some((v, m))
+    })
 }
 
 /// How a parameter's `w` is stored at width `n`; a readout is a column (f = w · x).
@@ -522,8 +715,8 @@ pub(super) fn forward_releasing(
                     })?;
                     vals[id.index()] = Val::Vector(out);
                     if let Val::Vector(m) = &vals[id.index()] {
-                        if !m.iter().all(|x| x.is_finite()) {
-                            return Err(plan.nonfinite(id, n, draw, "overflows"));
+                        if let Some(bad) = out_of_range(m.iter().copied()) {
+                            return Err(plan.nonfinite(id, n, draw, "overflows", bad));
                         }
                     }
                     release(&mut vals, ops, id);
@@ -548,10 +741,27 @@ pub(super) fn forward_releasing(
                 }
                 Val::Vector(out)
             }
-            Op::Nonlin(e) => Val::Vector(
-                eval_block(e, &vals, ops, n, c)
-                    .ok_or_else(|| bug(Some(id), "a coordinatewise function of a non-vector"))?,
-            ),
+            Op::Nonlin(e) => {
+                let block = eval_block(e, &vals, ops, n, c)
+                    .ok_or_else(|| bug(Some(id), "a coordinatewise function of a non-vector"))?;
+                if let Some(Some(me)) = plan.magnitudes.get(id.index()) {
+                    let mag = eval_block(me, &vals, ops, n, c)
+                        .ok_or_else(|| bug(Some(id), "a magnitude of a non-vector"))?;
+                    if let Some((v, m)) = cancelled(&block, &mag, sums(e)) {
+                        return Err(RunError {
+                            span: Some(prog.node(id).span),
+                            ..RunError::overflow(
+                                Some(id),
+                                format!(
+                                    "{} loses every significant digit at width {n} (draw {draw}): terms of size {m:.3e} cancel to {v:.3e}, below their rounding error",
+                                    plan.label(id)
+                                ),
+                            )
+                        });
+                    }
+                }
+                Val::Vector(block)
+            }
             Op::Moment(e) => {
                 let block = eval_block(e, &vals, ops, n, c)
                     .ok_or_else(|| bug(Some(id), "a moment of a non-vector"))?;
@@ -578,13 +788,13 @@ pub(super) fn forward_releasing(
                 Val::Scalar(out)
             }
         };
-        let finite = match &v {
-            Val::Vector(m) => m.iter().all(|x| x.is_finite()),
-            Val::Scalar(s) => s.iter().all(|x| x.is_finite()),
-            Val::None => true,
+        let bad = match &v {
+            Val::Vector(m) => out_of_range(m.iter().copied()),
+            Val::Scalar(s) => out_of_range(s.iter().copied()),
+            Val::None => None,
         };
-        if !finite {
-            return Err(plan.nonfinite(id, n, draw, "overflows"));
+        if let Some(bad) = bad {
+            return Err(plan.nonfinite(id, n, draw, "overflows", bad));
         }
         vals[id.index()] = v;
         release(&mut vals, ops, id);
@@ -739,8 +949,8 @@ pub(super) fn backward(
                 // Only parameters and products need their cotangent after the pass
                 // (for the NTK and training); dropping the others bounds the memory
                 // of a wide run.
-                if dy.iter().any(|v| !v.is_finite()) {
-                    return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows"));
+                if let Some(bad) = out_of_range(dy.iter().copied()) {
+                    return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows", bad));
                 }
             }
             Op::Moment(_) => {
@@ -782,8 +992,8 @@ pub(super) fn backward(
             _ => {}
         }
         if let Some(d) = &delta[id.index()] {
-            if d.iter().any(|v| !v.is_finite()) {
-                return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows"));
+            if let Some(bad) = out_of_range(d.iter().copied()) {
+                return Err(plan.nonfinite(id, n, draw, "has a gradient that overflows", bad));
             }
         }
     }
@@ -972,14 +1182,20 @@ fn run_draw_with(
             }
         }
     }
-    if nngp.iter().any(|v| !v.is_finite()) || ntk.iter().any(|v| !v.is_finite()) {
-        let last = prog.outputs.first().copied();
-        return Err(RunError {
-            node: last,
-            message: format!(
-                "the kernels overflow at width {n} (draw {draw}): a value is infinite or NaN"
-            ),
-        });
+    for (what, k) in [("NNGP", &nngp), ("NTK", &ntk)] {
+        if let Some(bad) = out_of_range(k.iter().copied()) {
+            let first = prog.outputs.first().copied();
+            return Err(RunError {
+                span: first.map(|o| prog.node(o).span),
+                ..RunError::overflow(
+                    first,
+                    format!(
+                        "the {what} overflows at width {n} (draw {draw}): {}",
+                        describe_value(bad)
+                    ),
+                )
+            });
+        }
     }
 
     let observe = prog
@@ -1085,6 +1301,14 @@ pub fn engine_bytes(prog: &Program, n: usize, p: usize, engine: Engine) -> u128 
     8 * words
 }
 
+/// Bytes of the O·P × O·P matrices a draw holds while forming its kernels: the NNGP
+/// and NTK, a Gram matrix per side of a matrix's uses, their product and its
+/// transpose, and the draw's copy of both kernels.
+pub fn kernel_bytes(prog: &Program, p: usize) -> u128 {
+    let op = (prog.outputs.len().max(1) * p.max(1)) as u128;
+    8 * 8 * op * op
+}
+
 pub use crate::machine::mem_available;
 
 /// The points a run evaluates: a program without inputs runs at one empty point
@@ -1141,7 +1365,12 @@ impl<'p> Footprint<'p> {
                 .map(|q| prog.users(q.node).len() * (p + o * p))
                 .sum();
             let n0 = (2 * cols + 64).max(256);
-            if width > 4 * n0 {
+            // The probe is a real draw: only when it surely fits (with many points its
+            // N₀ × P blocks alone can exhaust memory; the a-priori bound then refuses).
+            let probe_fits = mem_available().is_none_or(|avail| {
+                engine_bytes(prog, n0, p, engine) + kernel_bytes(prog, p) <= avail / 2
+            });
+            if width > 4 * n0 && probe_fits {
                 // A probe that fails (an overflow at N₀, say) leaves the a-priori bound.
                 fp.measured = conditional_vectors(prog, points, n0).ok().map(|v| (n0, v));
             }
@@ -1159,47 +1388,124 @@ impl<'p> Footprint<'p> {
         }
     }
 
-    /// Bytes one draw needs at width `n`.
+    /// Bytes one draw needs at width `n`: its width-N buffers and its (O·P)² kernels.
     pub fn bytes(&self, n: usize) -> u128 {
-        match self.measured {
+        let wide = match self.measured {
             Some((n0, v)) if n >= n0 => 8 * n as u128 * v,
             _ => engine_bytes(self.prog, n, self.p, self.engine),
-        }
+        };
+        wide + kernel_bytes(self.prog, self.p)
     }
 
-    /// Refuses a width that cannot fit in memory, naming the largest width that would.
+    /// Bytes a run holds whatever its draws: the statistics of [`Moments`].
+    fn run_bytes(prog: &Program, p: usize) -> u128 {
+        let words = |w: usize| (Moments::block_for(w) + 2) as u128 * w as u128;
+        8 * (words(result_words(prog, p)) + words(traj_words(prog, p)))
+    }
+
+    /// Bytes of a run at width `n` with `p` points, by the a-priori bound.
+    fn apriori(&self, n: usize, p: usize) -> u128 {
+        engine_bytes(self.prog, n, p, self.engine)
+            + kernel_bytes(self.prog, p)
+            + Self::run_bytes(self.prog, p)
+    }
+
+    /// Refuses a run that cannot fit in memory (E0037), before anything wide is
+    /// allocated, saying what fits: the largest width at these points, or, when the
+    /// (O·P)² kernels alone are too large, the most points; and, for the dense
+    /// engine, the conditional engine when it would fit (no N×N matrix).
     pub fn check(&self, width: usize) -> Result<(), RunError> {
         let Some(avail) = mem_available() else {
             return Ok(());
         };
-        let need = self.bytes(width);
+        let need = self.bytes(width) + Self::run_bytes(self.prog, self.p);
         if need <= avail {
             return Ok(());
         }
+        let fits = |n: usize| self.bytes(n) + Self::run_bytes(self.prog, self.p) <= avail;
         let (mut lo, mut hi) = (0usize, width);
         while lo + 1 < hi {
             let mid = lo + (hi - lo) / 2;
-            if self.bytes(mid) <= avail {
+            if fits(mid) {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
         let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-        Err(RunError {
-            node: None,
-            message: format!(
-                "width {width} needs about {:.1} GiB per draw but {:.1} GiB is available; the largest width that fits is {lo}",
+        let points = if self.p == 1 {
+            "1 point".to_string()
+        } else {
+            format!("{} points", self.p)
+        };
+        let message = format!(
+            "width {width} on {points} needs about {:.1} GiB but {:.1} GiB is available",
+            gib(need),
+            gib(avail)
+        );
+        let mut help = if lo >= 1 {
+            format!("the largest width that fits is {lo}")
+        } else {
+            // Not even width 1: the kernels over the points are too large.
+            let (mut plo, mut phi) = (0usize, self.p);
+            while plo + 1 < phi {
+                let mid = plo + (phi - plo) / 2;
+                if self.apriori(width, mid) <= avail {
+                    plo = mid;
+                } else {
+                    phi = mid;
+                }
+            }
+            let o = self.prog.outputs.len().max(1);
+            format!(
+                "the {o}·P × {o}·P kernels grow with the square of the number of points P: at most {plo} points fit at width {width}; pass fewer rows with --inputs"
+            )
+        };
+        if self.engine == Engine::Dense && lo < width {
+            let cond = engine_bytes(self.prog, width, self.p, Engine::Conditional)
+                + kernel_bytes(self.prog, self.p)
+                + Self::run_bytes(self.prog, self.p);
+            if cond <= avail {
+                help.push_str(&format!(
+                    "; or run with `--engine conditional`, which draws the hidden products without any N×N matrix (about {:.1} GiB here)",
+                    gib(cond)
+                ));
+            }
+        }
+        Err(RunError::resources(message, help))
+    }
+
+    /// Refuses keeping `words` numbers per draw for `seeds` draws — statistics paired
+    /// across widths (compare, coord-check) need every draw's values — when they would
+    /// take more than half the available memory, naming how many draws fit. Checked
+    /// before the first draw, so `--seeds 100000000` allocates nothing.
+    pub fn check_kept(words: u128, seeds: usize) -> Result<(), RunError> {
+        let Some(avail) = mem_available() else {
+            return Ok(());
+        };
+        let per = 8 * words.max(1);
+        let need = per * seeds as u128;
+        if need <= avail / 2 {
+            return Ok(());
+        }
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        Err(RunError::resources(
+            format!(
+                "{seeds} draws keep about {:.1} GiB of per-draw values (paired across widths) but {:.1} GiB is available",
                 gib(need),
                 gib(avail)
             ),
-        })
+            format!("at most {} draws fit: lower --seeds", avail / 2 / per),
+        ))
     }
 
     /// [`Footprint::check`] for one width of a `--widths` list, saying so.
     pub fn check_listed(&self, width: usize) -> Result<(), RunError> {
         self.check(width).map_err(|e| RunError {
-            message: format!("{}; drop it from --widths", e.message),
+            help: Some(format!(
+                "{}; or drop it from --widths",
+                e.help.as_deref().unwrap_or_default()
+            )),
             ..e
         })
     }
@@ -1226,15 +1532,31 @@ impl<'p> Footprint<'p> {
         seeds: usize,
         draw: impl Fn(usize) -> Result<T, RunError> + Sync,
     ) -> Result<Vec<T>, RunError> {
-        let ids: Vec<usize> = (0..seeds).collect();
-        let mut out = Vec::with_capacity(seeds);
-        for chunk in ids.chunks(self.at_once(width, seeds)) {
-            let got: Vec<Result<T, RunError>> = chunk.par_iter().map(|&k| draw(k)).collect();
+        let mut out = Vec::new();
+        self.for_each_draw(width, seeds, draw, |d| out.push(d))?;
+        Ok(out)
+    }
+
+    /// [`Footprint::draws`] handing each result to `sink` in draw order instead of
+    /// keeping them: memory does not grow with `seeds`.
+    pub fn for_each_draw<T: Send>(
+        &self,
+        width: usize,
+        seeds: usize,
+        draw: impl Fn(usize) -> Result<T, RunError> + Sync,
+        mut sink: impl FnMut(T),
+    ) -> Result<(), RunError> {
+        let at_once = self.at_once(width, seeds);
+        let mut start = 0;
+        while start < seeds {
+            let chunk = start..(start + at_once).min(seeds);
+            start = chunk.end;
+            let got: Vec<Result<T, RunError>> = chunk.into_par_iter().map(&draw).collect();
             for d in got {
-                out.push(d?);
+                sink(d?);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The measured count of width-N vectors per draw and the probe width, if any.
@@ -1361,17 +1683,21 @@ pub fn run_engine(
         Some(_) => Some(super::train::Trainer::new(prog, &points)?),
         None => None,
     };
-    let mut draws: Vec<Draw> = Vec::with_capacity(cfg.seeds);
-    let mut trajs: Vec<super::train::Trajectory> = Vec::new();
-    let ids: Vec<usize> = (0..cfg.seeds).collect();
+    let mut stats = RunStats::new(prog, plan.p);
+    let mut trajs = trainer
+        .as_ref()
+        .map(|_| Moments::new(Moments::block_for(traj_words(prog, plan.p))));
     // One parameter buffer set per concurrent draw, refilled in place draw after draw.
     let mut buffers: Vec<Vec<DMatrix<f64>>> = vec![Vec::new(); at_once];
-    for chunk in ids.chunks(at_once) {
+    let mut start = 0;
+    while start < cfg.seeds {
+        let chunk = start..(start + at_once).min(cfg.seeds);
+        start = chunk.end;
         type Got = (Draw, Option<super::train::Trajectory>);
         let got: Vec<Result<Got, RunError>> = chunk
-            .par_iter()
+            .into_par_iter()
             .zip(buffers.par_iter_mut())
-            .map(|(&k, ws)| {
+            .map(|(k, ws)| {
                 let d = sample_params_into(prog, cfg.width, cfg.seed, k, ws)
                     .and_then(|()| run_draw(&plan, cfg.width, ws, k))
                     .and_then(|d| {
@@ -1388,51 +1714,139 @@ pub fn run_engine(
             .collect();
         for d in got {
             let (d, traj) = d?;
-            draws.push(d);
-            trajs.extend(traj);
+            stats.push(d);
+            if let (Some(m), Some(t)) = (trajs.as_mut(), traj) {
+                m.push(t);
+            }
         }
     }
     let train = prog
         .train
         .as_ref()
-        .map(|t| super::train::summarize(t, &trajs));
-    Ok(summarize_draws(prog, points, cfg, &draws, train))
+        .zip(trajs)
+        .map(|(t, m)| super::train::summarize(t, m.finish()));
+    let r = stats.finish(prog, points, cfg, train);
+    check_reportable(prog, &r)?;
+    Ok(r)
 }
 
-/// Means and standard errors over the draws, as cli.md's `run` result (both engines).
-fn summarize_draws(
-    prog: &Program,
-    points: Vec<Vec<f64>>,
-    cfg: &RunConfig,
-    draws: &[Draw],
-    train: Option<super::train::TrainResult>,
-) -> RunResult {
-    let est = |get: &dyn Fn(&Draw) -> DMatrix<f64>| estimate(draws, get);
-    let observe = prog
-        .observes
-        .iter()
-        .enumerate()
-        .map(|(i, &m)| {
-            let e = est(&|d| DMatrix::from_row_slice(1, d.observe[i].len(), &d.observe[i]));
-            (prog.label(m), e)
-        })
-        .collect();
-    RunResult {
-        outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points
-        },
-        width: cfg.width,
-        seeds: cfg.seeds,
-        seed: cfg.seed,
-        f: est(&|d| d.f.clone()),
-        nngp: est(&|d| d.nngp.clone()),
-        ntk: est(&|d| d.ntk.clone()),
-        observe,
-        train,
+/// Means and standard errors over the draws as they arrive, as cli.md's `run` result
+/// (both engines): no per-draw result is kept ([`Moments`]).
+struct RunStats {
+    f: Moments,
+    nngp: Moments,
+    ntk: Moments,
+    observe: Vec<Moments>,
+}
+
+impl RunStats {
+    fn new(prog: &Program, p: usize) -> RunStats {
+        let block = Moments::block_for(result_words(prog, p));
+        RunStats {
+            f: Moments::new(block),
+            nngp: Moments::new(block),
+            ntk: Moments::new(block),
+            observe: prog.observes.iter().map(|_| Moments::new(block)).collect(),
+        }
     }
+
+    fn push(&mut self, d: Draw) {
+        self.f.push(d.f);
+        self.nngp.push(d.nngp);
+        self.ntk.push(d.ntk);
+        for (m, o) in self.observe.iter_mut().zip(d.observe) {
+            m.push(DMatrix::from_row_slice(1, o.len(), &o));
+        }
+    }
+
+    fn finish(
+        self,
+        prog: &Program,
+        points: Vec<Vec<f64>>,
+        cfg: &RunConfig,
+        train: Option<super::train::TrainResult>,
+    ) -> RunResult {
+        let observe = prog
+            .observes
+            .iter()
+            .zip(self.observe)
+            .map(|(&m, e)| (prog.label(m), e.finish()))
+            .collect();
+        RunResult {
+            outputs: prog.output_names(),
+            points: if prog.inputs.is_empty() {
+                Vec::new()
+            } else {
+                points
+            },
+            width: cfg.width,
+            seeds: cfg.seeds,
+            seed: cfg.seed,
+            f: self.f.finish(),
+            nngp: self.nngp.finish(),
+            ntk: self.ntk.finish(),
+            observe,
+            train,
+        }
+    }
+}
+
+/// The last guard before a run's numbers are printed: every mean and standard error
+/// must be a number tpc can report ([`out_of_range`]); otherwise an error (E0036)
+/// naming the quantity and pointing at its output or observe. The engines refuse
+/// overflow as it happens, so this only fires if some path let one through — but then
+/// a wrong number is never printed with exit 0.
+pub fn check_reportable(prog: &Program, r: &RunResult) -> Result<(), RunError> {
+    let first = prog.outputs.first().copied();
+    let mut items: Vec<(String, Option<NodeId>, &Estimate)> = vec![
+        ("the output mean f".into(), first, &r.f),
+        ("the NNGP".into(), first, &r.nngp),
+        ("the NTK".into(), first, &r.ntk),
+    ];
+    for ((name, e), &id) in r.observe.iter().zip(&prog.observes) {
+        items.push((format!("observe `{name}`"), Some(id), e));
+    }
+    if let Some(t) = &r.train {
+        items.push(("the training trajectory f_t".into(), first, &t.f_t));
+    }
+    for (what, node, e) in items {
+        let se = e.se.iter().flat_map(|m| m.iter());
+        for (kind, bad) in [
+            ("mean", out_of_range(e.mean.iter().copied())),
+            ("standard error", out_of_range(se.copied())),
+        ] {
+            if let Some(bad) = bad {
+                return Err(RunError {
+                    code: Some("E0036"),
+                    span: node.map(|n| prog.node(n).span),
+                    help: Some(
+                        "no number is printed for it; a smaller width, learning rate or other laws keep values finite"
+                            .into(),
+                    ),
+                    ..RunError::new(
+                        node,
+                        format!(
+                            "the {kind} of {what} at width {} cannot be reported: {}",
+                            r.width,
+                            describe_value(bad)
+                        ),
+                    )
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Numbers in one draw's trajectory f_t: (steps+1) × O·P.
+fn traj_words(prog: &Program, p: usize) -> usize {
+    prog.train.as_ref().map_or(0, |t| t.steps + 1) * prog.outputs.len() * p.max(1)
+}
+
+/// Numbers in one draw's result: outputs, both kernels, observes (one per point).
+fn result_words(prog: &Program, p: usize) -> usize {
+    let op = prog.outputs.len() * p.max(1);
+    op + 2 * op * op + prog.observes.len() * p.max(1)
 }
 
 /// The outputs O×P from the forward values: the one place outputs are summed, so the
@@ -1486,8 +1900,8 @@ pub(super) fn outputs(
                 }
             }
         }
-        if f.row(oi).iter().any(|v| !v.is_finite()) {
-            return Err(plan.nonfinite(out, n, draw, "overflows"));
+        if let Some(bad) = out_of_range(f.row(oi).iter().copied()) {
+            return Err(plan.nonfinite(out, n, draw, "overflows", bad));
         }
     }
     Ok(f)
@@ -1504,24 +1918,36 @@ fn run_conditional(
     let plan = Plan::new(prog, &points)?;
     let memory = Footprint::new(prog, &points, cfg.width, Engine::Conditional);
     memory.check(cfg.width)?;
-    let draws = memory.draws(cfg.width, cfg.seeds, |k| {
-        let d = cond_draw(&plan, cfg.width, cfg.seed, k);
-        progress();
-        d
-    })?;
+    let mut stats = RunStats::new(prog, plan.p);
+    memory.for_each_draw(
+        cfg.width,
+        cfg.seeds,
+        |k| {
+            let d = cond_draw(&plan, cfg.width, cfg.seed, k);
+            progress();
+            d
+        },
+        |d| stats.push(d),
+    )?;
     // Training runs the unrolled program (crate::autodiff): only initial matrices, so
     // the conditional sampler answers every product of every step.
     let train = match &prog.train {
         Some(t) => {
             let run = super::unrolled::UnrolledRun::new(prog, &points, cfg.width)?;
-            let trajs = memory.draws(cfg.width, cfg.seeds, |k| {
-                run.run(cfg.seed, k, Engine::Conditional)
-            })?;
-            Some(super::train::summarize(t, &trajs))
+            let mut trajs = Moments::new(Moments::block_for(traj_words(prog, plan.p)));
+            memory.for_each_draw(
+                cfg.width,
+                cfg.seeds,
+                |k| run.run(cfg.seed, k, Engine::Conditional),
+                |t| trajs.push(t),
+            )?;
+            Some(super::train::summarize(t, trajs.finish()))
         }
         None => None,
     };
-    Ok(summarize_draws(prog, points, cfg, &draws, train))
+    let r = stats.finish(prog, points, cfg, train);
+    check_reportable(prog, &r)?;
+    Ok(r)
 }
 
 /// Draw `k` of seed `seed` alone with either engine: the same numbers as inside
@@ -1565,33 +1991,264 @@ pub fn run_with(
     run_draw(&plan, width, &ws, 0)
 }
 
-/// Mean and standard error (sd/√K, sd with K−1) over draws, summed in draw order so
-/// the result does not depend on scheduling.
-pub(super) fn estimate<D>(draws: &[D], get: &dyn Fn(&D) -> DMatrix<f64>) -> Estimate {
-    let k = draws.len();
-    let first = get(&draws[0]);
+/// Bytes a block of [`Moments`] may buffer: with the means and spreads it is what the
+/// statistics of a run hold, whatever K.
+const MOMENTS_BUFFER_BYTES: usize = 64 << 20;
+
+/// Means and standard errors over draws that arrive one at a time, in draw order: K
+/// may be 10^8 without holding K results (issue 12).
+///
+/// Draws are buffered in blocks of a fixed size (set by the size of one result, never
+/// by the machine, so output is the same everywhere). A run of at most one block is
+/// the exact two-pass computation, mean Σv/K then Σ(v − mean)²; longer runs merge
+/// block statistics by Chan, Golub and LeVeque's pairwise update, keeping each
+/// entry's *population variance* M2/K (bounded by the largest squared deviation, so it
+/// cannot overflow where M2 could).
+///
+/// Squares are formed after dividing by a power of two when a deviation exceeds
+/// 2^500 (exact, so ordinary values give the same bits as unscaled sums): a finite mean
+/// gets a finite standard error.
+pub(super) struct Moments {
+    block: usize,
+    buf: Vec<DMatrix<f64>>,
+    /// Draws merged from full blocks, with their mean and population variance.
+    done: usize,
+    mean: DMatrix<f64>,
+    var: DMatrix<f64>,
+}
+
+impl Moments {
+    pub(super) fn new(block: usize) -> Moments {
+        Moments {
+            block: block.max(2),
+            buf: Vec::new(),
+            done: 0,
+            mean: DMatrix::zeros(0, 0),
+            var: DMatrix::zeros(0, 0),
+        }
+    }
+
+    /// The block size for results of `words` numbers each: as many as fit in
+    /// [`MOMENTS_BUFFER_BYTES`], between 2 and 4096.
+    pub(super) fn block_for(words: usize) -> usize {
+        (MOMENTS_BUFFER_BYTES / (8 * words.max(1))).clamp(2, 4096)
+    }
+
+    pub(super) fn push(&mut self, v: DMatrix<f64>) {
+        self.buf.push(v);
+        if self.buf.len() == self.block {
+            self.fold();
+        }
+    }
+
+    /// Merges the buffered block into the running statistics.
+    fn fold(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let kb = self.buf.len();
+        let mean = block_mean(&self.buf);
+        let (ss, scale) = spread(&self.buf, &mean);
+        // Population variance of the block: s²·(ss/s²)/kb.
+        let var = DMatrix::from_fn(mean.nrows(), mean.ncols(), |i, j| {
+            let s = scale[(i, j)];
+            ss[(i, j)] / kb as f64 * s * s
+        });
+        self.buf.clear();
+        if self.done == 0 {
+            (self.done, self.mean, self.var) = (kb, mean, var);
+            return;
+        }
+        let (na, nb) = (self.done as f64, kb as f64);
+        let n = na + nb;
+        let (wa, wb) = (na / n, nb / n);
+        for i in 0..self.mean.len() {
+            let d = mean[i] - self.mean[i];
+            self.mean[i] += d * wb;
+            // (na·var_a + nb·var_b)/n + δ²·(na/n)(nb/n), with δ² formed as (δ·√(wa·wb))².
+            let dd = d * (wa * wb).sqrt();
+            self.var[i] = wa * self.var[i] + wb * var[i] + dd * dd;
+        }
+        self.done += kb;
+    }
+
+    pub(super) fn finish(mut self) -> Estimate {
+        if self.done == 0 {
+            // At most one block: the exact two-pass estimate.
+            let k = self.buf.len();
+            let mean = block_mean(&self.buf);
+            if k < 2 {
+                return Estimate { mean, se: None };
+            }
+            let (ss, scale) = spread(&self.buf, &mean);
+            let se = DMatrix::from_fn(mean.nrows(), mean.ncols(), |i, j| {
+                scale[(i, j)] * (ss[(i, j)] / (k as f64 - 1.0) / k as f64).sqrt()
+            });
+            return Estimate { mean, se: Some(se) };
+        }
+        self.fold();
+        let k = self.done as f64;
+        let se = self.var.map(|v| (v / (k - 1.0)).sqrt());
+        Estimate {
+            mean: self.mean,
+            se: Some(se),
+        }
+    }
+}
+
+/// Σv/k over a block, summed in order.
+fn block_mean(vals: &[DMatrix<f64>]) -> DMatrix<f64> {
+    let Some(first) = vals.first() else {
+        return DMatrix::zeros(0, 0);
+    };
     let mut mean = DMatrix::zeros(first.nrows(), first.ncols());
-    let vals: Vec<DMatrix<f64>> = draws.iter().map(get).collect();
-    for v in &vals {
+    for v in vals {
         mean += v;
     }
-    mean /= k as f64;
-    if k < 2 {
-        return Estimate { mean, se: None };
+    mean / vals.len() as f64
+}
+
+/// Per entry, Σ((v − mean)/s)² and the scale s: 1 when every deviation is at most
+/// 2^500 (the plain sum, same bits), else the power of two at the top of the largest.
+fn spread(vals: &[DMatrix<f64>], mean: &DMatrix<f64>) -> (DMatrix<f64>, DMatrix<f64>) {
+    let big = 2f64.powi(500);
+    let mut top = DMatrix::<f64>::zeros(mean.nrows(), mean.ncols());
+    for v in vals {
+        for i in 0..mean.len() {
+            top[i] = top[i].max((v[i] - mean[i]).abs());
+        }
     }
+    let scale = top.map(|t| {
+        if t > big && t.is_finite() {
+            f64::from_bits(t.to_bits() & 0x7ff0_0000_0000_0000)
+        } else {
+            1.0
+        }
+    });
     let mut ss = DMatrix::zeros(mean.nrows(), mean.ncols());
-    for v in &vals {
-        let d = v - &mean;
-        ss += d.component_mul(&d);
+    for v in vals {
+        for i in 0..mean.len() {
+            let d = (v[i] - mean[i]) / scale[i];
+            ss[i] += d * d;
+        }
     }
-    let se = ss.map(|s| (s / (k as f64 - 1.0) / k as f64).sqrt());
-    Estimate { mean, se: Some(se) }
+    (ss, scale)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ir::expr::Fun;
+
+    fn one(v: f64) -> DMatrix<f64> {
+        DMatrix::from_element(1, 1, v)
+    }
+
+    /// Up to one block, [`Moments`] is the two-pass estimate bit for bit; past it the
+    /// merged blocks agree with the two-pass estimate to rounding.
+    #[test]
+    fn moments_match_the_two_pass_estimate() {
+        let xs: Vec<f64> = (0..1000)
+            .map(|i| ((i * 7919 % 1013) as f64).sin() * 3.0 + 1.0)
+            .collect();
+        let two_pass = |xs: &[f64]| {
+            let k = xs.len() as f64;
+            let mean = xs.iter().sum::<f64>() / k;
+            let ss: f64 = xs.iter().map(|x| (x - mean) * (x - mean)).sum();
+            (mean, (ss / (k - 1.0) / k).sqrt())
+        };
+        let mut m = Moments::new(4096);
+        xs.iter().for_each(|&x| m.push(one(x)));
+        let e = m.finish();
+        let (mean, se) = two_pass(&xs);
+        assert_eq!(e.mean[0], mean);
+        assert_eq!(e.se.unwrap()[0], se);
+        for block in [2, 3, 16, 333] {
+            let mut m = Moments::new(block);
+            xs.iter().for_each(|&x| m.push(one(x)));
+            let e = m.finish();
+            assert!(
+                (e.mean[0] - mean).abs() <= 1e-13 * mean.abs(),
+                "block {block}"
+            );
+            let got = e.se.unwrap()[0];
+            assert!(
+                (got - se).abs() <= 1e-12 * se,
+                "block {block}: {got} vs {se}"
+            );
+        }
+    }
+
+    /// Issue 12: values near 1e150 had a finite mean and an infinite standard error
+    /// (the squares overflowed). Scaled squares give the right one, merged or not.
+    #[test]
+    fn huge_values_get_a_finite_standard_error() {
+        let xs = [1e150, -9e149, 5e149, -1e150, 2e149];
+        let k = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / k;
+        let ss: f64 = xs.iter().map(|x| ((x - mean) / 1e150).powi(2)).sum();
+        let want = 1e150 * (ss / (k - 1.0) / k).sqrt();
+        for block in [2, 4096] {
+            let mut m = Moments::new(block);
+            xs.iter().for_each(|&x| m.push(one(x)));
+            let e = m.finish();
+            let se = e.se.unwrap()[0];
+            assert!(
+                se.is_finite() && (se - want).abs() <= 1e-12 * want,
+                "{se:e} vs {want:e}"
+            );
+        }
+    }
+
+    /// Keeping 10^8 draws of 10^6 numbers is refused before anything is allocated,
+    /// saying how many draws fit.
+    #[test]
+    fn keeping_too_many_draws_is_refused() {
+        if mem_available().is_none() {
+            return;
+        }
+        let e = Footprint::check_kept(1_000_000, 100_000_000).unwrap_err();
+        assert_eq!(e.code, Some("E0037"));
+        assert!(e.help.unwrap().contains("draws fit"));
+        assert!(Footprint::check_kept(10, 100).is_ok());
+    }
+
+    /// The report-time guard names the quantity (an observe, with its node) and
+    /// refuses an infinite standard error or a value beyond [`MAX_VALUE`].
+    #[test]
+    fn an_unreportable_number_is_refused_at_report_time() {
+        let prog = crate::check_source(
+            "width n\ninput xi : 1\nparam U : n x 1 ~ N(0, 1)\nparam v : 1 x n ~ N(0, 1) * n^(-1/2)\nh1 = relu(U @ xi)\nobserve q = mean(h1 * h1)\noutput f = v @ h1\n",
+        )
+        .0
+        .expect("a valid program");
+        let est = |v: f64, se: f64| Estimate {
+            mean: one(v),
+            se: Some(one(se)),
+        };
+        let mut r = RunResult {
+            outputs: prog.output_names(),
+            points: vec![vec![1.0]],
+            width: 8,
+            seeds: 2,
+            seed: 0,
+            f: est(0.5, 0.1),
+            nngp: est(1.0, 0.1),
+            ntk: est(1.0, 0.1),
+            observe: vec![("q".into(), est(0.5, 0.1))],
+            train: None,
+        };
+        assert!(check_reportable(&prog, &r).is_ok());
+        r.observe[0].1 = est(0.5, f64::INFINITY);
+        let e = check_reportable(&prog, &r).unwrap_err();
+        assert_eq!(e.code, Some("E0036"));
+        assert_eq!(e.node, Some(prog.observes[0]));
+        assert!(e.message.contains("observe `q`"), "{}", e.message);
+        r.observe[0].1 = est(0.5, 0.1);
+        r.f = est(2e150, 1.0);
+        let e = check_reportable(&prog, &r).unwrap_err();
+        assert!(e.message.contains("the output mean f"), "{}", e.message);
+    }
 
     /// The column evaluator computes each coordinate exactly as `Expr::eval` does
     /// (same bits), for every function and operation, across block boundaries, with

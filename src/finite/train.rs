@@ -28,8 +28,8 @@
 use nalgebra::DMatrix;
 
 use super::exec::{
-    backward, bug, col, forward, outputs, sample_params, sampled_of, Estimate, Plan, RunConfig,
-    RunError, Sampled, Val,
+    backward, bug, col, describe_value, forward, out_of_range, outputs, sample_params, sampled_of,
+    Estimate, Plan, RunConfig, RunError, Sampled, Val,
 };
 use super::linalg::{gemm, Trans};
 use crate::ir::{Loss, NodeId, Op, OutTerm, Program, Shape, Train, Ty};
@@ -98,10 +98,7 @@ enum Grad {
 
 /// Relabels an error with the training step it happened at.
 fn at_step(what: String) -> impl Fn(RunError) -> RunError {
-    move |e| RunError {
-        node: e.node,
-        message: format!("{what}: {}", e.message),
-    }
+    move |e| e.in_training(&what)
 }
 
 impl<'a> Trainer<'a> {
@@ -248,10 +245,17 @@ impl<'a> Trainer<'a> {
                         .map_err(|e| bug(Some(prm.node), format!("internal shape error: {e}")))?,
                 }
             }
-            if touched && w.iter().any(|v| !v.is_finite()) {
+            if let Some(bad) = out_of_range(w.iter().copied()).filter(|_| touched) {
                 return Err(RunError {
-                    node: Some(prm.node),
-                    message: format!("the update of {} at width {n} is infinite or NaN", prm.name),
+                    span: Some(self.prog.node(prm.node).span),
+                    ..RunError::overflow(
+                        Some(prm.node),
+                        format!(
+                            "the update of {} at width {n}: {}",
+                            prm.name,
+                            describe_value(bad)
+                        ),
+                    )
                 });
             }
         }
@@ -456,13 +460,22 @@ pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<Coord
     let mut f_change = Vec::new();
     // The vectors at initialization, for the change since then.
     let mut x0: Vec<Option<DMatrix<f64>>> = Vec::new();
+    // Squares of values near MAX_VALUE overflow: sum (v/s)² with s a power of two
+    // above the largest |v| when that exceeds 2^500 (exact; the plain sum otherwise).
     let root_mean_square = |it: &mut dyn Iterator<Item = f64>| {
-        let (mut s, mut k) = (0.0, 0usize);
-        for v in it {
-            s += v * v;
-            k += 1;
+        let v: Vec<f64> = it.collect();
+        let top = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let scale = if top > 2f64.powi(500) && top.is_finite() {
+            f64::from_bits(top.to_bits() & 0x7ff0_0000_0000_0000)
+        } else {
+            1.0
+        };
+        let mut s = 0.0;
+        for x in &v {
+            let x = x / scale;
+            s += x * x;
         }
-        (s / k.max(1) as f64).sqrt()
+        scale * (s / v.len().max(1) as f64).sqrt()
     };
     trainer.run(cfg.width, &mut ws, draw, &mut |t, vals, f| {
         if t == 0 {
@@ -514,12 +527,12 @@ pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<Coord
     })
 }
 
-/// Means and standard errors over draws of the per-draw trajectories, in draw order.
-pub(super) fn summarize(train: &Train, trajs: &[Trajectory]) -> TrainResult {
+/// `tpc run`'s training result from the means and standard errors of f_t over draws.
+pub(super) fn summarize(train: &Train, f_t: Estimate) -> TrainResult {
     TrainResult {
         loss: train.loss,
         lr: train.lr,
         steps: train.steps,
-        f_t: super::exec::estimate(trajs, &|t: &Trajectory| t.clone()),
+        f_t,
     }
 }

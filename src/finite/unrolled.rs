@@ -42,10 +42,8 @@ impl UnrolledRun {
         } else {
             eval_points.to_vec()
         };
-        let unrolled = unroll(prog, &eval, Width::Finite(n)).map_err(|e| RunError {
-            node: e.node,
-            message: e.message,
-        })?;
+        let unrolled =
+            unroll(prog, &eval, Width::Finite(n)).map_err(|e| RunError::new(e.node, e.message))?;
         let row = vec![unrolled.row()];
         let prog = &unrolled.prog;
         // The last reader of every node (itself when nothing reads it).
@@ -106,7 +104,9 @@ impl UnrolledRun {
     ) -> Result<(Trajectory, usize), RunError> {
         let prog = &self.unrolled.prog;
         let n = self.width;
-        let plan = Plan::new(prog, &self.row)?;
+        // Rank-one corrections of an unrolled product can cancel to below their
+        // rounding error when training diverges: checked, not trusted.
+        let plan = Plan::new(prog, &self.row)?.checking_cancellation();
         let ws = match engine {
             Engine::Dense => sample_params(prog, n, seed, draw)?,
             Engine::Conditional => sample_non_hidden(prog, n, seed, draw)?,
@@ -120,10 +120,7 @@ impl UnrolledRun {
         // Errors name nodes of the unrolled program, whose labels (`h2_1(ξ3)`) say the
         // step and point; the node ids do not belong to the front-end program.
         let vals = forward_releasing(&plan, n, &sampled, draw, products, Some(&self.last_use))
-            .map_err(|e| RunError {
-                node: None,
-                message: format!("training: {}", e.message),
-            })?;
+            .map_err(|e| RunError { node: None, ..e }.in_training("training"))?;
         let f = &self.unrolled.f;
         let cols = f.first().map_or(0, Vec::len);
         let mut traj = DMatrix::zeros(f.len(), cols);

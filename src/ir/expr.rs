@@ -68,7 +68,15 @@ impl Fun {
     #[inline]
     pub fn eval(self, x: f64) -> f64 {
         match self {
-            Fun::Relu => x.max(0.0),
+            // NaN passes through (`f64::max` would swallow it into 0, and a run whose
+            // values overflowed would then print a clean 0).
+            Fun::Relu => {
+                if x > 0.0 || x.is_nan() {
+                    x
+                } else {
+                    0.0
+                }
+            }
             Fun::Tanh => x.tanh(),
             Fun::Erf => libm::erf(x),
             // gelu(x) = x Phi(x), exact (not the tanh approximation).
@@ -86,6 +94,8 @@ impl Fun {
             Fun::Step => {
                 if x > 0.0 {
                     1.0
+                } else if x.is_nan() {
+                    x
                 } else {
                     0.0
                 }
@@ -509,6 +519,18 @@ fn write_expr(e: &Expr, arg: &dyn Fn(usize) -> String, f: &mut fmt::Formatter<'_
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// relu and its derivative pass NaN through: `f64::max` swallowed it into 0, so a
+    /// run whose values had overflowed printed a clean 0 (issue 12).
+    #[test]
+    fn relu_and_step_propagate_nan() {
+        assert!(Fun::Relu.eval(f64::NAN).is_nan());
+        assert!(Fun::Step.eval(f64::NAN).is_nan());
+        assert_eq!(Fun::Relu.eval(-2.0), 0.0);
+        assert_eq!(Fun::Relu.eval(3.0), 3.0);
+        assert_eq!(Fun::Step.eval(-0.0), 0.0);
+        assert_eq!(Fun::Relu.eval(f64::INFINITY), f64::INFINITY);
+    }
 
     /// A partial that reads the forward value (Arg 3 = the Nonlin's value) instead of
     /// recomputing it gives the same bits, and the recomputation is gone.

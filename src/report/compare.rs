@@ -41,7 +41,9 @@ use plotters::prelude::*;
 use serde_json::{json, Value};
 
 use super::limit::num;
-use crate::finite::exec::{run_one_engine, Draw, Engine, Footprint, RunError};
+use crate::finite::exec::{
+    describe_value, out_of_range, run_one_engine, Draw, Engine, Footprint, RunError,
+};
 use crate::ir::Program;
 use crate::limit::LimitResult;
 
@@ -352,16 +354,16 @@ pub fn compare(
     widths.sort_unstable();
     widths.dedup();
     if widths.len() < 2 || widths[0] == 0 {
-        return Err(RunError {
-            node: None,
-            message: "at least two distinct positive widths are needed for a slope".into(),
-        });
+        return Err(RunError::new(
+            None,
+            "at least two distinct positive widths are needed for a slope",
+        ));
     }
     if cfg.seeds < 2 {
-        return Err(RunError {
-            node: None,
-            message: "at least two draws per width (--seeds 2) are needed".into(),
-        });
+        return Err(RunError::new(
+            None,
+            "at least two draws per width (--seeds 2) are needed",
+        ));
     }
     let mut notes = Vec::new();
     let tg = targets(prog, lim, &mut notes);
@@ -369,6 +371,10 @@ pub fn compare(
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); tg.len()];
     // sq[g][i][k]: draw k's mean square deviation in group g at the i-th width.
     let mut sq: Vec<Vec<Vec<f64>>> = vec![Vec::new(); tg.len()];
+    // Every draw's values of every group at one width, and each draw's mean square
+    // deviation at every width.
+    let entries: usize = tg.iter().map(|t| t.values.len()).sum();
+    Footprint::check_kept((entries + widths.len() * tg.len()) as u128, cfg.seeds)?;
     let memory = Footprint::new(prog, points, widths[widths.len() - 1], cfg.engine);
     for &n in &widths {
         memory.check_listed(n)?;
@@ -390,6 +396,33 @@ pub fn compare(
         }
         for (i, t) in tg.iter().enumerate() {
             let (r, s) = row(n, &vals[i], &t.values);
+            let nums = [
+                r.mean_err_max,
+                r.mean_err_rms,
+                r.se_max,
+                r.se_rms,
+                r.draw_rms,
+                r.draw_rms_se,
+            ];
+            if let Some(bad) = out_of_range(nums) {
+                let first = prog.outputs.first().copied();
+                return Err(RunError {
+                    code: Some("E0036"),
+                    span: first.map(|o| prog.node(o).span),
+                    help: Some(
+                        "no number is printed for it; a smaller width or other laws keep values finite"
+                            .into(),
+                    ),
+                    ..RunError::new(
+                        first,
+                        format!(
+                            "the {} error at width {n} cannot be reported: {}",
+                            t.label,
+                            describe_value(bad)
+                        ),
+                    )
+                });
+            }
             rows[i].push(r);
             sq[i].push(s);
         }

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 
 use super::compare::{axis_number, fit, minus, sci, Fit};
 use super::limit::num;
-use crate::finite::exec::{RunConfig, RunError};
+use crate::finite::exec::{describe_value, out_of_range, RunConfig, RunError};
 use crate::finite::train::{coord_sizes, CoordSizes};
 use crate::ir::{NodeId, Program, Role};
 use crate::scaling::{self, Ex, Exponents};
@@ -200,9 +200,26 @@ impl CoordResult {
 }
 
 fn usage(message: &str) -> RunError {
+    RunError::new(None, message)
+}
+
+/// A coordinate size that cannot be printed as a number (E0036): the run is refused
+/// rather than fitted.
+fn unreportable(prog: &Program, what: &str, node: Option<NodeId>, t: usize, bad: f64) -> RunError {
     RunError {
-        node: None,
-        message: message.to_string(),
+        code: Some("E0036"),
+        span: node.map(|n| prog.node(n).span),
+        help: Some(
+            "the training blows up at these widths: fewer steps, a smaller learning rate or muP keep sizes finite"
+                .into(),
+        ),
+        ..RunError::new(
+            node,
+            format!(
+                "the coordinate size of {what} after {t} step(s) cannot be reported: {}",
+                describe_value(bad)
+            ),
+        )
     }
 }
 
@@ -369,7 +386,14 @@ pub fn coord_check(
     );
     let prog = &prog;
 
-    // sizes[i][k]: draw k at the i-th width.
+    // sizes[i][k]: draw k at the i-th width: per step, a size and a change per vector
+    // node, f_t and its two summaries.
+    let vectors = prog
+        .ids()
+        .filter(|&id| prog.ty(id) == crate::ir::Ty::Vector)
+        .count();
+    let per_draw = (steps + 1) * (2 * vectors + prog.outputs.len() * points + 2);
+    crate::finite::exec::Footprint::check_kept((per_draw * widths.len()) as u128, cfg.seeds)?;
     let mut sizes: Vec<Vec<CoordSizes>> = Vec::with_capacity(widths.len());
     for &n in &widths {
         let memory = crate::finite::exec::Footprint::dense(prog, points);
@@ -435,6 +459,15 @@ pub fn coord_check(
                     rms.push(e);
                     rms_se.push(se);
                     sq.push(s);
+                }
+                if let Some(bad) = out_of_range(rms.iter().chain(&rms_se).copied()) {
+                    return Err(unreportable(
+                        prog,
+                        &quantities[q],
+                        members[q].first().copied(),
+                        t,
+                        bad,
+                    ));
                 }
                 let f = fit(&widths, &sq);
                 curves.push(Curve {

@@ -4,6 +4,7 @@
 //! laws not evaluated. `lower` gives it meaning; this module knows nothing of numerics.
 
 mod parse;
+pub use parse::MAX_SOURCE;
 
 pub use parse::{parse, MAX_NESTING};
 
