@@ -124,7 +124,7 @@ fn too_many_points_are_refused_with_how_many_fit() {
         .map(|i| format!("{}\n", (i % 7) as f64 * 0.25 - 0.75))
         .collect();
     std::fs::write(&csv, rows).unwrap();
-    let mlp = common::shared().join("spec/examples/mlp3.tp");
+    let mlp = common::example_path("mlp3");
     for engine in ["dense", "conditional"] {
         let t = Instant::now();
         let o = tpc(&[
@@ -154,8 +154,8 @@ fn too_many_points_are_refused_with_how_many_fit() {
 /// would fit (no N×N matrix at width 10^6).
 #[test]
 fn the_dense_refusal_suggests_the_conditional_engine() {
-    let mlp = common::shared().join("spec/examples/mlp3.tp");
-    let x1 = common::shared().join("refs/programs/X1.csv");
+    let mlp = common::example_path("mlp3");
+    let x1 = common::refs_dir().join("programs/X1.csv");
     let o = tpc(&[
         "run",
         mlp.to_str().unwrap(),
@@ -221,7 +221,7 @@ fn endless_files_are_refused_after_the_size_limit() {
             assert_eq!(o.status.code(), Some(1), "{cmd} {dev}: {err}");
             assert!(err.contains("larger than 4 MiB"), "{cmd} {dev}: {err}");
         }
-        let mlp = common::shared().join("spec/examples/mlp3.tp");
+        let mlp = common::example_path("mlp3");
         let o = tpc_within(
             &[
                 "run",
