@@ -24,7 +24,7 @@
 //! concatenated, sequences time-major. An empty slice means the default points of the
 //! command line: the training inputs, or the one empty point of a program without
 //! inputs; otherwise every point must have exactly the numbers the inputs need, all
-//! finite (else error E0028). Matrices are [`nalgebra`]'s, re-exported as
+//! finite (else error E0033). Matrices are [`nalgebra`]'s, re-exported as
 //! [`tpc::nalgebra`](nalgebra) so that callers need not match its version.
 //!
 //! ```
@@ -218,7 +218,7 @@ fn limit_error(src: &str, e: &LimitError) -> Error {
 
 /// The points to evaluate `prog` on (module docs, "Points"): `points` checked against
 /// the program's inputs, or the command line's default points when `points` is empty.
-/// Every problem is an E0028 at the first `input` declaration.
+/// Every problem is an E0033 at the first `input` declaration.
 pub fn check_points(
     src: &str,
     prog: &Program,
@@ -230,7 +230,7 @@ pub fn check_points(
     let bad = |msg: String, help: String| {
         error_in(
             src,
-            Diagnostic::error("E0028", msg, span, "the points are for these inputs")
+            Diagnostic::error("E0033", msg, span, "the points are for these inputs")
                 .with_help(help),
         )
     };

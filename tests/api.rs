@@ -104,14 +104,14 @@ fn no_numbered_names_in_the_examples() {
 const RELU: &str =
     "width n\ninput x : 2\nparam U : n x 2\nparam v : 1 x n\nh = relu(U @ x)\noutput f = v @ h\n";
 
-/// Points of the wrong dimension, no points, and non-finite points are errors (E0028),
+/// Points of the wrong dimension, no points, and non-finite points are errors (E0033),
 /// never padded, truncated or computed on.
 #[test]
 fn points_are_checked() {
     let msg = |pts: &[Vec<f64>]| tpc::limit_of(RELU, pts).unwrap_err().render();
     let e = msg(&[vec![1.0, 2.0], vec![1.0]]);
     assert!(
-        e.contains("error[E0028]: point 2 has 1 number(s); the program's inputs need 2"),
+        e.contains("error[E0033]: point 2 has 1 number(s); the program's inputs need 2"),
         "{e}"
     );
     assert!(e.contains("x (2 numbers)"), "{e}");

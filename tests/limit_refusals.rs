@@ -182,7 +182,7 @@ fn non_finite_library_points_point_at_the_input() {
     }
     let d = refusal(&src, &[vec![1.0, 2.0]]);
     assert_eq!(d.code, "E0033");
-    assert!(d.message.contains("2 numbers"), "{}", d.message);
+    assert!(d.message.contains("has 2 number(s)"), "{}", d.message);
 }
 
 #[test]
