@@ -34,7 +34,7 @@
 //!   scalar parameter: `η·lr·mult²`. (In muP every κ is η; language.md, Training.)
 //!
 //! These are identities at every finite n, so [`Width::Finite`] programs equal dense
-//! training up to rounding (tests/unrolled.rs checks 1e-10). [`Width::Limit`] replaces
+//! training up to rounding (tests/it/unrolled.rs checks 1e-10). [`Width::Limit`] replaces
 //! every coefficient by its limit as n → ∞ and refuses one that blows up.
 //!
 //! ## Shape of the unrolled program

@@ -2,7 +2,7 @@
 //!
 //! The unrolled program holds only the *initial* matrices, so it runs on either engine:
 //! with the dense engine it must equal dense-update training ([`super::train`]) up to
-//! rounding (tests/unrolled.rs: 1e-10), and with the conditional engine
+//! rounding (tests/it/unrolled.rs: 1e-10), and with the conditional engine
 //! ([`super::cond`]) it trains at widths where no N×N matrix fits. The parameters are
 //! drawn from the same streams as `tpc run` draws them, so `f_0` is the untrained
 //! output of the same draw.

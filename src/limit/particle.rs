@@ -454,7 +454,7 @@ fn pinv_sym(g: &DMatrix<f64>) -> DMatrix<f64> {
 /// (semicircle-type programs get their Ż coefficients with no Monte Carlo error).
 /// Measured against the model covariance `σ² E[Z^{y_j} Z^{y_k}]` at equal particles:
 /// the same f_t SE on sgd_mlp.tp, 0.0024 against 0.0029 on the step test of
-/// tests/particle.rs, 0.0042 against 0.0080 on `E[Z^k Z^v]` of its W / W.T / tanh test.
+/// tests/it/particle.rs, 0.0042 against 0.0080 on `E[Z^k Z^v]` of its W / W.T / tanh test.
 fn stein(hats: &[&[f64]], g: &[f64]) -> DVector<f64> {
     let k = hats.len();
     let m = g.len() as f64;

@@ -249,7 +249,7 @@ def write_csv(path, a):
 def main():
     os.makedirs(os.path.join(HERE, "programs"), exist_ok=True)
     # The project's copy of the contract example (examples/ is checked against
-    # ../shared/spec/examples by tests/contract.rs).
+    # ../shared/spec/examples by tests/it/contract.rs).
     spec = os.path.join(os.environ.get("TP_SPEC_EXAMPLES",
                                        os.path.join(HERE, "..", "..", "examples")),
                         "erf_deep.tp")

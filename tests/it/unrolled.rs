@@ -6,7 +6,7 @@
 //! biases, two outputs, xent, weight sharing across time (an RNN), evaluation points
 //! that are not training inputs, and an SP program whose update is Θ(n) large.
 
-mod common;
+use crate::common;
 
 use tpc::autodiff::{unroll, Width};
 use tpc::finite::exec::{Engine, RunConfig};

@@ -1,6 +1,6 @@
 //! Every contract example is accepted exactly as written; its listing is snapshot-tested.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

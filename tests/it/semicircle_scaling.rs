@@ -6,7 +6,7 @@
 //! over two minutes), so these tests finishing at all is the polynomial-time check; the
 //! sizes below (Gaussians, derivation text) are checked to grow like k and k².
 
-mod common;
+use crate::common;
 
 /// `semicircle.tp` with its loop to `k`.
 fn semicircle(k: usize) -> String {

@@ -15,7 +15,7 @@
 //! * SP past its first step is not predicted (blow-ups compound, theory.md §5.2);
 //! * the SVG (default `<stem>_coord.svg`), determinism across thread counts, usage errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,9 +1,9 @@
 //! Property tests over the grammar: no input crashes or hangs the front end.
 //!
 //! Bounded for CI (256 cases per property by default). Run longer with e.g.
-//! `PROPTEST_CASES=200000 cargo test --release --test fuzz_frontend`.
+//! `PROPTEST_CASES=200000 cargo test --release --test it fuzz_frontend::`.
 
-mod common;
+use crate::common;
 
 use proptest::prelude::*;
 

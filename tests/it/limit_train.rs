@@ -13,7 +13,7 @@
 //!   linear muP; unstable SP says "not computed" with `f_t = null`, never a number;
 //! * `tpc limit` prints the trajectory and the method (text) and `train.f_t` (JSON).
 
-mod common;
+use crate::common;
 
 use nalgebra::{DMatrix, DVector};
 use tpc::finite::exec::{run, RunConfig};

@@ -6,7 +6,7 @@
 //! * deep linear muP (two hidden layers, W used forward and by backprop's Wᵀ): within
 //!   4 standard errors of a finite-width run (conditional engine, N = 2^14).
 
-mod common;
+use crate::common;
 
 use nalgebra::DMatrix;
 use tpc::finite::exec::{run_engine, Engine, RunConfig};

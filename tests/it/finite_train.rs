@@ -11,7 +11,7 @@
 //! * non-finite values are errors naming the step and the node;
 //! * `tpc run` JSON has `train.f_t` / `train.f_t_se` and is identical with 1 and 2 threads.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

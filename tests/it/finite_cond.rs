@@ -3,7 +3,7 @@
 //! agrees within 4 combined standard errors (√(se_dense² + se_cond²)); a width-10^5
 //! RNN runs in seconds; runs are deterministic.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 
@@ -177,7 +177,7 @@ fn semicircle_estimates_agree_between_engines_at_1024() {
 }
 
 /// The same at width 4096 (a dense draw samples 16 M entries per matrix): minutes, so
-/// run by hand with `cargo test --release --test finite_cond -- --ignored`.
+/// run by hand with `cargo test --release --test it finite_cond:: -- --ignored`.
 #[test]
 #[ignore]
 fn estimates_agree_between_engines_at_4096() {

@@ -11,7 +11,7 @@
 //! and for determinism: the same command twice, and with 1 vs 2 threads, prints
 //! byte-identical JSON.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! forms, the §5.4 table of named parameterizations, and every warning's rendering.
 //! Snapshots are assertions: each was read when accepted.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

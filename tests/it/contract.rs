@@ -3,7 +3,7 @@
 //! byte whenever `../shared` is beside the clone. Without it (a fresh clone) there is
 //! nothing to compare against and the test says so.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

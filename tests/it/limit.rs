@@ -2,7 +2,7 @@
 //! project's copy of `../shared/refs`, and `tests/data/nt_extra.json`), the semicircle law,
 //! and snapshot-tested derivations.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: where the contract's examples and the
 //! reference data live. The project carries its own copies (`examples/`,
-//! `tests/data/refs/`, `docs/`), so a fresh clone tests itself; `tests/contract.rs`
+//! `tests/data/refs/`, `docs/`), so a fresh clone tests itself; `tests/it/contract.rs`
 //! checks them byte for byte against `../shared` when that directory is present.
 #![allow(dead_code)]
 

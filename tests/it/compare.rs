@@ -10,7 +10,7 @@
 //! * observes form their own group (semicircle: random-matrix moments, no inputs);
 //! * fewer than two widths, or one draw, is a usage error (exit 2).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

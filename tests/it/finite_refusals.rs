@@ -3,7 +3,7 @@
 //! that cannot fit is refused before it allocates (saying what fits), and input files
 //! are read to their size limit plus one byte at most.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -6,8 +6,6 @@
 //! E0034. Well-defined expectations with denominators still give the right numbers,
 //! checked against closed forms and an independent quadrature.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Output};
 

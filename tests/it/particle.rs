@@ -2,7 +2,7 @@
 //! law (Ż through shared W and W.T), a W / W.T / tanh program the block engine
 //! integrates exactly, a Dirac delta that only Stein's lemma sees, and determinism.
 
-mod common;
+use crate::common;
 
 use tpc::ir::{NodeId, Program};
 use tpc::limit::particle::{particles, ParticleConfig, ParticleEstimate};
