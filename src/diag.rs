@@ -271,6 +271,10 @@ pub const CODES: &[(&str, &str)] = &[
         "training blows up (learning rate too large for the width)",
     ),
     ("W0104", "training is trivial in the limit (nothing moves)"),
+    (
+        "W0105",
+        "training diverges at finite width (|f_t| grows a millionfold past f_0 and the targets)",
+    ),
     ("N0101", "kernel regime: features do not move in the limit"),
     ("N0102", "feature learning"),
 ];

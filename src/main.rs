@@ -386,6 +386,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 tpc::finite::exec::run_engine(&prog, &points, &cfg, engine, tick)
             })
             .map_err(|e| run_fail(&file, &prog, &e))?;
+            if let Some(w) = r
+                .train
+                .as_ref()
+                .and_then(|t| tpc::finite::train::divergence(&prog, t, cfg.width))
+            {
+                if let Some(src) = read_source(&file) {
+                    emit(&file.display().to_string(), &src, &[w]);
+                }
+            }
             let text = if format == Format::Json {
                 serde_json::to_string_pretty(&tpc::report::run::json(&r))
                     .map_err(|e| fail(&format!("cannot write JSON: {e}")))?

@@ -1687,6 +1687,7 @@ pub fn run_engine(
     let mut trajs = trainer
         .as_ref()
         .map(|_| Moments::new(Moments::block_for(traj_words(prog, plan.p))));
+    let mut peaks = super::train::Peaks::default();
     // One parameter buffer set per concurrent draw, refilled in place draw after draw.
     let mut buffers: Vec<Vec<DMatrix<f64>>> = vec![Vec::new(); at_once];
     let mut start = 0;
@@ -1716,6 +1717,7 @@ pub fn run_engine(
             let (d, traj) = d?;
             stats.push(d);
             if let (Some(m), Some(t)) = (trajs.as_mut(), traj) {
+                peaks.push(&t);
                 m.push(t);
             }
         }
@@ -1724,7 +1726,7 @@ pub fn run_engine(
         .train
         .as_ref()
         .zip(trajs)
-        .map(|(t, m)| super::train::summarize(t, m.finish()));
+        .map(|(t, m)| super::train::summarize(t, m.finish(), peaks));
     let r = stats.finish(prog, points, cfg, train);
     check_reportable(prog, &r)?;
     Ok(r)
@@ -1935,13 +1937,17 @@ fn run_conditional(
         Some(t) => {
             let run = super::unrolled::UnrolledRun::new(prog, &points, cfg.width)?;
             let mut trajs = Moments::new(Moments::block_for(traj_words(prog, plan.p)));
+            let mut peaks = super::train::Peaks::default();
             memory.for_each_draw(
                 cfg.width,
                 cfg.seeds,
                 |k| run.run(cfg.seed, k, Engine::Conditional),
-                |t| trajs.push(t),
+                |t| {
+                    peaks.push(&t);
+                    trajs.push(t)
+                },
             )?;
-            Some(super::train::summarize(t, trajs.finish()))
+            Some(super::train::summarize(t, trajs.finish(), peaks))
         }
         None => None,
     };

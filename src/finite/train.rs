@@ -32,6 +32,7 @@ use super::exec::{
     Estimate, Plan, RunConfig, RunError, Sampled, Val,
 };
 use super::linalg::{gemm, Trans};
+use crate::diag::Diagnostic;
 use crate::ir::{Loss, NodeId, Op, OutTerm, Program, Shape, Train, Ty};
 
 /// Everything needed to train one draw, computed once per program and points.
@@ -58,6 +59,68 @@ pub struct TrainResult {
     pub lr: f64,
     pub steps: usize,
     pub f_t: Estimate,
+    /// `peak[t]`: the largest |f_t| over the draws and columns, for [`divergence`].
+    pub peak: Vec<f64>,
+}
+
+/// The largest |f_t| of every step over the draws pushed so far.
+#[derive(Clone, Debug, Default)]
+pub struct Peaks(Vec<f64>);
+
+impl Peaks {
+    pub fn push(&mut self, traj: &Trajectory) {
+        if self.0.len() < traj.nrows() {
+            self.0.resize(traj.nrows(), 0.0);
+        }
+        for (t, row) in traj.row_iter().enumerate() {
+            let m = row.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
+            self.0[t] = self.0[t].max(m);
+        }
+    }
+}
+
+/// How many times larger than the scale of f_0 and the targets |f_t| must grow before
+/// training is said to diverge. Gradient descent that converges keeps f_t within a
+/// modest multiple of that scale (it moves f toward the targets); a factor of 10^6 is
+/// reached only when a step overshoots geometrically — the learning rate is beyond the
+/// stable range for this width. Values up to ±1e150 are still reported (they are what
+/// the finite network computes, E0035 refuses beyond), so this is a warning.
+pub const DIVERGENCE_FACTOR: f64 = 1e6;
+
+/// W0105 at the learning rate when some draw's |f_t| grows past [`DIVERGENCE_FACTOR`]
+/// times the scale of f_0 and the targets: the trajectory is what this network computes
+/// (after a divergence, e.g. f_t = 0 once every relu has died), not gradient descent
+/// converging, and its mean over draws is dominated by rare huge values.
+pub fn divergence(prog: &Program, r: &TrainResult, width: usize) -> Option<Diagnostic> {
+    let train = prog.train.as_ref()?;
+    let targets = train
+        .data
+        .iter()
+        .flat_map(|s| s.y.iter())
+        .fold(0.0_f64, |m, y| m.max(y.abs()));
+    let scale = 1.0 + targets + r.peak.first().copied().unwrap_or(0.0);
+    let (t, &peak) = r
+        .peak
+        .iter()
+        .enumerate()
+        .find(|(_, &p)| !(p <= DIVERGENCE_FACTOR * scale))?;
+    Some(
+        Diagnostic::warning(
+            "W0105",
+            format!(
+                "training diverges at width {width}: |f_t| reaches {peak:.3e} at step {t} \
+                 (|f_0| and the targets are at most {:.3e})",
+                scale - 1.0
+            ),
+            train.lr_span,
+            format!("learning rate {}", train.lr),
+        )
+        .with_help(
+            "the printed f_t is what this network computes after a divergence (e.g. 0 once \
+             every relu has died), and its mean over draws is dominated by rare huge values: \
+             lower `lr` for this width",
+        ),
+    )
 }
 
 /// The per-step root-mean-square coordinate size of every vector node of one draw,
@@ -528,11 +591,12 @@ pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<Coord
 }
 
 /// `tpc run`'s training result from the means and standard errors of f_t over draws.
-pub(super) fn summarize(train: &Train, f_t: Estimate) -> TrainResult {
+pub(super) fn summarize(train: &Train, f_t: Estimate, peaks: Peaks) -> TrainResult {
     TrainResult {
         loss: train.loss,
         lr: train.lr,
         steps: train.steps,
         f_t,
+        peak: peaks.0,
     }
 }

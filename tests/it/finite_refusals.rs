@@ -268,3 +268,47 @@ fn the_conditional_engine_refuses_its_overflowing_draw() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!out.contains("inf") && !out.contains("NaN"), "{out}");
 }
+
+/// Issue 12.1, the conditional engine at lr = 1e3, 4 draws: every draw ends with its
+/// relus dead and f_3 = 0 exactly after |f_2| ≈ 1e34, which is what these networks
+/// compute — but printed alone, `0 ± 0` reads as converged training. The run now warns
+/// (W0105) at the learning rate that training diverged, with the size reached; the
+/// bundled lr = 0.5 gets no such warning.
+#[test]
+fn a_diverging_trajectory_is_flagged_at_the_learning_rate() {
+    let dir = temp_dir("diverging");
+    let file = sgd_mlp_with_lr(&dir, "1e3");
+    let f = file.to_str().unwrap();
+    let args = [
+        "run",
+        f,
+        "--width",
+        "256",
+        "--seeds",
+        "4",
+        "--engine",
+        "conditional",
+    ];
+    let o = tpc(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning[W0105]: training diverges at width 256"),
+        "{err}"
+    );
+    assert!(
+        err.contains("lr    = 1e3"),
+        "the warning points at the lr line: {err}"
+    );
+    let ok = sgd_mlp_with_lr(&dir, "0.5");
+    let o = tpc(&[
+        "run",
+        ok.to_str().unwrap(),
+        "--width",
+        "256",
+        "--seeds",
+        "4",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!stderr(&o).contains("W0105"), "{}", stderr(&o));
+}
