@@ -103,7 +103,7 @@ pub fn divergence(prog: &Program, r: &TrainResult, width: usize) -> Option<Diagn
         .peak
         .iter()
         .enumerate()
-        .find(|(_, &p)| !(p <= DIVERGENCE_FACTOR * scale))?;
+        .find(|(_, &p)| p.is_nan() || p > DIVERGENCE_FACTOR * scale)?;
     Some(
         Diagnostic::warning(
             "W0105",
