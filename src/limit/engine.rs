@@ -178,6 +178,8 @@ pub struct Engine<'a> {
     pub methods: BTreeSet<String>,
     /// Largest stated error of any expectation used (absolute).
     pub max_error: f64,
+    /// QMC methods with their largest stated (3σ) error.
+    qmc: std::collections::BTreeMap<String, f64>,
     seed: u64,
 }
 
@@ -215,6 +217,7 @@ impl<'a> Engine<'a> {
             kernels: HashMap::new(),
             methods: BTreeSet::new(),
             max_error: 0.0,
+            qmc: std::collections::BTreeMap::new(),
             seed: 0x7bc_2024,
         }
     }
@@ -449,6 +452,9 @@ impl<'a> Engine<'a> {
                 Ok(out)
             }
             _ => {
+                if let Some(m) = self.split_mean(a)? {
+                    return Ok(m);
+                }
                 let mut out = DVector::zeros(p);
                 let blocks = self.joint_blocks(&a.args, &[])?;
                 for i in 0..p {
@@ -535,9 +541,15 @@ impl<'a> Engine<'a> {
                 let vmax = d1.iter().chain(&d2).fold(0.0f64, |x, &v| x.max(v));
                 let key = self.kernel(&a.f, &b.f, vmax);
                 let sym = symmetric && a.args[0] == b.args[0] && a.f == b.f;
+                // Stated at every use, so that a scoped error ([`Engine::scoped`]) sees it.
+                let err = self.kernels[&key].0.error_bound();
+                self.note_err(err);
                 Ok(self.kernels[&key].0.block(&d1, &d2, &cross, sym))
             }
             _ => {
+                if let Some(m) = self.split_pair(a, b, symmetric)? {
+                    return Ok(m);
+                }
                 let mut out = DMatrix::zeros(p, p);
                 let m = a.args.len();
                 let blocks = self.joint_blocks(&a.args, &b.args)?;
@@ -576,10 +588,171 @@ impl<'a> Engine<'a> {
     }
 
     fn note(&mut self, method: String, err: f64) {
-        self.methods.insert(method);
+        if method.starts_with("QMC") {
+            // A QMC error is a multiple of a standard error, not a bound: the method says
+            // so with its largest value (qmc::gaussian_mean_tol).
+            let e = self.qmc.entry(method).or_insert(0.0);
+            *e = e.max(err);
+        } else {
+            self.methods.insert(method);
+        }
+        self.note_err(err);
+    }
+
+    fn note_err(&mut self, err: f64) {
         if err.is_finite() {
             self.max_error = self.max_error.max(err);
+        } else {
+            self.max_error = f64::INFINITY;
         }
+    }
+
+    /// The methods used, for the report; QMC with its largest stated 3σ error.
+    pub fn method_list(&self) -> Vec<String> {
+        let mut out: BTreeSet<String> = self.methods.clone();
+        for (m, e) in &self.qmc {
+            out.insert(format!(
+                "{m}, 3σ ≈ {e:.1e} (a statistical error, not a bound)"
+            ));
+        }
+        out.into_iter().collect()
+    }
+
+    /// Runs `f` and returns, with its value, the largest error stated inside it (the
+    /// engine's `max_error` keeps the overall maximum).
+    fn scoped<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<(T, f64)> {
+        let outer = std::mem::replace(&mut self.max_error, 0.0);
+        let r = f(self);
+        let inner = self.max_error;
+        self.max_error = outer.max(inner);
+        Ok((r?, inner))
+    }
+
+    // ---- factorization (theory.md §1.2) -------------------------------------------
+    //
+    // Gaussians of different families are independent at every pair of points
+    // (theory.md §2.1: Ẑ^{W h} depends on W alone), so an expectation of a product
+    // factors over groups of factors whose Gaussians share no family:
+    //
+    //   E[Π_k f_k(L_k(ξ_p)) Π_l g_l(M_l(ξ_q))] = Π_groups E[Π_{k∈G} f_k Π_{l∈G} g_l],
+    //
+    // and each group is usually one Gaussian at two points: a 2-D expectation with a
+    // closed form or Gauss–Hermite (dual.rs), never a multidimensional rule. Sums are
+    // split first (linearity of E). Stated errors propagate as
+    // |Δ(ab)| ≤ |a||Δb| + |b||Δa| + |Δa||Δb| and |Δ(Σ c_i a_i)| ≤ Σ |c_i||Δa_i|.
+
+    /// The families a factor's forms draw on.
+    fn families(&self, e: &Expr, args: &[LinForm]) -> Families {
+        let mut out = BTreeSet::new();
+        e.visit_args(&mut |j| {
+            for &(g, _) in &args[j].0 {
+                out.insert(self.der.gauss[g].family());
+            }
+        });
+        out
+    }
+
+    /// Groups of factors (side, expression) with no family in common between groups,
+    /// and the product of the constant factors.
+    fn independent_groups(&self, a: &Atom, b: Option<&Atom>) -> (f64, Vec<[Vec<Expr>; 2]>) {
+        let mut konst = 1.0;
+        let mut groups: Vec<(Families, [Vec<Expr>; 2])> = Vec::new();
+        let sides = std::iter::once(a).chain(b).enumerate();
+        for (side, atom) in sides {
+            let mut fs = Vec::new();
+            factors(&atom.f, &mut fs);
+            for f in fs {
+                if f.is_constant() {
+                    konst *= f.eval(&[]);
+                    continue;
+                }
+                let mut fam = self.families(&f, &atom.args);
+                let mut item: [Vec<Expr>; 2] = [Vec::new(), Vec::new()];
+                item[side].push(f);
+                // Merge every group sharing a family with this factor.
+                let mut k = 0;
+                while k < groups.len() {
+                    if groups[k].0.is_disjoint(&fam) {
+                        k += 1;
+                    } else {
+                        let (gf, [ga, gb]) = groups.swap_remove(k);
+                        fam.extend(gf);
+                        item[0].extend(ga);
+                        item[1].extend(gb);
+                    }
+                }
+                groups.push((fam, item));
+            }
+        }
+        (konst, groups.into_iter().map(|g| g.1).collect())
+    }
+
+    /// `E[f(L(ξ_p)) g(M(ξ_q))]` by linearity and independence, or None when the
+    /// integrand is one product over one group of correlated Gaussians.
+    fn split_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<Option<DMatrix<f64>>> {
+        let p = self.p;
+        let (sa, sb) = (sum_terms_of(a), sum_terms_of(b));
+        if sa.len() > 1 || sb.len() > 1 {
+            let mut out = DMatrix::zeros(p, p);
+            let mut err = 0.0;
+            for (ci, ai) in &sa {
+                for (cj, bj) in &sb {
+                    let sym = symmetric && ai == bj;
+                    let (m, e) = self.scoped(|s| s.atom_pair(ai, bj, sym))?;
+                    out += m * (ci * cj);
+                    err += (ci * cj).abs() * e;
+                }
+            }
+            self.note_err(err);
+            return Ok(Some(out));
+        }
+        let (konst, groups) = self.independent_groups(a, Some(b));
+        if groups.len() < 2 {
+            return Ok(None);
+        }
+        let mut out = DMatrix::from_element(p, p, konst);
+        let mut err = 0.0;
+        for [fa, fb] in groups {
+            let ga = restrict(&product(fa), &a.args);
+            let gb = restrict(&product(fb), &b.args);
+            let sym = symmetric && ga == gb;
+            let (m, e) = self.scoped(|s| s.atom_pair(&ga, &gb, sym))?;
+            err = out.amax() * e + m.amax() * err + e * err;
+            out.component_mul_assign(&m);
+        }
+        self.note_err(err);
+        Ok(Some(out))
+    }
+
+    /// `E[f(L(ξ_p))]` by linearity and independence, or None (see [`Self::split_pair`]).
+    fn split_mean(&mut self, a: &Atom) -> R<Option<DVector<f64>>> {
+        let p = self.p;
+        let sa = sum_terms_of(a);
+        if sa.len() > 1 {
+            let mut out = DVector::zeros(p);
+            let mut err = 0.0;
+            for (c, ai) in &sa {
+                let (m, e) = self.scoped(|s| s.atom_mean(ai))?;
+                out += m * *c;
+                err += c.abs() * e;
+            }
+            self.note_err(err);
+            return Ok(Some(out));
+        }
+        let (konst, groups) = self.independent_groups(a, None);
+        if groups.len() < 2 {
+            return Ok(None);
+        }
+        let mut out = DVector::from_element(p, konst);
+        let mut err = 0.0;
+        for [fa, _] in groups {
+            let ga = restrict(&product(fa), &a.args);
+            let (m, e) = self.scoped(|s| s.atom_mean(&ga))?;
+            err = out.amax() * e + m.amax() * err + e * err;
+            out.component_mul_assign(&m);
+        }
+        self.note_err(err);
+        Ok(Some(out))
     }
 
     // ---- tangent kernels (NTK) -------------------------------------------------------
@@ -726,6 +899,76 @@ impl<'a> Engine<'a> {
             self.prog.node(x).op,
             Op::Input { .. } | Op::Output { .. } | Op::Moment(_)
         )
+    }
+}
+
+/// A set of Gaussian families (zform::Gauss::family).
+type Families = BTreeSet<(usize, u8)>;
+
+/// The factors of a product: `f = Π_k f_k` through `*`, unary minus and `a / b`.
+fn factors(e: &Expr, out: &mut Vec<Expr>) {
+    match e {
+        Expr::Mul(a, b) => {
+            factors(a, out);
+            factors(b, out);
+        }
+        Expr::Neg(x) => {
+            out.push(Expr::Const(-1.0));
+            factors(x, out);
+        }
+        Expr::Div(a, b) if !b.is_constant() => {
+            factors(a, out);
+            out.push(Expr::div(Expr::Const(1.0), (**b).clone()));
+        }
+        _ => out.push(e.clone()),
+    }
+}
+
+/// `Π_k f_k` (1 for none).
+fn product(fs: Vec<Expr>) -> Expr {
+    fs.into_iter().fold(Expr::Const(1.0), Expr::mul)
+}
+
+/// The terms of a sum: `f = Σ_i c_i t_i` through `+`, `-` and constant multiples.
+fn sum_terms(e: &Expr, c: f64, out: &mut Vec<(f64, Expr)>) {
+    match e {
+        Expr::Add(a, b) => {
+            sum_terms(a, c, out);
+            sum_terms(b, c, out);
+        }
+        Expr::Sub(a, b) => {
+            sum_terms(a, c, out);
+            sum_terms(b, -c, out);
+        }
+        Expr::Neg(x) => sum_terms(x, -c, out),
+        Expr::Mul(k, x) if k.is_constant() => sum_terms(x, c * k.eval(&[]), out),
+        Expr::Mul(x, k) if k.is_constant() => sum_terms(x, c * k.eval(&[]), out),
+        _ => out.push((c, e.clone())),
+    }
+}
+
+/// The terms of an atom's function, each an atom over the forms it uses.
+fn sum_terms_of(a: &Atom) -> Vec<(f64, Atom)> {
+    let mut ts = Vec::new();
+    sum_terms(&a.f, 1.0, &mut ts);
+    ts.into_iter()
+        .map(|(c, t)| (c, restrict(&t, &a.args)))
+        .collect()
+}
+
+/// `e` over `args` as an atom over the forms it uses only, in their order.
+fn restrict(e: &Expr, args: &[LinForm]) -> Atom {
+    let mut used: Vec<usize> = Vec::new();
+    e.visit_args(&mut |j| {
+        if !used.contains(&j) {
+            used.push(j);
+        }
+    });
+    used.sort_unstable();
+    let pos = |j: usize| used.iter().position(|&u| u == j).unwrap_or(0);
+    Atom {
+        f: e.substitute(&|j| Expr::Arg(pos(j))),
+        args: used.iter().map(|&j| args[j].clone()).collect(),
     }
 }
 

@@ -447,7 +447,7 @@ pub fn limit_general(
         ntk,
         ntk_note,
         observe,
-        methods: eng.methods.iter().cloned().collect(),
+        methods: eng.method_list(),
         max_error: eng.max_error,
         regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
         train: None,
