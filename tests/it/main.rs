@@ -9,6 +9,7 @@ mod contract;
 mod coord_check;
 mod diagnostics;
 mod examples;
+mod factor;
 mod finite;
 mod finite_cond;
 mod finite_refusals;
