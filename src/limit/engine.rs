@@ -273,7 +273,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Lookups of the real run that the dry run did not count (see [`Memo`]); zero
+    /// Lookups of the real run that the dry run did not count (see `Memo`); zero
     /// whenever every lookup is made independently of the number of points.
     pub fn stray_lookups(&self) -> usize {
         self.lcov.strays + self.vv.strays + self.tg.strays + self.tv.strays
