@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
@@ -79,6 +80,10 @@ enum Cmd {
         /// terms (docs/theory.md §2.1, §6.1)
         #[arg(long)]
         unrolled: bool,
+        /// Write the kernels (and f_t) as NumPy `.npy` files and `meta.json` into DIR;
+        /// stdout then shows the metadata instead of the numbers (docs/cli.md)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Time the limit computation (benchmarks; not part of CI)
     Bench {
@@ -106,6 +111,10 @@ enum Cmd {
         engine: EngineArg,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Write every estimate and its standard error (`*_se`) as NumPy `.npy` files
+        /// and `meta.json` into DIR; stdout then shows the metadata (docs/cli.md)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Finite width against the limit: error per width, fitted convergence slope, SVG plot
     ///
@@ -239,6 +248,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Reported> {
+    let json = match &cli.cmd {
+        Cmd::Graph { format, .. }
+        | Cmd::Limit { format, .. }
+        | Cmd::Run { format, .. }
+        | Cmd::Compare { format, .. }
+        | Cmd::CoordCheck { format, .. }
+        | Cmd::Bench {
+            what: BenchCmd::Limit { format, .. },
+        } => *format == Format::Json,
+        Cmd::Check { .. } | Cmd::Explain { .. } => false,
+    };
+    JSON_ERRORS.store(json, Ordering::Relaxed);
     match cli.cmd {
         Cmd::Check { file } => {
             let (name, src, prog, diags) = load(&file)?;
@@ -293,6 +314,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             format,
             particles,
             unrolled,
+            out,
         } => {
             let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
@@ -320,14 +342,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
             };
             let r =
                 tpc::limit::limit_with(&prog, &points, &cfg).map_err(|e| limit_fail(&file, &e))?;
-            let text = if format == Format::Json {
-                serde_json::to_string_pretty(&tpc::report::limit::json(&r))
-                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
-                    + "\n"
-            } else {
-                tpc::report::limit::text(&derivation, &r)
-            };
-            print_out(&text)
+            if let Some(dir) = out {
+                let meta = tpc::report::limit::save(&dir, &r)
+                    .map_err(|e| fail(&format!("cannot write into `{}`: {e}", dir.display())))?;
+                return print_saved(format, &dir, &meta);
+            }
+            if format == Format::Json {
+                return print_stream(&tpc::report::limit::tree(&r));
+            }
+            print_out(&tpc::report::limit::text(&derivation, &r))
         }
         Cmd::Bench {
             what:
@@ -371,6 +394,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             inputs,
             engine,
             format,
+            out,
         } => {
             let prog = compile_file(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
@@ -395,14 +419,15 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     emit(&file.display().to_string(), &src, &[w]);
                 }
             }
-            let text = if format == Format::Json {
-                serde_json::to_string_pretty(&tpc::report::run::json(&r))
-                    .map_err(|e| fail(&format!("cannot write JSON: {e}")))?
-                    + "\n"
-            } else {
-                tpc::report::run::text(&r)
-            };
-            print_out(&text)
+            if let Some(dir) = out {
+                let meta = tpc::report::run::save(&dir, &r)
+                    .map_err(|e| fail(&format!("cannot write into `{}`: {e}", dir.display())))?;
+                return print_saved(format, &dir, &meta);
+            }
+            if format == Format::Json {
+                return print_stream(&tpc::report::run::tree(&r));
+            }
+            print_out(&tpc::report::run::text(&r))
         }
         Cmd::Compare {
             file,
@@ -496,6 +521,12 @@ fn slope_widths(widths: &[u64]) -> Result<Vec<usize>, Reported> {
     distinct.dedup();
     if distinct.len() < 2 {
         use clap::CommandFactory;
+        print_json_error(
+            None,
+            "--widths needs at least two distinct widths to fit a slope",
+            &[],
+            None,
+        );
         Cli::command()
             .error(
                 clap::error::ErrorKind::ValueValidation,
@@ -610,7 +641,10 @@ fn limit_fail(file: &Path, e: &tpc::limit::LimitError) -> Reported {
     let name = file.display().to_string();
     match (e.diagnostic(), read_source(file)) {
         (Some(d), Some(src)) => emit(&name, &src, &[d]),
-        _ => eprintln!("error[{}]: no limit: {}", e.code, e.message),
+        _ => {
+            eprintln!("error[{}]: no limit: {}", e.code, e.message);
+            print_json_error(Some(e.code), &e.message, &[], e.note.as_deref());
+        }
     }
     Reported
 }
@@ -619,7 +653,6 @@ fn limit_fail(file: &Path, e: &tpc::limit::LimitError) -> Reported {
 /// and the run has taken more than a second (quick runs and pipes stay silent).
 fn with_progress<T>(draws: usize, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    use std::sync::atomic::{AtomicBool, Ordering};
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(Some(draws as u64), ProgressDrawTarget::hidden());
     if let Ok(style) =
@@ -653,8 +686,12 @@ fn run_fail(file: &Path, prog: &Program, e: &tpc::finite::exec::RunError) -> Rep
             if let Some(h) = &e.help {
                 eprintln!("  = help: {h}");
             }
+            print_json_error(Some(code), &e.message, &[], e.help.as_deref());
         }
-        _ => eprintln!("error: {}", e.message),
+        _ => {
+            eprintln!("error: {}", e.message);
+            print_json_error(None, &e.message, &[], e.help.as_deref());
+        }
     }
     Reported
 }
@@ -689,7 +726,112 @@ fn print_out(s: &str) -> Result<(), Reported> {
 
 fn fail(msg: &str) -> Reported {
     eprintln!("error: {msg}");
+    print_json_error(None, msg, &[], None);
     Reported
+}
+
+/// Streams a JSON report to stdout ([`tpc::report::stream::Node::write_pretty`]): no
+/// more memory than a row beyond the matrices themselves.
+fn print_stream(tree: &tpc::report::stream::Node<'_>) -> Result<(), Reported> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    // A closed pipe is not an error worth a message (as in `print_out`).
+    let _ = tree.write_pretty(&mut out);
+    let _ = out.flush();
+    Ok(())
+}
+
+/// After `--out DIR`: the metadata as JSON, or a short list of the files as text.
+fn print_saved(format: Format, dir: &Path, meta: &serde_json::Value) -> Result<(), Reported> {
+    if format == Format::Json {
+        let text = serde_json::to_string_pretty(meta)
+            .map_err(|e| fail(&format!("cannot write JSON: {e}")))?;
+        return print_out(&(text + "\n"));
+    }
+    let mut s = format!(
+        "# wrote into {}: meta.json and NumPy .npy files (float64, row-major; {})\n",
+        dir.display(),
+        tpc::report::limit::KERNEL_ORDER
+    );
+    if let Some(files) = meta.get("files").and_then(|f| f.as_object()) {
+        for (name, f) in files {
+            let shape = f["shape"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join("×")
+                })
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "  {name}: {} ({shape})\n",
+                f["file"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    print_out(&s)
+}
+
+/// `--format json` was asked for: failures are also printed as one JSON object on
+/// stdout (docs/cli.md, "Errors as JSON").
+static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
+/// At most one JSON error object per run.
+static JSON_ERROR_PRINTED: AtomicBool = AtomicBool::new(false);
+
+/// 1-based line and column (in characters) of byte `at` of `src`.
+fn line_column(src: &str, at: usize) -> Option<(usize, usize)> {
+    let before = src.get(..at)?;
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Some((line, col))
+}
+
+/// One diagnostic as JSON: code, severity, message, file, line, column, span, label,
+/// help, notes.
+fn diagnostic_json(file: Option<&str>, src: Option<&str>, d: &Diagnostic) -> serde_json::Value {
+    let (line, column) = src
+        .and_then(|s| line_column(s, d.span.start))
+        .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+    let severity = match d.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+        Severity::Note => "note",
+    };
+    serde_json::json!({
+        "code": d.code,
+        "severity": severity,
+        "message": d.message,
+        "file": file,
+        "line": line,
+        "column": column,
+        "span": [d.span.start, d.span.end],
+        "label": d.label,
+        "help": d.help,
+        "notes": d.notes,
+    })
+}
+
+/// Under `--format json`, prints `{"error": {...}, "diagnostics": [...]}` on stdout
+/// (once per run): the first error diagnostic, else `code` and `message`.
+fn print_json_error(
+    code: Option<&str>,
+    message: &str,
+    diags: &[serde_json::Value],
+    help: Option<&str>,
+) {
+    if !JSON_ERRORS.load(Ordering::Relaxed) || JSON_ERROR_PRINTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let error = diags
+        .iter()
+        .find(|d| d["severity"] == "error")
+        .cloned()
+        .unwrap_or_else(|| {
+            serde_json::json!({"code": code, "severity": "error", "message": message, "help": help})
+        });
+    let v = serde_json::json!({"error": error, "diagnostics": diags});
+    let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+    let _ = print_out(&(text + "\n"));
 }
 
 /// A program's text as `load` checked it (a leading byte-order mark dropped), so that
@@ -733,6 +875,13 @@ fn compile_file_for_limit(path: &Path) -> Result<Program, Reported> {
 fn emit(name: &str, src: &str, diags: &[Diagnostic]) {
     if diags.is_empty() {
         return;
+    }
+    if diags.iter().any(Diagnostic::is_error) {
+        let all: Vec<_> = diags
+            .iter()
+            .map(|d| diagnostic_json(Some(name), Some(src), d))
+            .collect();
+        print_json_error(None, "", &all, None);
     }
     let choice = if std::io::stderr().is_terminal() {
         ColorChoice::Auto

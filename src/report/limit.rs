@@ -1,25 +1,22 @@
 //! `tpc limit`: the derivation, then the kernels and moments, as text or cli.md's JSON.
 
 use nalgebra::DMatrix;
+use std::path::Path;
+
 use serde_json::{json, Map, Value};
 
+use super::npy;
+use super::stream::Node;
 use crate::limit::LimitResult;
-
-fn matrix_json(m: &DMatrix<f64>) -> Value {
-    Value::Array(
-        (0..m.nrows())
-            .map(|i| Value::Array((0..m.ncols()).map(|j| num(m[(i, j)])).collect()))
-            .collect(),
-    )
-}
 
 /// A finite number as JSON (non-finite numbers never reach here: engines report them).
 pub fn num(v: f64) -> Value {
     serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
 }
 
-/// cli.md's `limit` JSON.
-pub fn json(r: &LimitResult) -> Value {
+/// The observes as cli.md prints them: a number per observe that depends on no
+/// point, else an array over the points.
+fn observe_json(r: &LimitResult) -> Value {
     let mut obs = Map::new();
     for (name, v) in &r.observe {
         obs.insert(
@@ -31,13 +28,11 @@ pub fn json(r: &LimitResult) -> Value {
             },
         );
     }
-    let mut out = json!({
-        "outputs": r.outputs,
-        "points": r.points,
-        "nngp": r.nngp.as_ref().map(matrix_json),
-        "ntk": r.ntk.as_ref().map(matrix_json),
-        "observe": obs,
-    });
+    Value::Object(obs)
+}
+
+/// The notes on kernels that are not finite, if any.
+fn notes_json(r: &LimitResult) -> Option<Value> {
     let mut notes = Map::new();
     if let Some(n) = &r.nngp_note {
         notes.insert("nngp".into(), json!(n));
@@ -45,41 +40,184 @@ pub fn json(r: &LimitResult) -> Value {
     if let Some(n) = &r.ntk_note {
         notes.insert("ntk".into(), json!(n));
     }
-    if !notes.is_empty() {
-        out["notes"] = Value::Object(notes);
+    (!notes.is_empty()).then_some(Value::Object(notes))
+}
+
+/// cli.md's `limit` JSON as a tree whose matrices are borrowed, for streaming
+/// ([`Node::write_pretty`]).
+pub fn tree(r: &LimitResult) -> Node<'_> {
+    let mut out = Node::object();
+    out.push("outputs", json!(r.outputs));
+    out.push("points", json!(r.points));
+    out.push("nngp", r.nngp.as_ref());
+    out.push("ntk", r.ntk.as_ref());
+    out.push("observe", observe_json(r));
+    if let Some(n) = notes_json(r) {
+        out.push("notes", n);
     }
     if let Some(t) = &r.train {
-        let mut tr = Map::new();
-        tr.insert(
-            "f_t".into(),
-            t.f_t.as_ref().map_or(Value::Null, matrix_json),
-        );
+        let mut tr = Node::object();
+        tr.push("f_t", t.f_t.as_ref());
         if let Some(v) = &t.f_t_var {
-            tr.insert("f_t_var".into(), matrix_json(v));
+            tr.push("f_t_var", v);
         }
         if let Some(v) = &t.f_t_se {
-            tr.insert("f_t_se".into(), matrix_json(v));
+            tr.push("f_t_se", v);
         }
-        tr.insert("method".into(), json!(t.method));
+        tr.push("method", json!(t.method));
         if let Some(n) = &t.note {
-            tr.insert("note".into(), json!(n));
+            tr.push("note", json!(n));
         }
-        out["train"] = Value::Object(tr);
+        out.push("train", tr);
     }
     if let Some(regime) = &r.regime {
-        out["regime"] = json!(regime);
+        out.push("regime", json!(regime));
     }
-    out["methods"] = json!(r.methods);
-    out["max_error"] = num(r.max_error);
+    out.push("methods", json!(r.methods));
+    out.push("max_error", num(r.max_error));
     out
+}
+
+/// cli.md's `limit` JSON.
+pub fn json(r: &LimitResult) -> Value {
+    tree(r).to_value()
+}
+
+/// `tpc limit --out DIR`: every matrix as a `.npy` file (float64, row-major; see
+/// [`super::npy`]) and `meta.json` with everything else and the files' names.
+pub fn save(dir: &Path, r: &LimitResult) -> std::io::Result<Value> {
+    std::fs::create_dir_all(dir)?;
+    let mut files = Map::new();
+    let mut save = |name: &str, m: &DMatrix<f64>| -> std::io::Result<()> {
+        let file = format!("{name}.npy");
+        npy::save_matrix(&dir.join(&file), m)?;
+        files.insert(
+            name.to_string(),
+            json!({"file": file, "shape": [m.nrows(), m.ncols()]}),
+        );
+        Ok(())
+    };
+    if let Some(m) = &r.nngp {
+        save("nngp", m)?;
+    }
+    if let Some(m) = &r.ntk {
+        save("ntk", m)?;
+    }
+    if let Some(t) = &r.train {
+        for (name, m) in [
+            ("f_t", &t.f_t),
+            ("f_t_var", &t.f_t_var),
+            ("f_t_se", &t.f_t_se),
+        ] {
+            if let Some(m) = m {
+                save(name, m)?;
+            }
+        }
+    }
+    let mut meta = Map::new();
+    meta.insert("outputs".into(), json!(r.outputs));
+    meta.insert("points".into(), json!(r.points));
+    meta.insert("order".into(), json!(KERNEL_ORDER));
+    meta.insert("files".into(), Value::Object(files));
+    meta.insert("observe".into(), observe_json(r));
+    if let Some(n) = notes_json(r) {
+        meta.insert("notes".into(), n);
+    }
+    if let Some(t) = &r.train {
+        meta.insert(
+            "train".into(),
+            json!({"method": t.method, "note": t.note, "loss": t.loss.name(), "lr": t.lr, "steps": t.steps}),
+        );
+    }
+    if let Some(regime) = &r.regime {
+        meta.insert("regime".into(), json!(regime));
+    }
+    meta.insert("methods".into(), json!(r.methods));
+    meta.insert("max_error".into(), num(r.max_error));
+    let meta = Value::Object(meta);
+    write_meta(dir, &meta)?;
+    Ok(meta)
+}
+
+/// How kernel rows and columns are ordered (docs/cli.md).
+pub const KERNEL_ORDER: &str =
+    "output-major: row/column k = output_index * P + point_index (0-based); f_t rows are steps 0..=steps, columns as kernel rows";
+
+/// Writes `meta.json` into `dir`, pretty-printed.
+pub fn write_meta(dir: &Path, meta: &Value) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(meta).map_err(std::io::Error::other)? + "\n";
+    std::fs::write(dir.join("meta.json"), text)
 }
 
 /// Width of the text report: matrices wider than this are printed in column blocks.
 pub const TEXT_WIDTH: usize = 100;
 
+/// Kernels with more rows than this are summarized in text (shape, diagonal and
+/// off-diagonal statistics, the top-left [`SUMMARY_BLOCK`]² block) instead of printing
+/// M² numbers: a screen shows 12 rows of a block; `--out DIR` and `--format json` give
+/// every entry.
+pub const TEXT_FULL_MAX: usize = 12;
+
+/// The side of the block a summarized kernel shows.
+pub const SUMMARY_BLOCK: usize = 6;
+
+/// Min, max and mean of the diagonal and of the off-diagonal entries of a square matrix.
+pub fn summary_stats(m: &DMatrix<f64>) -> String {
+    let stats = |vals: &mut dyn Iterator<Item = f64>| {
+        let (mut lo, mut hi, mut sum, mut n) = (f64::INFINITY, f64::NEG_INFINITY, 0.0, 0usize);
+        for v in vals {
+            lo = lo.min(v);
+            hi = hi.max(v);
+            sum += v;
+            n += 1;
+        }
+        if n == 0 {
+            "none".to_string()
+        } else {
+            format!("min {lo:.8}, max {hi:.8}, mean {:.8}", sum / n as f64)
+        }
+    };
+    let k = m.nrows().min(m.ncols());
+    let diag = stats(&mut (0..k).map(|i| m[(i, i)]));
+    let off = stats(
+        &mut (0..m.nrows())
+            .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
+            .filter(|(i, j)| i != j)
+            .map(|(i, j)| m[(i, j)]),
+    );
+    format!("  diagonal: {diag}\n  off-diagonal: {off}\n")
+}
+
+/// The summary of a kernel too large to print: its shape, [`summary_stats`], the
+/// top-left block, and where to find every entry.
+fn summary_text(m: &DMatrix<f64>, labels: &[String]) -> String {
+    let mut s = format!(
+        "  {}×{} (summarized: more than {TEXT_FULL_MAX} rows; every entry with --out DIR or --format json)\n",
+        m.nrows(),
+        m.ncols()
+    );
+    s.push_str(&summary_stats(m));
+    let b = SUMMARY_BLOCK.min(m.nrows()).min(m.ncols());
+    s.push_str(&format!("  top-left {b}×{b} block:\n"));
+    s.push_str(&full_matrix_text(
+        &m.view((0, 0), (b, b)).into_owned(),
+        labels,
+    ));
+    s
+}
+
+/// A kernel in text: every entry up to [`TEXT_FULL_MAX`] rows, else a summary.
+fn matrix_text(m: &DMatrix<f64>, labels: &[String]) -> String {
+    if m.nrows() > TEXT_FULL_MAX {
+        summary_text(m, labels)
+    } else {
+        full_matrix_text(m, labels)
+    }
+}
+
 /// A labelled matrix: a header row of column labels, then one labelled row per entry,
 /// split into blocks of columns so that no line passes [`TEXT_WIDTH`] characters.
-fn matrix_text(m: &DMatrix<f64>, labels: &[String]) -> String {
+fn full_matrix_text(m: &DMatrix<f64>, labels: &[String]) -> String {
     const CELL: usize = 13; // " " + 12 characters
     let label = |i: usize| labels.get(i).map(String::as_str).unwrap_or("");
     let w = (0..m.nrows().max(m.ncols()))

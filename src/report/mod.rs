@@ -7,4 +7,6 @@ pub mod compare;
 pub mod coord;
 pub mod graph;
 pub mod limit;
+pub mod npy;
 pub mod run;
+pub mod stream;

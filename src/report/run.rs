@@ -3,19 +3,15 @@
 //! Mirrors [`super::limit`] key for key, so a script can compare `limit` and `run`
 //! output entry by entry: each estimate `X` comes with `X_se` of the same shape.
 
+use std::path::Path;
+
 use nalgebra::DMatrix;
 use serde_json::{json, Map, Value};
 
 use super::limit::num;
+use super::npy;
+use super::stream::Node;
 use crate::finite::exec::{Estimate, RunResult};
-
-fn matrix_json(m: &DMatrix<f64>) -> Value {
-    Value::Array(
-        (0..m.nrows())
-            .map(|i| Value::Array((0..m.ncols()).map(|j| num(m[(i, j)])).collect()))
-            .collect(),
-    )
-}
 
 /// A 1×c estimate as `limit` prints observes: a number when c = 1, else an array.
 fn row_json(m: &DMatrix<f64>) -> Value {
@@ -26,44 +22,122 @@ fn row_json(m: &DMatrix<f64>) -> Value {
     }
 }
 
-fn se_json(e: &Estimate, f: fn(&DMatrix<f64>) -> Value) -> Value {
-    e.se.as_ref().map_or(Value::Null, f)
+fn observes_json(r: &RunResult) -> (Value, Value) {
+    let mut obs = Map::new();
+    let mut obs_se = Map::new();
+    for (name, e) in &r.observe {
+        obs.insert(name.clone(), row_json(&e.mean));
+        obs_se.insert(name.clone(), e.se.as_ref().map_or(Value::Null, row_json));
+    }
+    (Value::Object(obs), Value::Object(obs_se))
+}
+
+/// cli.md's `run` JSON as a tree whose matrices are borrowed, for streaming
+/// ([`Node::write_pretty`]).
+pub fn tree(r: &RunResult) -> Node<'_> {
+    let (obs, obs_se) = observes_json(r);
+    let mut v = Node::object();
+    v.push("outputs", json!(r.outputs));
+    v.push("points", json!(r.points));
+    v.push("nngp", &r.nngp.mean);
+    v.push("ntk", &r.ntk.mean);
+    v.push("observe", obs);
+    v.push("nngp_se", r.nngp.se.as_ref());
+    v.push("ntk_se", r.ntk.se.as_ref());
+    v.push("observe_se", obs_se);
+    v.push("f", &r.f.mean);
+    v.push("f_se", r.f.se.as_ref());
+    v.push("width", json!(r.width));
+    v.push("seeds", json!(r.seeds));
+    v.push("seed", json!(r.seed));
+    if let Some(t) = &r.train {
+        let mut tr = Node::object();
+        tr.push("f_t", &t.f_t.mean);
+        tr.push("f_t_se", t.f_t.se.as_ref());
+        v.push("train", tr);
+    }
+    v
 }
 
 /// cli.md's `run` JSON: the `limit` keys estimated, each with its standard error
 /// (`null` with a single draw), and `width`, `seeds`.
 pub fn json(r: &RunResult) -> Value {
-    let mut obs = Map::new();
-    let mut obs_se = Map::new();
-    for (name, e) in &r.observe {
-        obs.insert(name.clone(), row_json(&e.mean));
-        obs_se.insert(name.clone(), se_json(e, row_json));
+    tree(r).to_value()
+}
+
+/// `tpc run --out DIR`: every estimate and its standard error as `.npy` files
+/// ([`super::npy`]) and `meta.json` with the rest.
+pub fn save(dir: &Path, r: &RunResult) -> std::io::Result<Value> {
+    std::fs::create_dir_all(dir)?;
+    let mut files = Map::new();
+    let mut save = |name: &str, e: &Estimate| -> std::io::Result<()> {
+        for (n, m) in [
+            (name.to_string(), Some(&e.mean)),
+            (format!("{name}_se"), e.se.as_ref()),
+        ] {
+            if let Some(m) = m {
+                let file = format!("{n}.npy");
+                npy::save_matrix(&dir.join(&file), m)?;
+                files.insert(n, json!({"file": file, "shape": [m.nrows(), m.ncols()]}));
+            }
+        }
+        Ok(())
+    };
+    save("nngp", &r.nngp)?;
+    save("ntk", &r.ntk)?;
+    save("f", &r.f)?;
+    if let Some(t) = &r.train {
+        save("f_t", &t.f_t)?;
     }
-    let mut v = json!({
-        "outputs": r.outputs,
-        "points": r.points,
-        "nngp": matrix_json(&r.nngp.mean),
-        "ntk": matrix_json(&r.ntk.mean),
-        "observe": obs,
-        "nngp_se": se_json(&r.nngp, matrix_json),
-        "ntk_se": se_json(&r.ntk, matrix_json),
-        "observe_se": obs_se,
-        "f": matrix_json(&r.f.mean),
-        "f_se": se_json(&r.f, matrix_json),
-        "width": r.width,
-        "seeds": r.seeds,
-        "seed": r.seed,
-    });
-    if let (Some(t), Value::Object(m)) = (&r.train, &mut v) {
-        m.insert(
+    let (obs, obs_se) = observes_json(r);
+    let mut meta = Map::new();
+    meta.insert("outputs".into(), json!(r.outputs));
+    meta.insert("points".into(), json!(r.points));
+    meta.insert("order".into(), json!(super::limit::KERNEL_ORDER));
+    meta.insert("files".into(), Value::Object(files));
+    meta.insert("observe".into(), obs);
+    meta.insert("observe_se".into(), obs_se);
+    if let Some(t) = &r.train {
+        meta.insert(
             "train".into(),
-            json!({
-                "f_t": matrix_json(&t.f_t.mean),
-                "f_t_se": se_json(&t.f_t, matrix_json),
-            }),
+            json!({"loss": t.loss.name(), "lr": t.lr, "steps": t.steps}),
         );
     }
-    v
+    meta.insert("width".into(), json!(r.width));
+    meta.insert("seeds".into(), json!(r.seeds));
+    meta.insert("seed".into(), json!(r.seed));
+    let meta = Value::Object(meta);
+    super::limit::write_meta(dir, &meta)?;
+    Ok(meta)
+}
+
+/// A kernel estimate in text: every entry up to [`super::limit::TEXT_FULL_MAX`] rows,
+/// else its shape, statistics of the mean, the largest standard error and the top-left
+/// block (every entry with `--out DIR` or `--format json`).
+fn kernel_text(e: &Estimate, labels: &[String]) -> String {
+    use super::limit::{summary_stats, SUMMARY_BLOCK, TEXT_FULL_MAX};
+    let m = &e.mean;
+    if m.nrows() <= TEXT_FULL_MAX {
+        return matrix_text(e, labels);
+    }
+    let mut s = format!(
+        "  {}×{} (summarized: more than {TEXT_FULL_MAX} rows; every entry with --out DIR or --format json)\n",
+        m.nrows(),
+        m.ncols()
+    );
+    s.push_str(&summary_stats(m));
+    if let Some(se) = &e.se {
+        let max = se.iter().copied().fold(0.0, f64::max);
+        s.push_str(&format!("  largest standard error: {max:.2e}\n"));
+    }
+    let b = SUMMARY_BLOCK.min(m.nrows()).min(m.ncols());
+    s.push_str(&format!("  top-left {b}×{b} block:\n"));
+    let block = Estimate {
+        mean: m.view((0, 0), (b, b)).into_owned(),
+        se: e.se.as_ref().map(|x| x.view((0, 0), (b, b)).into_owned()),
+    };
+    s.push_str(&matrix_text(&block, labels));
+    s
 }
 
 fn matrix_text(e: &Estimate, labels: &[String]) -> String {
@@ -109,9 +183,9 @@ pub fn text(r: &RunResult) -> String {
         s.push_str(
             "\n# NNGP (output-major: row k = output*P + point; conditioned on the features)\n",
         );
-        s.push_str(&matrix_text(&r.nngp, &l));
+        s.push_str(&kernel_text(&r.nngp, &l));
         s.push_str("\n# NTK (lr-weighted, theory.md §2.3; exact gradients)\n");
-        s.push_str(&matrix_text(&r.ntk, &l));
+        s.push_str(&kernel_text(&r.ntk, &l));
     }
     if let Some(t) = &r.train {
         s.push_str(&format!(

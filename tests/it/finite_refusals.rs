@@ -39,15 +39,21 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A refusal: exit 1, nothing on stdout, the code on stderr.
+/// A refusal: exit 1, no numbers on stdout (nothing, or under `--format json` only the
+/// error object of issue 18, with its code), the code on stderr.
 fn assert_refused(o: &Output, code: &str) -> String {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    assert!(
-        o.stdout.is_empty(),
-        "a refusal prints no numbers: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    if !o.stdout.is_empty() {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        });
+        assert_eq!(v["error"]["code"], code, "a refusal prints no numbers: {v}");
+        assert!(v.get("nngp").is_none(), "a refusal prints no numbers: {v}");
+    }
     assert!(err.contains(code), "expected {code}: {err}");
     err
 }

@@ -265,11 +265,18 @@ fn the_command_line_refuses_in_limit_and_warns_in_check_and_run() {
     for format in ["text", "json"] {
         let out = tpc(&["limit", f, "--inputs", p, "--format", format]);
         assert_eq!(out.status.code(), Some(1));
-        assert!(
-            out.stdout.is_empty(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        if format == "text" {
+            assert!(
+                out.stdout.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        } else {
+            // Issue 18: the error as one JSON object on stdout, no numbers.
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["error"]["code"], "E0031", "{v}");
+            assert!(v.get("nngp").is_none(), "{v}");
+        }
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("error[E0031]"), "{err}");
         assert!(err.contains("mean(1 / (h * h))"), "{err}");
