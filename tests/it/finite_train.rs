@@ -266,7 +266,10 @@ fn a_blow_up_is_an_error_naming_the_step_and_node() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
+    // Under --format json the refusal is one JSON error object on stdout, no numbers.
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["error"]["code"].is_string(), "{v}");
+    assert!(v.get("nngp").is_none() && v.get("train").is_none(), "{v}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("training step") && stderr.contains("h2"),
