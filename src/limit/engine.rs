@@ -181,6 +181,9 @@ pub struct Engine<'a> {
     /// QMC methods with their largest stated (3σ) error.
     qmc: std::collections::BTreeMap<String, f64>,
     seed: u64,
+    /// The point-dependent Ż coefficients `s(ξ)` ([`zform::Scale`]) with their stated
+    /// errors, computed once per run (cleared by [`Engine::arm`]).
+    scales: HashMap<usize, (DVector<f64>, f64)>,
 }
 
 /// An error in evaluating the limit (non-finite numbers).
@@ -219,6 +222,7 @@ impl<'a> Engine<'a> {
             max_error: 0.0,
             qmc: std::collections::BTreeMap::new(),
             seed: 0x7bc_2024,
+            scales: HashMap::new(),
         }
     }
 
@@ -226,6 +230,7 @@ impl<'a> Engine<'a> {
     pub fn arm(&mut self, p: usize, inputs: HashMap<NodeId, DMatrix<f64>>) {
         self.p = p;
         self.inputs = inputs;
+        self.scales.clear();
         self.lcov.arm();
         self.vv.arm();
         self.tg.arm();
@@ -281,11 +286,81 @@ impl<'a> Engine<'a> {
 
     // ---- covariances ------------------------------------------------------------
 
+    /// The Ż coefficient `s(ξ_p) = σ² E[∂Z^x/∂Ẑ^{W y}(ξ_p)]` at every point (theory.md
+    /// §2.1), with its stated absolute error.
+    fn scale(&mut self, k: usize) -> R<(DVector<f64>, f64)> {
+        if let Some(s) = self.scales.get(&k) {
+            return Ok(s.clone());
+        }
+        let sc = &self.der.scales[k];
+        let (d, s2, stein) = (sc.d.clone(), sc.sigma2, sc.stein.clone());
+        let (mut m, mut e) = self.scoped(|s| s.zmean(&d))?;
+        // Stein's lemma for atoms with a jump: E[f'(L)] = E[L f(L)] / Var(L).
+        for (c, at) in &stein {
+            let lf = Atom {
+                f: Expr::mul(Expr::Arg(0), at.f.clone()),
+                args: at.args.clone(),
+            };
+            let (num, en) = self.scoped(|s| s.atom_mean(&lf))?;
+            let var = self.lcov(&at.args[0], &at.args[0])?.diagonal();
+            for i in 0..self.p {
+                if var[i] <= 0.0 {
+                    return Err(NumError(
+                        "a Ż coefficient E[∂step(L)/∂Ẑ] has a Gaussian L of variance 0 at a point: \
+                         the Dirac delta of the jump has no finite expectation"
+                            .into(),
+                    ));
+                }
+                m[i] += c * num[i] / var[i];
+                e += c.abs() * en / var[i];
+            }
+        }
+        let out = (m * s2, e * s2.abs());
+        if out.0.iter().any(|v| !v.is_finite()) {
+            return Err(NumError(
+                "a Ż coefficient E[∂Z/∂Ẑ] is not finite (overflow or NaN in the limit)".into(),
+            ));
+        }
+        self.scales.insert(k, out.clone());
+        Ok(out)
+    }
+
     /// `Cov(G_j(xi_p), G_k(xi_q))`, or None when independent.
     fn gcov(&mut self, j: GaussId, k: GaussId) -> R<Option<DMatrix<f64>>> {
         let (gj, gk) = (&self.der.gauss[j], &self.der.gauss[k]);
         if gj.family() != gk.family() {
             return Ok(None);
+        }
+        // A Gaussian times a point-dependent coefficient (a Ż term through a
+        // nonlinearity): Cov(s G, s' G') = s(ξ_p) s'(ξ_q) Cov(G, G'); the coefficients'
+        // stated errors propagate as |Δ(s s' c)| ≤ (|Δs||s'| + |s||Δs'| + |Δs||Δs'|)|c|.
+        let split = |kind: &GaussKind, g: GaussId| match kind {
+            GaussKind::Scaled { base, scale, .. } => (*base, Some(*scale)),
+            _ => (g, None),
+        };
+        let ((bj, sj), (bk, sk)) = (split(&gj.kind, j), split(&gk.kind, k));
+        if sj.is_some() || sk.is_some() {
+            let Some(mut c) = self.gcov(bj, bk)? else {
+                return Ok(None);
+            };
+            let p = self.p;
+            let one = (DVector::from_element(p, 1.0), 0.0);
+            let (vj, ej) = match sj {
+                Some(s) => self.scale(s)?,
+                None => one.clone(),
+            };
+            let (vk, ek) = match sk {
+                Some(s) => self.scale(s)?,
+                None => one,
+            };
+            let err = (ej * vk.amax() + vj.amax() * ek + ej * ek) * c.amax();
+            for q in 0..c.ncols() {
+                for r in 0..c.nrows() {
+                    c[(r, q)] *= vj[r] * vk[q];
+                }
+            }
+            self.note_err(err);
+            return Ok(Some(c));
         }
         let p = self.p;
         Ok(Some(match (&gj.kind, &gk.kind) {
@@ -413,6 +488,9 @@ impl<'a> Engine<'a> {
 
     fn atom_mean(&mut self, a: &Atom) -> R<DVector<f64>> {
         let p = self.p;
+        if self.has_point(a)? {
+            return self.point_mean(a);
+        }
         match a.args.len() {
             0 => Ok(DVector::from_element(p, a.f.eval(&[]))),
             1 => {
@@ -509,6 +587,9 @@ impl<'a> Engine<'a> {
         }
         if let Some(b) = konst(b) {
             return self.atom_pair(a, &b, false);
+        }
+        if self.has_point(a)? || self.has_point(b)? {
+            return self.point_pair(a, b, symmetric);
         }
         match (a.args.len(), b.args.len()) {
             (0, _) => {
@@ -626,6 +707,243 @@ impl<'a> Engine<'a> {
         let inner = self.max_error;
         self.max_error = outer.max(inner);
         Ok((r?, inner))
+    }
+
+    // ---- point-dependent Ż coefficients (theory.md §2.1) ------------------------------
+    //
+    // A Ż term `s(ξ) Z^y` with a non-Gaussian `Z^y` puts the deterministic value s(ξ)
+    // (`GaussKind::Point`) into atoms as an argument. Expectations read its value at the
+    // point instead of integrating: a factor of the atom that depends only on such values
+    // comes out of the expectation, and otherwise the Gaussian arguments are integrated
+    // point by point with the values substituted.
+
+    /// Is this form made of point values only (Some), of Gaussians only (None)? A form
+    /// mixing both is refused (the derivation never builds one).
+    fn point_form(&self, l: &LinForm) -> R<bool> {
+        let pts =
+            l.0.iter()
+                .filter(|(g, _)| matches!(self.der.gauss[*g].kind, GaussKind::Point { .. }))
+                .count();
+        if pts > 0 && pts < l.0.len() {
+            return Err(NumError(
+                "a Ż coefficient that depends on the point is added to a Gaussian; the limit engine \
+                 does not represent that sum"
+                    .into(),
+            ));
+        }
+        Ok(pts > 0)
+    }
+
+    fn has_point(&self, a: &Atom) -> R<bool> {
+        for l in &a.args {
+            if self.point_form(l)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The value of a point-value form at every point, with its stated error.
+    fn point_values(&mut self, l: &LinForm) -> R<(DVector<f64>, f64)> {
+        let mut v = DVector::zeros(self.p);
+        let mut err = 0.0;
+        for &(g, c) in &l.0 {
+            if let GaussKind::Point { scale } = self.der.gauss[g].kind {
+                let (s, e) = self.scale(scale)?;
+                v += s * c;
+                err += c.abs() * e;
+            }
+        }
+        Ok((v, err))
+    }
+
+    /// Per argument of an atom: Some(values at every point, error) for point values.
+    fn point_args(&mut self, a: &Atom) -> R<Vec<Option<Valued>>> {
+        let mut out = Vec::with_capacity(a.args.len());
+        for l in &a.args {
+            out.push(if self.point_form(l)? {
+                Some(self.point_values(l)?)
+            } else {
+                None
+            });
+        }
+        Ok(out)
+    }
+
+    /// `f = P · R` with P a product of factors of point values only and R free of
+    /// them; None when a factor mixes the two.
+    fn peel(&self, a: &Atom) -> R<Option<(Atom, Atom)>> {
+        let mut fs = Vec::new();
+        factors(&a.f, &mut fs);
+        let (mut pf, mut rf) = (Vec::new(), Vec::new());
+        for f in fs {
+            let (mut pt, mut gs) = (false, false);
+            let mut bad = None;
+            f.visit_args(&mut |j| match self.point_form(&a.args[j]) {
+                Ok(true) => pt = true,
+                Ok(false) => gs = true,
+                Err(e) => bad = Some(e),
+            });
+            if let Some(e) = bad {
+                return Err(e);
+            }
+            match (pt, gs) {
+                (true, true) => return Ok(None),
+                (true, false) => pf.push(f),
+                _ => rf.push(f),
+            }
+        }
+        Ok(Some((
+            restrict(&product(pf), &a.args),
+            restrict(&product(rf), &a.args),
+        )))
+    }
+
+    /// The value at every point of an atom of point values only, with a stated error
+    /// (the largest change when every value moves by its own error).
+    fn point_eval(&mut self, a: &Atom) -> R<(DVector<f64>, f64)> {
+        let vals = self.point_args(a)?;
+        let p = self.p;
+        let mut out = DVector::zeros(p);
+        let mut err: f64 = 0.0;
+        for i in 0..p {
+            let x: Vec<f64> = vals
+                .iter()
+                .map(|v| v.as_ref().map_or(0.0, |v| v.0[i]))
+                .collect();
+            let y = a.f.eval(&x);
+            for sign in [-1.0, 1.0] {
+                let xe: Vec<f64> = vals
+                    .iter()
+                    .map(|v| v.as_ref().map_or(0.0, |v| v.0[i] + sign * v.1))
+                    .collect();
+                err = err.max((a.f.eval(&xe) - y).abs());
+            }
+            out[i] = y;
+        }
+        Ok((out, err))
+    }
+
+    /// `E[f(L(ξ_p), s(ξ_p))]` for an atom with point values among its arguments.
+    fn point_mean(&mut self, a: &Atom) -> R<DVector<f64>> {
+        let p = self.p;
+        let sa = sum_terms_of(a);
+        if sa.len() > 1 {
+            let mut out = DVector::zeros(p);
+            let mut err = 0.0;
+            for (c, ai) in &sa {
+                let (m, e) = self.scoped(|s| s.atom_mean(ai))?;
+                out += m * *c;
+                err += c.abs() * e;
+            }
+            self.note_err(err);
+            return Ok(out);
+        }
+        if let Some((pa, ra)) = self.peel(a)? {
+            let (v, ev) = self.point_eval(&pa)?;
+            let (m, em) = self.scoped(|s| s.atom_mean(&ra))?;
+            self.note_err(v.amax() * em + m.amax() * ev + ev * em);
+            return Ok(v.component_mul(&m));
+        }
+        let vals = self.point_args(a)?;
+        let gi: Vec<usize> = (0..a.args.len()).filter(|&j| vals[j].is_none()).collect();
+        let forms: Vec<LinForm> = gi.iter().map(|&j| a.args[j].clone()).collect();
+        let blocks = self.joint_blocks(&forms, &[])?;
+        let mut out = DVector::zeros(p);
+        for i in 0..p {
+            let cov = joint_cov(&blocks, gi.len(), gi.len(), i, i);
+            let fixed: Vec<f64> = vals
+                .iter()
+                .map(|v| v.as_ref().map_or(0.0, |v| v.0[i]))
+                .collect();
+            let (f, gi2) = (a.f.clone(), gi.clone());
+            let g = move |x: &[f64]| {
+                let mut y = fixed.clone();
+                for (k, &j) in gi2.iter().enumerate() {
+                    y[j] = x[k];
+                }
+                f.eval(&y)
+            };
+            let est = gauss::expect_multi(&g, &cov, TOL, self.seed);
+            self.note(est.method.to_string(), est.error);
+            out[i] = est.value;
+        }
+        Ok(out)
+    }
+
+    /// `E[f(L(ξ_p), s(ξ_p)) g(M(ξ_q), s(ξ_q))]` for atoms with point values.
+    fn point_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<DMatrix<f64>> {
+        let p = self.p;
+        let (sa, sb) = (sum_terms_of(a), sum_terms_of(b));
+        if sa.len() > 1 || sb.len() > 1 {
+            let mut out = DMatrix::zeros(p, p);
+            let mut err = 0.0;
+            for (ci, ai) in &sa {
+                for (cj, bj) in &sb {
+                    let sym = symmetric && ai == bj;
+                    let (m, e) = self.scoped(|s| s.atom_pair(ai, bj, sym))?;
+                    out += m * (ci * cj);
+                    err += (ci * cj).abs() * e;
+                }
+            }
+            self.note_err(err);
+            return Ok(out);
+        }
+        if let (Some((pa, ra)), Some((pb, rb))) = (self.peel(a)?, self.peel(b)?) {
+            let (va, ea) = self.point_eval(&pa)?;
+            let (vb, eb) = self.point_eval(&pb)?;
+            let sym = symmetric && ra == rb;
+            let (mut m, em) = self.scoped(|s| s.atom_pair(&ra, &rb, sym))?;
+            let (na, nb, nm) = (va.amax(), vb.amax(), m.amax());
+            for q in 0..p {
+                for r in 0..p {
+                    m[(r, q)] *= va[r] * vb[q];
+                }
+            }
+            let ev = ea * nb + na * eb + ea * eb;
+            self.note_err(na * nb * em + nm * ev + ev * em);
+            return Ok(m);
+        }
+        let (va, vb) = (self.point_args(a)?, self.point_args(b)?);
+        let ga: Vec<usize> = (0..a.args.len()).filter(|&j| va[j].is_none()).collect();
+        let gb: Vec<usize> = (0..b.args.len()).filter(|&j| vb[j].is_none()).collect();
+        let fa: Vec<LinForm> = ga.iter().map(|&j| a.args[j].clone()).collect();
+        let fb: Vec<LinForm> = gb.iter().map(|&j| b.args[j].clone()).collect();
+        let blocks = self.joint_blocks(&fa, &fb)?;
+        let (ma, mb) = (ga.len(), gb.len());
+        let mut out = DMatrix::zeros(p, p);
+        for i in 0..p {
+            for j in 0..p {
+                if symmetric && j < i {
+                    out[(i, j)] = out[(j, i)];
+                    continue;
+                }
+                let cov = joint_cov(&blocks, ma, ma + mb, i, j);
+                let xa: Vec<f64> = va
+                    .iter()
+                    .map(|v| v.as_ref().map_or(0.0, |v| v.0[i]))
+                    .collect();
+                let xb: Vec<f64> = vb
+                    .iter()
+                    .map(|v| v.as_ref().map_or(0.0, |v| v.0[j]))
+                    .collect();
+                let (f, g, ga2, gb2) = (a.f.clone(), b.f.clone(), ga.clone(), gb.clone());
+                let h = move |x: &[f64]| {
+                    let (mut ya, mut yb) = (xa.clone(), xb.clone());
+                    for (k, &jj) in ga2.iter().enumerate() {
+                        ya[jj] = x[k];
+                    }
+                    for (k, &jj) in gb2.iter().enumerate() {
+                        yb[jj] = x[ma + k];
+                    }
+                    f.eval(&ya) * g.eval(&yb)
+                };
+                let est = gauss::expect_multi(&h, &cov, TOL, self.seed);
+                self.note(est.method.to_string(), est.error);
+                out[(i, j)] = est.value;
+            }
+        }
+        Ok(out)
     }
 
     // ---- factorization (theory.md §1.2) -------------------------------------------
@@ -762,6 +1080,16 @@ impl<'a> Engine<'a> {
         let (gj, gk) = (self.der.gauss[j].clone(), self.der.gauss[k].clone());
         if gj.family() != gk.family() {
             return Ok(None);
+        }
+        if [&gj.kind, &gk.kind]
+            .iter()
+            .any(|k| matches!(k, GaussKind::Scaled { .. } | GaussKind::Point { .. }))
+        {
+            // Never reached: programs with Ż terms get no NTK (limit::compute).
+            return Err(NumError(
+                "the tangent kernel of a Ż term with a point-dependent coefficient is not derived"
+                    .into(),
+            ));
         }
         if let Some(s) = self.tg.take(&(j, k)) {
             return Ok(Some(s));
@@ -901,6 +1229,9 @@ impl<'a> Engine<'a> {
         )
     }
 }
+
+/// Values at every point with their stated error.
+type Valued = (DVector<f64>, f64);
 
 /// A set of Gaussian families (zform::Gauss::family).
 type Families = BTreeSet<(usize, u8)>;

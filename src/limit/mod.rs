@@ -163,6 +163,8 @@ pub fn derivation(prog: &Program) -> Result<Derivation, LimitError> {
                 (param, var)
             }
             GaussKind::Hat { param, sigma2, .. } => (param, sigma2),
+            // s(ξ)·G: its base is checked on its own.
+            GaussKind::Scaled { .. } | GaussKind::Point { .. } => continue,
         };
         if !v.is_finite() {
             let prm = &prog.params[param];
@@ -480,11 +482,7 @@ fn compute(
     let mut nngp_ok = true;
     let gia = !der.has_transpose;
     if !gia {
-        ntk_note = Some(
-            "not derived: the forward program multiplies by a matrix and its transpose, so the gradient \
-             independence assumption behind tpc's NTK (theory.md §2.2) does not hold"
-                .to_string(),
-        );
+        ntk_note = Some(tied_ntk_note(prog, der));
     }
     for (a, &oa) in prog.outputs.iter().enumerate() {
         for (b, &ob) in prog.outputs.iter().enumerate().skip(a) {
@@ -552,6 +550,48 @@ fn compute(
         ));
     }
     Ok((nngp_ok.then_some(nngp), nngp_note, ntk, ntk_note, observe))
+}
+
+/// Why a program with transposes gets no NTK. tpc's NTK is the forward tangent kernel
+/// under gradient independence (theory.md §2.2–2.3): the backward pass's `Wᵀ δ` is
+/// taken as a fresh Gaussian independent of the forward `W h`. When the forward program
+/// itself multiplies by W and Wᵀ, the backward pass multiplies by both too and its Ż
+/// terms (theory.md §2.1) couple gradients to the forward vectors; tpc does not derive
+/// them, so it prints no number rather than one computed under a false assumption.
+fn tied_ntk_note(prog: &Program, der: &Derivation) -> String {
+    let mut fams: Vec<(usize, bool)> = der
+        .gauss
+        .iter()
+        .filter_map(|g| match g.kind {
+            GaussKind::Hat {
+                param, transpose, ..
+            } => Some((param, transpose)),
+            _ => None,
+        })
+        .collect();
+    fams.sort_unstable();
+    fams.dedup();
+    let tied: Vec<String> = fams
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| format!("`{}`", prog.params[w[0].0].name))
+        .collect();
+    let which = if tied.is_empty() {
+        "a matrix".to_string()
+    } else {
+        tied.join(", ")
+    };
+    let nonlinear = if der.scales.is_empty() {
+        ""
+    } else {
+        " (here through a nonlinearity: the Ż coefficients s(ξ) above)"
+    };
+    format!(
+        "not derived: the forward program multiplies by {which} and its transpose, so the gradient \
+         independence assumption behind tpc's NTK (theory.md §2.2) does not hold: the backward pass \
+         multiplies by both as well, and its Ż terms{nonlinear} are not derived; the NNGP and the \
+         observes above are exact limits"
+    )
 }
 
 fn set_block(dst: &mut DMatrix<f64>, a: usize, b: usize, p: usize, m: &DMatrix<f64>) {
@@ -716,6 +756,9 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                         for (_g, c, y) in &der.zdot[id.index()] {
                             s.push_str(&format!(" + {}·{}", fmt(*c), z(*y)));
                         }
+                        for (_g, k, y) in &der.zdot_point[id.index()] {
+                            s.push_str(&format!(" + s{}(ξ)·{}", k + 1, z(*y)));
+                        }
                         let size = der
                             .gauss
                             .iter()
@@ -736,9 +779,9 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                                 fmt(sigma2)
                             ));
                         }
-                        if !der.zdot[id.index()].is_empty()
-                            && seen.insert((ops[0], *transpose, true))
-                        {
+                        let has_zdot = !der.zdot[id.index()].is_empty()
+                            || !der.zdot_point[id.index()].is_empty();
+                        if has_zdot && seen.insert((ops[0], *transpose, true)) {
                             let other = if *transpose {
                                 w.to_string()
                             } else {
@@ -747,6 +790,21 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                             s.push_str(&format!(
                                 "\n    the terms after Ẑ^{{{w}{t} ·}} are Ż: the program also multiplies by \
                                  {other} (theory.md §2.1)"
+                            ));
+                        }
+                        for (g, k, _y) in &der.zdot_point[id.index()] {
+                            let sc = &der.scales[*k];
+                            s.push_str(&format!(
+                                "\n    Ż: s{}(ξ) = {}·E[∂{}/∂{}] = {}·{} at each point ξ, \
+                                 {} enters {} through a nonlinearity",
+                                k + 1,
+                                fmt(sc.sigma2),
+                                z(sc.x),
+                                gauss_name(prog, der, &names, *g),
+                                fmt(sc.sigma2),
+                                scale_text(prog, der, &names, sc),
+                                gauss_name(prog, der, &names, *g),
+                                z(sc.x),
                             ));
                         }
                         s
@@ -799,6 +857,112 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A base Gaussian's name in the derivation (stable names, like the vectors').
+fn gauss_name(prog: &Program, der: &Derivation, names: &[String], g: zform::GaussId) -> String {
+    let pname = |param: usize| names[prog.params[param].node.index()].clone();
+    match &der.gauss[g].kind {
+        GaussKind::Initial { param, .. } => Program::z_name(names, prog.params[*param].node),
+        GaussKind::InputLayer { param, input, .. } => format!(
+            "Ẑ^{{{} {}}}",
+            pname(*param),
+            crate::ir::product_arg(names, *input)
+        ),
+        GaussKind::Hat {
+            param,
+            transpose,
+            arg,
+            ..
+        } => format!(
+            "Ẑ^{{{}{} {}}}",
+            pname(*param),
+            if *transpose { "ᵀ" } else { "" },
+            crate::ir::product_arg(names, *arg)
+        ),
+        GaussKind::Point { scale } => format!("s{}(ξ)", scale + 1),
+        GaussKind::Scaled { base, scale, .. } => {
+            format!("s{}(ξ)·{}", scale + 1, gauss_name(prog, der, names, *base))
+        }
+    }
+}
+
+/// `E[D]` of a Ż coefficient, with its Stein terms for functions with a jump.
+fn scale_text(prog: &Program, der: &Derivation, names: &[String], sc: &zform::Scale) -> String {
+    let mut parts = Vec::new();
+    if !(sc.d.is_linear() && sc.d.lin.is_zero() && sc.d.constant == 0.0) || sc.stein.is_empty() {
+        parts.push(format!("E[{}]", zform_text(prog, der, names, &sc.d)));
+    }
+    for (c, at) in &sc.stein {
+        let z = zform::ZForm {
+            atoms: vec![(1.0, at.clone())],
+            ..zform::ZForm::default()
+        };
+        let l = zform_text(
+            prog,
+            der,
+            names,
+            &zform::ZForm {
+                lin: at.args[0].clone(),
+                ..zform::ZForm::default()
+            },
+        );
+        parts.push(format!(
+            "{}·E[({l})·{}]/Var({l}) (Stein's lemma: the jump's delta)",
+            fmt(*c),
+            zform_text(prog, der, names, &z)
+        ));
+    }
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        format!("({})", parts.join(" + "))
+    }
+}
+
+/// A Z form over base Gaussians as text: `1 - tanh(Ẑ^{W h})^2`.
+fn zform_text(prog: &Program, der: &Derivation, names: &[String], z: &zform::ZForm) -> String {
+    let lin = |l: &zform::LinForm| -> String {
+        let parts: Vec<String> =
+            l.0.iter()
+                .map(|&(g, c)| {
+                    let n = gauss_name(prog, der, names, g);
+                    if c == 1.0 {
+                        n
+                    } else {
+                        format!("{}·{n}", fmt(c))
+                    }
+                })
+                .collect();
+        parts.join(" + ")
+    };
+    let mut parts = Vec::new();
+    if !z.lin.is_zero() {
+        parts.push(lin(&z.lin));
+    }
+    for (c, a) in &z.atoms {
+        let args: Vec<String> = a
+            .args
+            .iter()
+            .map(|l| {
+                if l.0.len() == 1 && l.0[0].1 == 1.0 {
+                    lin(l)
+                } else {
+                    format!("({})", lin(l))
+                }
+            })
+            .collect();
+        let body = a.f.display(&|i| args[i].clone()).to_string();
+        parts.push(if *c == 1.0 {
+            body
+        } else {
+            format!("{}·({body})", fmt(*c))
+        });
+    }
+    if z.constant != 0.0 || parts.is_empty() {
+        parts.push(fmt(z.constant));
+    }
+    parts.join(" + ")
 }
 
 /// A law constant for the derivation, rounded to 12 decimals where that is exact

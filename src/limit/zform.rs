@@ -40,6 +40,38 @@ pub enum GaussKind {
         node: NodeId,
         sigma2: f64,
     },
+    /// `s(ξ) · G_base(ξ)`: a base Gaussian times a coefficient that depends on the point,
+    /// `s = scales[scale]` (a Ż term through a nonlinearity, theory.md §2.1). Still a
+    /// centered Gaussian of its base's family: `Cov = s(ξ_p) s(ξ_q) Cov(G_base)`.
+    Scaled {
+        base: GaussId,
+        scale: usize,
+        family: (usize, u8),
+    },
+    /// Not a Gaussian: the coefficient `s(ξ)` itself, deterministic at each point. It
+    /// appears only as a factor of an atom, `s(ξ) · f(L)` (a Ż term `s(ξ) Z^y` with a
+    /// non-Gaussian `Z^y`), never added to a Gaussian in a linear form; the engine reads
+    /// its value instead of integrating over it.
+    Point { scale: usize },
+}
+
+/// A coefficient that depends on the point: `s(ξ) = sigma2 · E[D(ξ)]` with
+/// `D = ∂Z^x/∂Ẑ^{W y}` (theory.md §2.1), the Ż coefficient of `Z^y` in `Wᵀ x` (or of
+/// `W x` in a product by `Wᵀ`) when `Z^x` depends on `Ẑ^{W y}` through a nonlinearity.
+#[derive(Clone, Debug)]
+pub struct Scale {
+    pub sigma2: f64,
+    /// The derivative `∂Z^x/∂Ẑ^{W y}` as a Z form over the base Gaussians, for the
+    /// atoms without a jump.
+    pub d: ZForm,
+    /// Atoms `c f(L)` of one form whose `f` jumps (`step`): the derivative has a Dirac
+    /// delta that `Expr::diff` does not see, so their term is taken by Stein's lemma,
+    /// `c a E[∂f(L)/∂L] = c a E[L f(L)] / Var(L)` with `a` the coefficient of Ẑ^{W y} in
+    /// L (given here as `(c a, atom)`).
+    pub stein: Vec<(f64, Atom)>,
+    /// The product node `x` multiplies (`Wᵀ x`), and the Gaussian `Ẑ^{W y}`.
+    pub x: NodeId,
+    pub wrt: GaussId,
 }
 
 /// A base Gaussian and the family it belongs to (only same-family Gaussians correlate).
@@ -58,6 +90,8 @@ impl Gauss {
             GaussKind::Hat {
                 param, transpose, ..
             } => (param, 2 + u8::from(transpose)),
+            GaussKind::Scaled { family, .. } => family,
+            GaussKind::Point { scale } => (scale, 9),
         }
     }
 }
@@ -158,6 +192,11 @@ pub struct Derivation {
     /// Ż contributions added to each MatMul node: (Gaussian of the transposed family,
     /// coefficient, vector whose Z is added).
     pub zdot: Vec<Vec<(GaussId, f64, NodeId)>>,
+    /// Ż contributions with a coefficient that depends on the point: (Gaussian of the
+    /// transposed family, scale index into `scales`, vector whose Z is added).
+    pub zdot_point: Vec<Vec<(GaussId, usize, NodeId)>>,
+    /// The point-dependent coefficients of Ż terms ([`Scale`]).
+    pub scales: Vec<Scale>,
     /// The program multiplies by some W and its transpose (Ż may be nonzero).
     pub has_transpose: bool,
     /// The base Gaussian each MatMul or initial vector introduced (its Ẑ).
@@ -181,6 +220,8 @@ impl Derivation {
             gauss: Vec::new(),
             z: vec![None; prog.len()],
             zdot: vec![Vec::new(); prog.len()],
+            zdot_point: vec![Vec::new(); prog.len()],
+            scales: Vec::new(),
             has_transpose: false,
             own: vec![None; prog.len()],
         };
@@ -292,7 +333,7 @@ impl Derivation {
                                 name,
                             );
                             z.lin = LinForm::single(g);
-                            self.add_zdot(p, *transpose, arg, id, sigma2, &mut z)?;
+                            self.add_zdot(prog, p, *transpose, arg, id, sigma2, &mut z)?;
                         }
                         Some(z)
                     }
@@ -318,11 +359,22 @@ impl Derivation {
         })
     }
 
-    /// Ż (theory.md §2.1): `Ż^{W x} = sigma^2 sum_y Z^y E[dZ^x / dẐ^{W.T y}]`, and
-    /// symmetrically for `W.T`. Exact when `Z^x` is linear in the transposed family's
-    /// Gaussians (the coefficient is the derivative); otherwise unsupported here.
+    /// Ż (theory.md §2.1): `Ż^{W x} = sigma^2 sum_y Z^y E[∂Z^x / ∂Ẑ^{Wᵀ y}]`, and
+    /// symmetrically for `Wᵀ`. The derivative is taken of `Z^x` written in the base
+    /// Gaussians (earlier Ż terms expanded), and only at the same point: `Z^{x(ξ)}`
+    /// does not depend on `Ẑ^{Wᵀ y(ξ')}` for another point ξ'.
+    ///
+    /// * `Z^x` linear in `Ẑ^{Wᵀ y}` (coefficient `a`): the term is `sigma^2 a Z^y`, exact;
+    /// * through a nonlinearity (`x = φ(Wᵀ y)`, `W φ(Wᵀ y)` or `Wᵀ tanh(W h)`): the
+    ///   coefficient `s(ξ) = sigma^2 E[∂Z^x/∂Ẑ](ξ)` depends on the point ([`Scale`], computed by
+    ///   the engine as a mean). When `Z^y` is linear in its Gaussians (`h = U x`,
+    ///   `h = W h0`, sums of them), `s(ξ) Z^y` is again a centered Gaussian per family
+    ///   ([`GaussKind::Scaled`]) and every downstream expectation keeps its closed form
+    ///   or quadrature; a non-Gaussian `Z^y` times `s(ξ)` is refused.
+    #[allow(clippy::too_many_arguments)]
     fn add_zdot(
         &mut self,
+        prog: &Program,
         param: usize,
         transpose: bool,
         arg: NodeId,
@@ -333,27 +385,155 @@ impl Derivation {
         let Some(zx) = self.z[arg.index()].clone() else {
             return Ok(());
         };
-        let partner = |k: &GaussKind| matches!(k, GaussKind::Hat { param: q, transpose: t, .. } if *q == param && *t != transpose);
-        for (g, a) in &zx.lin.0 {
-            if let GaussKind::Hat { arg: y, .. } = self.gauss[*g].kind.clone() {
-                if partner(&self.gauss[*g].kind) {
-                    let zy = self.z[y.index()].clone().ok_or("missing Z")?;
-                    z.scaled_add(sigma2 * a, &zy);
-                    self.zdot[node.index()].push((*g, sigma2 * a, y));
+        let partner_family = (param, 2 + u8::from(!transpose));
+        let is_partner = |d: &Derivation, g: GaussId| d.gauss[g].family() == partner_family;
+        // Every Gaussian of the partner family that Z^x uses, in order of first use.
+        let mut used: Vec<GaussId> = Vec::new();
+        let mut note = |g: GaussId| {
+            if is_partner(self, g) && !used.contains(&g) {
+                used.push(g);
+            }
+        };
+        for (g, _) in &zx.lin.0 {
+            note(*g);
+        }
+        for (_, at) in &zx.atoms {
+            for l in &at.args {
+                for (g, _) in &l.0 {
+                    note(*g);
                 }
             }
         }
-        let nonlinear_dep = zx.atoms.iter().any(|(_, at)| {
-            at.args
+        used.sort_unstable();
+        let name = |d: &Derivation, g: GaussId| d.gauss[g].name.clone();
+        for g in used {
+            let y = match self.gauss[g].kind {
+                GaussKind::Hat { arg: y, .. } => y,
+                _ => {
+                    return Err(format!(
+                        "`{}` depends on `{}` through a Ż term with a coefficient that depends on the \
+                         point; the derivative of such a term (a second Ż through {}) is not derived yet",
+                        prog.label(arg),
+                        name(self, g),
+                        prog.params[param].name
+                    ))
+                }
+            };
+            let a = zx.lin.coef(g);
+            let through_atoms = zx
+                .atoms
                 .iter()
-                .any(|l| l.0.iter().any(|(g, _)| partner(&self.gauss[*g].kind)))
-        });
-        if nonlinear_dep {
-            return Err(
-                "this program multiplies by a matrix and its transpose through a nonlinearity; \
-                        the limit engine computes Ż exactly only for Z linear in the Gaussians"
-                    .into(),
-            );
+                .any(|(_, at)| at.args.iter().any(|l| l.coef(g) != 0.0));
+            let zy = self.z[y.index()].clone().ok_or("missing Z")?;
+            if !through_atoms {
+                z.scaled_add(sigma2 * a, &zy);
+                self.zdot[node.index()].push((g, sigma2 * a, y));
+                continue;
+            }
+            // D = ∂Z^x/∂G = a + Σ_k c_k Σ_i coef(L_ki, G) ∂_i f_k(L_k1, ..).
+            let mut d = ZForm {
+                constant: a,
+                ..ZForm::default()
+            };
+            let mut stein = Vec::new();
+            for (c, at) in &zx.atoms {
+                let mut jump = false;
+                at.f.visit_funs(&mut |f| jump |= f == crate::ir::Fun::Step);
+                if jump {
+                    let names = prog.stable_names();
+                    match at.args.as_slice() {
+                        [l] => stein.push((c * l.coef(g), at.clone())),
+                        _ => {
+                            return Err(format!(
+                                "{} depends on {} through `step` of several Gaussians: the Ż \
+                                 coefficient E[∂/∂Ẑ] has a Dirac delta (a jump) that tpc takes by \
+                                 Stein's lemma only for a function of one Gaussian",
+                                Program::z_name(&names, arg),
+                                name(self, g)
+                            ))
+                        }
+                    }
+                    continue;
+                }
+                let forms: Vec<ZForm> = at
+                    .args
+                    .iter()
+                    .map(|l| ZForm {
+                        lin: l.clone(),
+                        ..ZForm::default()
+                    })
+                    .collect();
+                for (i, l) in at.args.iter().enumerate() {
+                    let ci = l.coef(g);
+                    if ci != 0.0 {
+                        d.scaled_add(c * ci, &apply(&at.f.diff(i), &forms));
+                    }
+                }
+            }
+            if stein.is_empty() && d.is_linear() && d.lin.is_zero() {
+                // A constant derivative (a polynomial of degree 2 in other families).
+                z.scaled_add(sigma2 * d.constant, &zy);
+                self.zdot[node.index()].push((g, sigma2 * d.constant, y));
+                continue;
+            }
+            if zy.constant != 0.0 {
+                let names = prog.stable_names();
+                return Err(format!(
+                    "the Ż term of this product is {} times a coefficient that depends on the point \
+                     (σ²·E[∂{}/∂Ẑ^{{{}}}], the derivative of a nonlinearity), and {} has a constant \
+                     part: a deterministic per-point value next to Gaussians, which the limit engine \
+                     does not represent",
+                    Program::z_name(&names, y),
+                    Program::z_name(&names, arg),
+                    name(self, g),
+                    Program::z_name(&names, y),
+                ));
+            }
+            let k = self.scales.len();
+            self.scales.push(Scale {
+                sigma2,
+                d,
+                stein,
+                x: arg,
+                wrt: g,
+            });
+            for &(b, cb) in &zy.lin.0 {
+                let family = self.gauss[b].family();
+                let gname = format!("s{} {}", k + 1, self.gauss[b].name);
+                self.gauss.push(Gauss {
+                    kind: GaussKind::Scaled {
+                        base: b,
+                        scale: k,
+                        family,
+                    },
+                    name: gname,
+                });
+                let sg = self.gauss.len() - 1;
+                z.lin.axpy(cb, &LinForm::single(sg));
+            }
+            if !zy.atoms.is_empty() {
+                // s(ξ) · c f(L): the atom times the deterministic value s(ξ).
+                self.gauss.push(Gauss {
+                    kind: GaussKind::Point { scale: k },
+                    name: format!("s{}", k + 1),
+                });
+                let pt = LinForm::single(self.gauss.len() - 1);
+                let mut add = ZForm::default();
+                for (c, at) in &zy.atoms {
+                    let m = at.args.len();
+                    let mut args = at.args.clone();
+                    args.push(pt.clone());
+                    add.atoms.push((
+                        *c,
+                        Atom {
+                            f: Expr::mul(Expr::Arg(m), at.f.clone()),
+                            args,
+                        },
+                    ));
+                }
+                z.scaled_add(1.0, &add);
+            }
+            self.zdot_point[node.index()].push((g, k, y));
         }
         Ok(())
     }

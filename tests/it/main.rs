@@ -25,4 +25,5 @@ mod particle;
 mod readme_codes;
 mod scaling;
 mod semicircle_scaling;
+mod tied;
 mod unrolled;
