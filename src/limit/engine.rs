@@ -1378,6 +1378,21 @@ mod tests {
         assert_eq!(strays(src, &points), 0);
     }
 
+    /// Tied weights (issue 18): the Ż coefficients s(ξ) are means computed inside a
+    /// covariance; their lookups must be counted like every other.
+    #[test]
+    fn zdot_coefficients_are_counted_by_the_dry_run() {
+        let head = "width n\ninput xi : 2\nparam U : n x 2 ~ N(0, 1/2)\n\
+                    param W : n x n ~ N(0, 1/n)\nparam v : 1 x n ~ N(0, 1/n)\n";
+        let points = vec![vec![0.5, 1.0], vec![-1.0, 0.3], vec![2.0, -0.4]];
+        for body in [
+            "h1 = U @ xi\nh2 = W.T @ tanh(W @ h1)\nobserve m = mean(h2 * h2)\noutput f = v @ relu(h2)\n",
+            "h1 = relu(U @ xi)\nh2 = W.T @ tanh(W @ h1)\nobserve m = mean(h2 * h1)\noutput f = v @ h2\n",
+        ] {
+            assert_eq!(strays(&format!("{head}{body}"), &points), 0, "{body}");
+        }
+    }
+
     #[test]
     fn quadratic_polynomials_are_recognized() {
         let (x, y) = (Expr::Arg(0), Expr::Arg(1));

@@ -47,7 +47,7 @@ fn compile(src: &str) -> tpc::ir::Program {
 /// `E[g(z)]`, z ~ N(0, 1), by the trapezoidal rule on [-12, 12] (spectrally accurate
 /// for the analytic integrands used here).
 fn e1(g: &dyn Fn(f64) -> f64) -> f64 {
-    let h = 0.005;
+    let h = 0.02;
     let n = (12.0 / h) as i64;
     let w = |z: f64| (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt();
     (-n..=n)
