@@ -26,6 +26,11 @@ pub enum Fun {
     Id,
     Exp,
     Abs,
+    /// sqrt and log: functions of Netsor+ scalars only (moments and their functions);
+    /// the front end refuses them on width-n vectors, so no Gaussian expectation of
+    /// them is ever taken (README, "Scalars and reductions").
+    Sqrt,
+    Log,
 }
 
 impl Fun {
@@ -57,11 +62,21 @@ impl Fun {
             Fun::Id => "id",
             Fun::Exp => "exp",
             Fun::Abs => "abs",
+            Fun::Sqrt => "sqrt",
+            Fun::Log => "log",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Fun> {
         Fun::ALL.iter().copied().find(|f| f.name() == name)
+    }
+
+    /// The functions of scalars only (not applied coordinatewise to width-n vectors).
+    pub const SCALAR: [Fun; 2] = [Fun::Sqrt, Fun::Log];
+
+    /// A scalar-only function by name.
+    pub fn scalar_from_name(name: &str) -> Option<Fun> {
+        Fun::SCALAR.iter().copied().find(|f| f.name() == name)
     }
 
     /// phi(x).
@@ -103,6 +118,8 @@ impl Fun {
             Fun::Id => x,
             Fun::Exp => x.exp(),
             Fun::Abs => x.abs(),
+            Fun::Sqrt => x.sqrt(),
+            Fun::Log => x.ln(),
         }
     }
 
@@ -157,6 +174,10 @@ impl Fun {
                 Expr::mul(Expr::Const(2.0), Expr::call(Fun::Step, x)),
                 Expr::Const(1.0),
             ),
+            // sqrt'(x) = 1 / (2 sqrt(x))
+            Fun::Sqrt => Expr::div(Expr::Const(0.5), Expr::call(Fun::Sqrt, x)),
+            // log'(x) = 1 / x
+            Fun::Log => Expr::div(Expr::Const(1.0), x),
         }
     }
 

@@ -8,6 +8,7 @@
 
 mod expr;
 mod laws;
+mod scalar;
 
 use std::collections::HashMap;
 
@@ -36,6 +37,10 @@ pub(crate) enum Binding {
     Vector(NodeId),
     Output,
     Moment(NodeId),
+    /// A named function of moments (Netsor+ scalar, README "Scalars and reductions"):
+    /// kept as an expression over its moments and inlined where it is used, so the IR
+    /// holds only `Moment`s feeding `Nonlin`s.
+    Scalar(crate::lower::expr::Pending),
     /// Its definition failed; uses are silent.
     Poison,
 }
@@ -69,6 +74,9 @@ pub(crate) struct Lowerer<'a> {
     budget_error: bool,
     /// Counter giving each family its order of first definition.
     next_order: usize,
+    /// Every `mean(..)` lowered so far, by its integrand over operand ids: a moment
+    /// written twice is one node (`scalar.rs`).
+    pub(crate) moments: HashMap<String, NodeId>,
 }
 
 /// Lowers a parsed file. Returns the program when there was no error, and every
@@ -88,6 +96,7 @@ pub fn lower(file: &File, src: &str) -> (Option<Program>, Vec<Diagnostic>) {
         used_params: Vec::new(),
         budget_error: false,
         next_order: 0,
+        moments: HashMap::new(),
     };
     l.globals(file);
     collect_assigned(
@@ -715,10 +724,15 @@ impl<'a> Lowerer<'a> {
         };
         self.defining = Some((lhs.name.name.clone(), index.clone()));
         let name = show_name(&lhs.name.name, &index);
-        match self
-            .vector_expr(rhs)
-            .and_then(|v| self.materialize(v, Some(name), rhs.span))
-        {
+        let value = self.vector_expr(rhs);
+        if let Some(p) = &value {
+            if self.is_scalar(p) && p.as_node().is_none() {
+                // A function of moments: a named scalar, inlined where it is used.
+                self.define(&lhs.name, index, Binding::Scalar(p.clone()), lhs.span);
+                return;
+            }
+        }
+        match value.and_then(|v| self.materialize(v, Some(name), rhs.span)) {
             Some(id) => {
                 let b = match self.prog.ty(id) {
                     Ty::Moment => Binding::Moment(id),
@@ -756,6 +770,9 @@ impl<'a> Lowerer<'a> {
         let Some(p) = self.vector_expr(arg) else {
             return self.poison(&lhs.name, index);
         };
+        if !self.require_vector_arg_of_mean(&p, arg.span) {
+            return self.poison(&lhs.name, index);
+        }
         match self.push(Op::Moment(p.expr), &p.ops, Some(name), span) {
             Some(id) => {
                 if self.define(&lhs.name, index.clone(), Binding::Moment(id), lhs.span) {
