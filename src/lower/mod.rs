@@ -411,6 +411,42 @@ impl<'a> Lowerer<'a> {
                     b => Some(b.clone()),
                 };
             }
+            // An index outside every defined element's range in some position (`a[t, 5]`
+            // when `a` has positions 1..=3): out of range, unless assigned later.
+            let itself = self
+                .defining
+                .as_ref()
+                .is_some_and(|(d, dix)| *d == name.name && dix.as_slice() == index);
+            if !index.is_empty() && !fam.elems.is_empty() && !itself {
+                let mut lo = vec![i64::MAX; index.len()];
+                let mut hi = vec![i64::MIN; index.len()];
+                for k in fam.elems.keys() {
+                    for (j, &v) in k.iter().enumerate() {
+                        lo[j] = lo[j].min(v);
+                        hi[j] = hi[j].max(v);
+                    }
+                }
+                if let Some(j) = (0..index.len()).find(|&j| index[j] < lo[j] || index[j] > hi[j]) {
+                    let def = fam.def_span;
+                    let shown = show_name(&name.name, index);
+                    let (l, h) = (lo[j], hi[j]);
+                    self.err(
+                        Diagnostic::error(
+                            "E0015",
+                            format!(
+                                "`{shown}` is out of range: index {} of `{}` runs over {l}..={h} so far",
+                                j + 1,
+                                name.name
+                            ),
+                            use_span,
+                            "index out of range",
+                        )
+                        .with_secondary(def, "first defined here")
+                        .with_help("check the index; if this element is assigned later, move its definition above this use"),
+                    );
+                    return None;
+                }
+            }
         }
         let shown = show_name(&name.name, index);
         if let Some((def, dix)) = &self.defining {

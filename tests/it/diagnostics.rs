@@ -67,6 +67,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
         ("vector_where_scalar_required", h("h1 = relu(U @ x)\nh2 = h1 * sqrt(h1)\n")),
         ("fractional_power_of_a_vector", h("h1 = relu(U @ x)\nh2 = h1^(1/2)\n")),
         ("reduction_over_empty_range", h("h1 = U @ x\nh = sum(s in 1..=0, h1)\n")),
+        ("scalar_index_out_of_range", h("h1 = U @ x\nfor t in 1..=3 {\n    a[t] = mean(h1 * h1) * t\n}\nh2 = h1 * a[4]\n")),
         ("unknown_reduction", h("h1 = U @ x\nh = prod(s in 1..=2, h1)\n")),
         ("softmax_position_unbound", h("h1 = U @ x\nw = softmax(s in 1..=2, mean(h1 * h1))\n")),
         ("softmax_position_out_of_range", h("h1 = U @ x\nfor s in 1..=3 {\n    g[s] = h1 * softmax(s in 1..=2, mean(h1 * h1))\n}\n")),
