@@ -262,8 +262,19 @@ pub const CODES: &[(&str, &str)] = &[
         "E0037",
         "the run does not fit in memory (points × width × draws); the message says what fits",
     ),
+    (
+        "E0041",
+        "a moment of a scalar: `mean` of an expression with no width-n vector",
+    ),
+    ("E0042", "a reduction (`sum`, `softmax`) over an empty range"),
+    ("E0043", "a scalar is used where a width-n vector is required"),
+    ("E0044", "a width-n vector is used where a scalar is required"),
     ("W0001", "parameter is never used"),
     ("W0002", "value is computed but never used"),
+    (
+        "W0003",
+        "`sqrt`, `log` or a fractional power of a scalar that can be negative (or zero)",
+    ),
     ("W0101", "parameterization blows up at initialization"),
     ("W0102", "parameterization vanishes at initialization"),
     (

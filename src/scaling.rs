@@ -173,6 +173,14 @@ impl fmt::Display for Ex {
 fn fun_value(f: Fun, x: Ex) -> Ex {
     match f {
         Fun::Relu | Fun::Id | Fun::Abs | Fun::Gelu => x,
+        // functions of scalars: Θ(1) scalars stay Θ(1) (an upper bound when not)
+        Fun::Sqrt | Fun::Log => {
+            if x.blows_up() {
+                Ex::Inf
+            } else {
+                Ex::ONE
+            }
+        }
         // odd, linear at 0, bounded
         Fun::Tanh | Fun::Erf | Fun::Sin => x.min(Ex::ONE),
         // phi(0) != 0, bounded
@@ -208,7 +216,7 @@ fn fun_deriv(f: Fun, x: Ex) -> Ex {
         Fun::Id | Fun::Abs | Fun::Gelu | Fun::Tanh | Fun::Erf | Fun::Sigmoid | Fun::Sin => Ex::ONE,
         Fun::Cos => x.min(Ex::ONE),
         Fun::Step => Ex::Zero,
-        Fun::Exp => fun_value(Fun::Exp, x),
+        Fun::Exp | Fun::Sqrt | Fun::Log => fun_value(f, x),
     }
 }
 

@@ -456,6 +456,18 @@ pub(super) const COORD_CHUNK: usize = 1 << 15;
 /// fixed chunks of coordinates (each value is computed alone, so the result does not
 /// depend on the split).
 fn eval_column(e: &Expr, src: &[Operand<'_>], out: &mut [f64]) {
+    // Functions of scalar operands (Netsor+: softmax weights, normalizers) once per
+    // column, not per coordinate; bit for bit the same values.
+    let folded;
+    let e = if src.iter().any(|o| matches!(o, Operand::Scalar(_))) {
+        folded = e.fold_scalars(&|i| match src.get(i) {
+            Some(Operand::Scalar(s)) => Some(*s),
+            _ => None,
+        });
+        &folded
+    } else {
+        e
+    };
     let chunk = |start: usize, out: &mut [f64]| {
         for (b, o) in out.chunks_mut(EVAL_BLOCK).enumerate() {
             e.eval_run(src, start + b * EVAL_BLOCK, o);

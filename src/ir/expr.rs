@@ -26,6 +26,11 @@ pub enum Fun {
     Id,
     Exp,
     Abs,
+    /// sqrt and log: functions of Netsor+ scalars only (moments and their functions);
+    /// the front end refuses them on width-n vectors, so no Gaussian expectation of
+    /// them is ever taken (README, "Scalars and reductions").
+    Sqrt,
+    Log,
 }
 
 impl Fun {
@@ -57,11 +62,21 @@ impl Fun {
             Fun::Id => "id",
             Fun::Exp => "exp",
             Fun::Abs => "abs",
+            Fun::Sqrt => "sqrt",
+            Fun::Log => "log",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Fun> {
         Fun::ALL.iter().copied().find(|f| f.name() == name)
+    }
+
+    /// The functions of scalars only (not applied coordinatewise to width-n vectors).
+    pub const SCALAR: [Fun; 2] = [Fun::Sqrt, Fun::Log];
+
+    /// A scalar-only function by name.
+    pub fn scalar_from_name(name: &str) -> Option<Fun> {
+        Fun::SCALAR.iter().copied().find(|f| f.name() == name)
     }
 
     /// phi(x).
@@ -103,6 +118,8 @@ impl Fun {
             Fun::Id => x,
             Fun::Exp => x.exp(),
             Fun::Abs => x.abs(),
+            Fun::Sqrt => x.sqrt(),
+            Fun::Log => x.ln(),
         }
     }
 
@@ -157,6 +174,10 @@ impl Fun {
                 Expr::mul(Expr::Const(2.0), Expr::call(Fun::Step, x)),
                 Expr::Const(1.0),
             ),
+            // sqrt'(x) = 1 / (2 sqrt(x))
+            Fun::Sqrt => Expr::div(Expr::Const(0.5), Expr::call(Fun::Sqrt, x)),
+            // log'(x) = 1 / x
+            Fun::Log => Expr::div(Expr::Const(1.0), x),
         }
     }
 
@@ -362,6 +383,48 @@ impl Expr {
             Expr::Sub(a, b) => binary(a, b, out, |x, y| x - y),
             Expr::Mul(a, b) => binary(a, b, out, |x, y| x * y),
             Expr::Div(a, b) => binary(a, b, out, |x, y| x / y),
+        }
+    }
+
+    /// `self` with every subexpression that reads only scalar operands (`scalar(i)` is
+    /// `Some`) and constants replaced by its value: a function of Netsor+ scalars
+    /// (softmax weights, a layernorm's `rsqrt`) is then computed once per point instead
+    /// of at every coordinate. Values are bit for bit those of [`Expr::eval_run`]: the
+    /// same operations in the same order, and the rest is rebuilt without simplifying.
+    pub fn fold_scalars(&self, scalar: &dyn Fn(usize) -> Option<f64>) -> Expr {
+        self.fold(scalar).0
+    }
+
+    fn fold(&self, scalar: &dyn Fn(usize) -> Option<f64>) -> (Expr, Option<f64>) {
+        let done = |v: f64| (Expr::Const(v), Some(v));
+        let unary = |x: &Expr, f: &dyn Fn(f64) -> f64, make: &dyn Fn(Box<Expr>) -> Expr| match x
+            .fold(scalar)
+        {
+            (_, Some(v)) => done(f(v)),
+            (e, None) => (make(Box::new(e)), None),
+        };
+        let binary =
+            |a: &Expr, b: &Expr, f: fn(f64, f64) -> f64, make: fn(Box<Expr>, Box<Expr>) -> Expr| {
+                let (ea, va) = a.fold(scalar);
+                let (eb, vb) = b.fold(scalar);
+                match (va, vb) {
+                    (Some(x), Some(y)) => done(f(x, y)),
+                    _ => (make(Box::new(ea), Box::new(eb)), None),
+                }
+            };
+        match self {
+            Expr::Arg(i) => match scalar(*i) {
+                Some(v) => done(v),
+                None => (Expr::Arg(*i), None),
+            },
+            Expr::Const(c) => done(*c),
+            Expr::Call(f, x) => unary(x, &|v| f.eval(v), &|e| Expr::Call(*f, e)),
+            Expr::Neg(x) => unary(x, &|v| -v, &Expr::Neg),
+            Expr::Powi(x, k) => unary(x, &|v| v.powi(*k), &|e| Expr::Powi(e, *k)),
+            Expr::Add(a, b) => binary(a, b, |x, y| x + y, Expr::Add),
+            Expr::Sub(a, b) => binary(a, b, |x, y| x - y, Expr::Sub),
+            Expr::Mul(a, b) => binary(a, b, |x, y| x * y, Expr::Mul),
+            Expr::Div(a, b) => binary(a, b, |x, y| x / y, Expr::Div),
         }
     }
 
@@ -587,6 +650,39 @@ mod tests {
     fn gelu_is_x_times_normal_cdf() {
         // Phi(1) = 0.8413447460685429
         assert!((Fun::Gelu.eval(1.0) - 0.8413447460685429).abs() < 1e-15);
+    }
+
+    /// Folding the scalar operands of a softmax-weighted sum gives the same bits as
+    /// evaluating it coordinate by coordinate.
+    #[test]
+    fn folding_scalars_keeps_every_bit() {
+        let (a1, a2, v) = (Expr::Arg(0), Expr::Arg(1), Expr::Arg(2));
+        let w = |x: &Expr, y: &Expr| {
+            Expr::div(
+                Expr::Const(1.0),
+                Expr::add(
+                    Expr::call(Fun::Exp, Expr::sub(x.clone(), x.clone())),
+                    Expr::call(Fun::Exp, Expr::sub(y.clone(), x.clone())),
+                ),
+            )
+        };
+        let e = Expr::add(
+            Expr::mul(w(&a1, &a2), v.clone()),
+            Expr::mul(
+                Expr::call(Fun::Sqrt, Expr::add(a2.clone(), Expr::Const(1e-5))),
+                Expr::powi(v.clone(), 2),
+            ),
+        );
+        let (s1, s2) = (0.37, -1.25);
+        let f = e.fold_scalars(&|i| [Some(s1), Some(s2), None][i]);
+        let mut consts = 0;
+        f.visit_args(&mut |i| assert_eq!(i, 2, "only the vector operand is left"));
+        f.visit_funs(&mut |_| consts += 1);
+        assert_eq!(consts, 0, "every function of scalars is folded: {f:?}");
+        for x in [-2.0, 0.0, 0.3, 7.5] {
+            let want = e.eval(&[s1, s2, x]);
+            assert_eq!(f.eval(&[s1, s2, x]).to_bits(), want.to_bits());
+        }
     }
 
     #[test]

@@ -608,11 +608,60 @@ fn call(f: Fun, x: &Info) -> Info {
             single: order0,
             ..x.clone()
         },
+        // sqrt and log are functions of Netsor+ scalars (the front end refuses them on
+        // vectors); on a random argument they are integrable only where it is positive.
+        Fun::Sqrt if x.pos || x.lo >= 0.0 => Info {
+            lo: x.lo.max(0.0).sqrt(),
+            hi: x.hi.sqrt(),
+            pos: x.pos,
+            neg: false,
+            up: x.up,
+            down: Growth::Bounded,
+            inv: if x.pos { x.inv } else { None },
+            single: single(false),
+            ..x.clone()
+        },
+        Fun::Log if x.pos && x.inv.is_some() => Info {
+            lo: if x.lo > 0.0 {
+                x.lo.ln()
+            } else {
+                f64::NEG_INFINITY
+            },
+            hi: x.hi.ln(),
+            pos: x.lo >= 1.0,
+            neg: x.hi <= 1.0,
+            up: x.up,
+            down: x.inv.unwrap_or(Growth::Beyond),
+            inv: None,
+            single: single(false),
+            ..x.clone()
+        },
+        Fun::Sqrt | Fun::Log => Info {
+            singular: Some(format!(
+                "`{}` of a value that can be negative or zero",
+                f.name()
+            )),
+            ..x.clone()
+        },
     }
 }
 
 /// The abstract value of `e` given its operands' values.
 fn eval(e: &Expr, args: &[Info], show: &dyn Fn(&Expr) -> String) -> Info {
+    // A function of moments and constants only is a number in the limit (Netsor+):
+    // taken nonzero in a denominator like a moment itself (the engines' final checks
+    // refuse a non-finite result).
+    if !matches!(e, Expr::Arg(_) | Expr::Const(_)) {
+        let mut random = false;
+        let mut any = false;
+        e.visit_args(&mut |i| {
+            any = true;
+            random |= args.get(i).is_some_and(|a| a.random);
+        });
+        if any && !random {
+            return Info::deterministic();
+        }
+    }
     match e {
         Expr::Arg(i) => args[*i].clone(),
         Expr::Const(c) => Info::constant(*c),

@@ -14,30 +14,30 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    fn constant(c: f64) -> Pending {
+    pub(crate) fn constant(c: f64) -> Pending {
         Pending {
             expr: Expr::Const(c),
             ops: vec![],
         }
     }
-    fn node(id: NodeId) -> Pending {
+    pub(crate) fn node(id: NodeId) -> Pending {
         Pending {
             expr: Expr::Arg(0),
             ops: vec![id],
         }
     }
     /// The single node this expression is, if it is just one.
-    fn as_node(&self) -> Option<NodeId> {
+    pub(crate) fn as_node(&self) -> Option<NodeId> {
         (self.expr == Expr::Arg(0) && self.ops.len() == 1).then(|| self.ops[0])
     }
-    fn as_const(&self) -> Option<f64> {
+    pub(crate) fn as_const(&self) -> Option<f64> {
         match self.expr {
             Expr::Const(c) => Some(c),
             _ => None,
         }
     }
     /// Combines two expressions, merging their operand lists.
-    fn combine(a: Pending, b: Pending, f: impl FnOnce(Expr, Expr) -> Expr) -> Pending {
+    pub(crate) fn combine(a: Pending, b: Pending, f: impl FnOnce(Expr, Expr) -> Expr) -> Pending {
         let mut ops = a.ops;
         let remap: Vec<usize> = b
             .ops
@@ -253,9 +253,26 @@ impl Lowerer<'_> {
         self.vexpr(e)
     }
 
-    fn vexpr(&mut self, e: &syntax::Expr) -> Option<Pending> {
+    pub(crate) fn vexpr(&mut self, e: &syntax::Expr) -> Option<Pending> {
+        let p = self.vexpr_inner(e)?;
+        self.check_size(p, e.span)
+    }
+
+    fn vexpr_inner(&mut self, e: &syntax::Expr) -> Option<Pending> {
         match &e.kind {
             ExprKind::Num(v) => Some(Pending::constant(*v)),
+            ExprKind::Reduce {
+                op,
+                var,
+                lo,
+                hi,
+                inclusive,
+                body,
+            } => self.reduce(op, var, lo, hi, *inclusive, body, e.span),
+            ExprKind::Call { fun, args } if self.is_scalar_call(&fun.name) => {
+                self.scalar_call(fun, args, e.span)
+            }
+            ExprKind::Pow(a, k) if k.fract() != 0.0 => self.scalar_pow(a, *k, e.span),
             ExprKind::Name { name, index } => {
                 let ix = self.indices(index)?;
                 let b = self.lookup(name, &ix, e.span)?;
@@ -263,14 +280,10 @@ impl Lowerer<'_> {
             }
             ExprKind::Call { fun, args } => {
                 let Some(f) = Fun::from_name(&fun.name) else {
-                    if fun.name == "mean" {
-                        self.err(
-                            Diagnostic::error("E0026", "`mean` is only allowed as `observe m = mean(..)`", fun.span, "a moment here")
-                                .with_help("observe the moment, then use its name: `observe m = mean(x * x)` and `y = x / m`"),
-                        );
-                        return None;
-                    }
-                    let names = Fun::ALL.iter().map(|f| f.name());
+                    let names = Fun::ALL
+                        .iter()
+                        .map(|f| f.name())
+                        .chain(super::scalar::SCALAR_FUNCTIONS.iter().copied());
                     let help = match nearest(&fun.name, names) {
                         Some(s) => format!("did you mean `{s}`?"),
                         None => format!(
@@ -366,6 +379,7 @@ impl Lowerer<'_> {
     fn binding_value(&mut self, b: Binding, name: &syntax::Ident, span: Span) -> Option<Pending> {
         match b {
             Binding::Const(v) | Binding::LoopVar(v) => Some(Pending::constant(v as f64)),
+            Binding::Scalar(p) => Some(p),
             Binding::Vector(id) | Binding::Moment(id) => {
                 if matches!(self.prog.node(id).op, Op::Input { .. }) {
                     return self.point_as_vector(name, span);
@@ -455,7 +469,10 @@ impl Lowerer<'_> {
             Shape::Hidden => {
                 let a = self.vexpr_or_point(arg)?;
                 let x = match a {
-                    Arg::Vector(v) => self.materialize(v, None, arg.span)?,
+                    Arg::Vector(v) => {
+                        self.require_vector(&v, arg.span, "a matrix multiplies a width-n vector")?;
+                        self.materialize(v, None, arg.span)?
+                    }
                     Arg::Point(_, d) => {
                         self.err(
                             Diagnostic::error(
@@ -619,7 +636,9 @@ impl Lowerer<'_> {
         span: Span,
     ) -> Option<NodeId> {
         if let Some(id) = p.as_node() {
-            let fresh = id.index() >= self.stmt_start && self.prog.graph[id].name.is_none();
+            let fresh = id.index() >= self.stmt_start
+                && (self.prog.graph[id].name.is_none()
+                    || matches!(self.prog.graph[id].op, Op::Moment(_)));
             if fresh {
                 if let Some(n) = name {
                     self.prog.graph[id].name = Some(n);
@@ -685,6 +704,13 @@ impl Lowerer<'_> {
                         ok = false;
                         continue;
                     };
+                    if self
+                        .require_vector(&v, arg.span, "a readout reads a width-n vector")
+                        .is_none()
+                    {
+                        ok = false;
+                        continue;
+                    }
                     let Some(x) = self.materialize(v, None, arg.span) else {
                         ok = false;
                         continue;

@@ -8,6 +8,7 @@
 
 mod expr;
 mod laws;
+mod scalar;
 
 use std::collections::HashMap;
 
@@ -36,6 +37,10 @@ pub(crate) enum Binding {
     Vector(NodeId),
     Output,
     Moment(NodeId),
+    /// A named function of moments (Netsor+ scalar, README "Scalars and reductions"):
+    /// kept as an expression over its moments and inlined where it is used, so the IR
+    /// holds only `Moment`s feeding `Nonlin`s.
+    Scalar(crate::lower::expr::Pending),
     /// Its definition failed; uses are silent.
     Poison,
 }
@@ -69,6 +74,9 @@ pub(crate) struct Lowerer<'a> {
     budget_error: bool,
     /// Counter giving each family its order of first definition.
     next_order: usize,
+    /// Every `mean(..)` lowered so far, by its integrand over operand ids: a moment
+    /// written twice is one node (`scalar.rs`).
+    pub(crate) moments: HashMap<String, NodeId>,
 }
 
 /// Lowers a parsed file. Returns the program when there was no error, and every
@@ -88,6 +96,7 @@ pub fn lower(file: &File, src: &str) -> (Option<Program>, Vec<Diagnostic>) {
         used_params: Vec::new(),
         budget_error: false,
         next_order: 0,
+        moments: HashMap::new(),
     };
     l.globals(file);
     collect_assigned(
@@ -402,6 +411,42 @@ impl<'a> Lowerer<'a> {
                     b => Some(b.clone()),
                 };
             }
+            // An index outside every defined element's range in some position (`a[t, 5]`
+            // when `a` has positions 1..=3): out of range, unless assigned later.
+            let itself = self
+                .defining
+                .as_ref()
+                .is_some_and(|(d, dix)| *d == name.name && dix.as_slice() == index);
+            if !index.is_empty() && !fam.elems.is_empty() && !itself {
+                let mut lo = vec![i64::MAX; index.len()];
+                let mut hi = vec![i64::MIN; index.len()];
+                for k in fam.elems.keys() {
+                    for (j, &v) in k.iter().enumerate() {
+                        lo[j] = lo[j].min(v);
+                        hi[j] = hi[j].max(v);
+                    }
+                }
+                if let Some(j) = (0..index.len()).find(|&j| index[j] < lo[j] || index[j] > hi[j]) {
+                    let def = fam.def_span;
+                    let shown = show_name(&name.name, index);
+                    let (l, h) = (lo[j], hi[j]);
+                    self.err(
+                        Diagnostic::error(
+                            "E0015",
+                            format!(
+                                "`{shown}` is out of range: index {} of `{}` runs over {l}..={h} so far",
+                                j + 1,
+                                name.name
+                            ),
+                            use_span,
+                            "index out of range",
+                        )
+                        .with_secondary(def, "first defined here")
+                        .with_help("check the index; if this element is assigned later, move its definition above this use"),
+                    );
+                    return None;
+                }
+            }
         }
         let shown = show_name(&name.name, index);
         if let Some((def, dix)) = &self.defining {
@@ -715,10 +760,15 @@ impl<'a> Lowerer<'a> {
         };
         self.defining = Some((lhs.name.name.clone(), index.clone()));
         let name = show_name(&lhs.name.name, &index);
-        match self
-            .vector_expr(rhs)
-            .and_then(|v| self.materialize(v, Some(name), rhs.span))
-        {
+        let value = self.vector_expr(rhs);
+        if let Some(p) = &value {
+            if self.is_scalar(p) && p.as_node().is_none() {
+                // A function of moments: a named scalar, inlined where it is used.
+                self.define(&lhs.name, index, Binding::Scalar(p.clone()), lhs.span);
+                return;
+            }
+        }
+        match value.and_then(|v| self.materialize(v, Some(name), rhs.span)) {
             Some(id) => {
                 let b = match self.prog.ty(id) {
                     Ty::Moment => Binding::Moment(id),
@@ -756,6 +806,9 @@ impl<'a> Lowerer<'a> {
         let Some(p) = self.vector_expr(arg) else {
             return self.poison(&lhs.name, index);
         };
+        if !self.require_vector_arg_of_mean(&p, arg.span) {
+            return self.poison(&lhs.name, index);
+        }
         match self.push(Op::Moment(p.expr), &p.ops, Some(name), span) {
             Some(id) => {
                 if self.define(&lhs.name, index.clone(), Binding::Moment(id), lhs.span) {

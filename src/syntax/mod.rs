@@ -190,6 +190,16 @@ pub enum ExprKind {
     Neg(Box<Expr>),
     Bin(BinOp, Box<Expr>, Box<Expr>),
     Pow(Box<Expr>, f64),
+    /// `op(var in lo..=hi, body)`: `sum` or `softmax` over an index range (Netsor+
+    /// scalars, README "Scalars and reductions").
+    Reduce {
+        op: Ident,
+        var: Ident,
+        lo: Box<Expr>,
+        hi: Box<Expr>,
+        inclusive: bool,
+        body: Box<Expr>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -208,6 +218,7 @@ impl Expr {
             ExprKind::MatMul { arg, .. } => arg.depth(),
             ExprKind::Neg(e) | ExprKind::Pow(e, _) => e.depth(),
             ExprKind::Bin(_, a, b) => a.depth().max(b.depth()),
+            ExprKind::Reduce { lo, hi, body, .. } => lo.depth().max(hi.depth()).max(body.depth()),
         }
     }
 }

@@ -102,7 +102,9 @@ fn rule_name(r: &Rule) -> &'static str {
         Rule::ident | Rule::lhs | Rule::name_ref | Rule::mat_ref => "a name",
         Rule::integer | Rule::dim => "an integer",
         Rule::number | Rule::signed_num | Rule::signed_ratio => "a number",
-        Rule::expr | Rule::term | Rule::factor | Rule::power | Rule::atom => "an expression",
+        Rule::expr | Rule::term | Rule::factor | Rule::power | Rule::atom | Rule::reduce => {
+            "an expression"
+        }
         Rule::mono | Rule::mono_term | Rule::mono_atom => "a monomial such as `1/n`",
         Rule::exponent => "an exponent such as `(-1/2)`",
         Rule::shape => "a shape such as `n x n`",
@@ -451,30 +453,32 @@ fn exponent(p: Pair<Rule>) -> R<Exponent> {
             den: None,
             span,
         }),
-        _ => {
-            // signed_ratio = "-"? number ("/" "-"? number)?
-            let text = inner.as_str().to_string();
-            let nums: Vec<Pair<Rule>> = inner.into_inner().collect();
-            let mut vals = nums.iter().map(number).collect::<R<Vec<f64>>>()?;
-            // Signs: a '-' before the first number, and one after '/'.
-            let parts: Vec<&str> = text.splitn(2, '/').collect();
-            if parts[0].trim_start().starts_with('-') {
-                vals[0] = -vals[0];
-            }
-            if vals.len() > 1
-                && parts
-                    .get(1)
-                    .is_some_and(|s| s.trim_start().starts_with('-'))
-            {
-                vals[1] = -vals[1];
-            }
-            Ok(Exponent {
-                num: vals[0],
-                den: vals.get(1).copied(),
-                span,
-            })
-        }
+        _ => ratio(inner, span),
     }
+}
+
+/// `signed_ratio = "-"? number ("/" "-"? number)?` as an exponent.
+fn ratio(inner: Pair<Rule>, span: Span) -> R<Exponent> {
+    let text = inner.as_str().to_string();
+    let nums: Vec<Pair<Rule>> = inner.into_inner().collect();
+    let mut vals = nums.iter().map(number).collect::<R<Vec<f64>>>()?;
+    // Signs: a '-' before the first number, and one after '/'.
+    let parts: Vec<&str> = text.splitn(2, '/').collect();
+    if parts[0].trim_start().starts_with('-') {
+        vals[0] = -vals[0];
+    }
+    if vals.len() > 1
+        && parts
+            .get(1)
+            .is_some_and(|s| s.trim_start().starts_with('-'))
+    {
+        vals[1] = -vals[1];
+    }
+    Ok(Exponent {
+        num: vals[0],
+        den: vals.get(1).copied(),
+        span,
+    })
 }
 
 fn stmt(p: Pair<Rule>) -> R<Stmt> {
@@ -588,6 +592,19 @@ fn expr(p: Pair<Rule>) -> R<Expr> {
             let base = expr(it.next().ok_or_else(|| internal(span))?)?;
             match it.next() {
                 None => Ok(base),
+                Some(e) if e.as_rule() == Rule::signed_ratio => {
+                    // `x^(p/q)`: the exponent of a Netsor+ scalar, read as p / q.
+                    let es = span_of(&e);
+                    let r = ratio(e, es)?;
+                    let k = match r.den {
+                        Some(d) => r.num / d,
+                        None => r.num,
+                    };
+                    Ok(Expr {
+                        kind: ExprKind::Pow(Box::new(base), k),
+                        span,
+                    })
+                }
                 Some(e) => Ok(Expr {
                     kind: ExprKind::Pow(Box::new(base), signed(e)?),
                     span,
@@ -610,6 +627,27 @@ fn expr(p: Pair<Rule>) -> R<Expr> {
                         .collect::<R<Vec<_>>>()?;
                     Ok(Expr {
                         kind: ExprKind::Call { fun, args },
+                        span,
+                    })
+                }
+                Rule::reduce => {
+                    // reduce = ident "(" ident "in" expr range_op expr "," expr ")"
+                    let mut it = inner.into_inner().filter(|a| a.as_rule() != Rule::rparen);
+                    let op = ident(it.next().ok_or_else(|| internal(span))?);
+                    let var = ident(it.next().ok_or_else(|| internal(span))?);
+                    let lo = expr(it.next().ok_or_else(|| internal(span))?)?;
+                    let inclusive = it.next().ok_or_else(|| internal(span))?.as_str() == "..=";
+                    let hi = expr(it.next().ok_or_else(|| internal(span))?)?;
+                    let body = expr(it.next().ok_or_else(|| internal(span))?)?;
+                    Ok(Expr {
+                        kind: ExprKind::Reduce {
+                            op,
+                            var,
+                            lo: Box::new(lo),
+                            hi: Box::new(hi),
+                            inclusive,
+                            body: Box::new(body),
+                        },
                         span,
                     })
                 }

@@ -20,6 +20,7 @@ mod limit;
 mod limit_linear;
 mod limit_refusals;
 mod limit_train;
+mod netsor;
 mod outputs;
 mod particle;
 mod readme_codes;

@@ -34,7 +34,10 @@ pub fn upstream_shared() -> Option<PathBuf> {
     p.join("spec").is_dir().then_some(p)
 }
 
-/// Every contract example, sorted by name: (stem, source).
+/// Examples of the project's own (Netsor+ scalars, issue 14), beside the contract's.
+pub const PROJECT_EXAMPLES: [&str; 3] = ["layernorm_mlp", "sp_attention", "transformer"];
+
+/// Every example (the contract's and the project's), sorted by name: (stem, source).
 pub fn examples() -> Vec<(String, String)> {
     let dir = examples_dir();
     let mut out: Vec<(String, String)> = std::fs::read_dir(&dir)
