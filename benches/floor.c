@@ -103,7 +103,7 @@ static void dump(const char *path, const double *m, size_t n) {
     fclose(f);
 }
 
-static void tile(double *cov, double *tan, const double *x, const double *sq, size_t n,
+static void tile(double *cov, double *tan, const double *xt, const double *sq, size_t n,
                  size_t bi, size_t bj) {
     double cb[TILE * TILE], tb[TILE * TILE];
     size_t i0 = bi * TILE, j0 = bj * TILE;
@@ -112,11 +112,16 @@ static void tile(double *cov, double *tan, const double *x, const double *sq, si
     for (size_t jj = 0; jj < nj; jj++) {
         size_t rows = diag ? jj + 1 : ni;
         double *c = cb + jj * TILE, *t = tb + jj * TILE;
-        const double *xj = x + (j0 + jj) * D;
+        /* Gram entries, vectorized over rows (xt is X column by column) */
+        for (size_t ii = 0; ii < rows; ii++) c[ii] = 0.0;
+        for (int k = 0; k < D; k++) {
+            const double *xk = xt + k * n + i0;
+            double xj = xt[k * n + j0 + jj];
+#pragma omp simd
+            for (size_t ii = 0; ii < rows; ii++) c[ii] += xk[ii] * xj;
+        }
         for (size_t ii = 0; ii < rows; ii++) {
-            const double *xi = x + (i0 + ii) * D;
-            double g = 0.0;
-            for (int k = 0; k < D; k++) g += xi[k] * xj[k];
+            double g = c[ii];
             c[ii] = g * (2.0 / D);
             t[ii] = g * (2.0 / D);
         }
@@ -159,6 +164,9 @@ int main(int argc, char **argv) {
     }
     fclose(f);
     int repeat = atoi(argv[2]);
+    double *xt = malloc((m ? m : 1) * D * sizeof(double));
+    for (size_t i = 0; i < m; i++)
+        for (int k = 0; k < D; k++) xt[k * m + i] = x[i * D + k];
     size_t n = m, nb = (n + TILE - 1) / TILE;
     printf("{\"seconds\": [");
     for (int r = 0; r < repeat; r++) {
@@ -185,7 +193,7 @@ int main(int argc, char **argv) {
             while (bj * (bj + 1) / 2 > k) bj--;
             while ((bj + 1) * (bj + 2) / 2 <= k) bj++;
             size_t bi = k - bj * (bj + 1) / 2;
-            tile(cov, tan, x, sq, n, bi, bj);
+            tile(cov, tan, xt, sq, n, bi, bj);
         }
         double dt = now() - t0;
         printf("%s%.6f", r ? ", " : "", dt);

@@ -20,7 +20,7 @@ Run from the repository root:
 
     /work/venv-nt/bin/python benches/nt_kernels.py [--points 500,1000,2000,4000,8000]
         [--seed 0] [--tpc target/release/tpc] [--repeat 3] [--no-compare]
-        [--general-max 2000] [--e2e 2000]
+        [--fast-repeat 7] [--general-max 2000] [--e2e 2000]
 
 What it does:
   * writes benches/out/points_M.csv for every M: rows of
@@ -298,6 +298,9 @@ def fmt_bytes(b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", default="500,1000,2000,4000,8000")
+    ap.add_argument("--fast-repeat", type=int, default=7,
+                    help="repeats for tpc, the floor and the general engine (cheap, and "
+                         "best-of-few is noisy on a loaded machine)")
     ap.add_argument("--general-max", type=int, default=2000,
                     help="time tpc's general block engine (--general) up to this M")
     ap.add_argument("--e2e", type=int, default=2000,
@@ -338,10 +341,10 @@ def main():
     tp, gen = {}, {}
     if have_tpc:
         for m in ms:
-            tp[m] = run_tpc(tpc, m, a.repeat)
+            tp[m] = run_tpc(tpc, m, a.fast_repeat)
             print(f"tpc M={m}: {tp[m]}", file=sys.stderr, flush=True)
             if m <= a.general_max:
-                gen[m] = run_tpc(tpc, m, a.repeat, general=True)
+                gen[m] = run_tpc(tpc, m, a.fast_repeat, general=True)
                 print(f"tpc --general M={m}: {gen[m]}", file=sys.stderr, flush=True)
 
     fl = {}
@@ -350,7 +353,7 @@ def main():
         print(f"floor: gcc failed: {cc.stderr[-500:]}", file=sys.stderr)
     else:
         for m in ms:
-            fl[m] = run_floor(m, a.repeat)
+            fl[m] = run_floor(m, a.fast_repeat)
             print(f"floor M={m}: {fl[m]}", file=sys.stderr, flush=True)
 
     e2e = None
@@ -376,7 +379,8 @@ def main():
 
     out = []
     out.append(f"Depth-10 ReLU MLP, d = {D}, NNGP+NTK over M points (M x M), float64, "
-               f"seed {a.seed}, best of {a.repeat} warm runs. "
+               f"seed {a.seed}, best of {a.repeat} warm runs for NT, of {a.fast_repeat} for tpc, "
+               f"the floor and the general engine. "
                f"NT 0.6.5 / jax 0.4.25 on CPU ({os.cpu_count()} cores).")
     out.append("")
     if not have_tpc:
