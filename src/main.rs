@@ -205,6 +205,9 @@ enum BenchCmd {
         repeat: usize,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Use the general block engine even for a layer chain (to time it)
+        #[arg(long)]
+        general: bool,
     },
 }
 
@@ -359,6 +362,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     inputs,
                     repeat,
                     format,
+                    general,
                 },
         } => {
             let prog = compile_file_for_limit(&file)?;
@@ -366,7 +370,13 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let mut secs = Vec::new();
             for _ in 0..repeat.max(1) {
                 let t = std::time::Instant::now();
-                let r = tpc::limit::limit(&prog, &points).map_err(|e| limit_fail(&file, &e))?;
+                let r = if general {
+                    tpc::limit::derivation(&prog)
+                        .and_then(|der| tpc::limit::limit_general(&prog, &der, points.clone()))
+                } else {
+                    tpc::limit::limit(&prog, &points)
+                }
+                .map_err(|e| limit_fail(&file, &e))?;
                 secs.push(t.elapsed().as_secs_f64());
                 drop(r);
             }

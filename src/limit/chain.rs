@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::dual::{Combine, PairKernel};
 use super::engine::TOL;
+use super::fastmath;
 use super::zform::{Derivation, GaussKind, LinForm};
 use crate::ir::{Expr, Law, Monomial, NodeId, Op, OutTerm, Program, Rational};
 
@@ -214,6 +215,9 @@ pub fn chain_kernels(
     inputs: &std::collections::HashMap<NodeId, DMatrix<f64>>,
 ) -> Option<(DMatrix<f64>, DMatrix<f64>, Vec<String>, f64)> {
     let (layers, out) = recognize(prog, der)?;
+    if let Some(r) = relu_chain(&layers, &out, inputs) {
+        return r;
+    }
     let mut methods = Vec::new();
     let mut max_err = 0.0f64;
     let mut cov = DMatrix::zeros(0, 0);
@@ -274,4 +278,280 @@ pub fn chain_kernels(
     methods.sort();
     methods.dedup();
     Some((cov, tan, methods, max_err))
+}
+
+/// Per layer of a ReLU chain: the arc-cosine constants `(c1, c2)` of the layer's
+/// `E[phi phi]`, `E[phi' phi']`, and the combine `[alpha, beta, gamma, delta, eps]` of the
+/// law that follows (next layer or readout).
+struct ReluStep {
+    c1: f64,
+    c2: f64,
+    k: [f64; 5],
+}
+
+/// One entry through one ReLU layer and the next law, the same arithmetic as the
+/// layer-by-layer path (`block_pair_in_place` in multiply mode, then [`combine`]):
+/// `x` is the covariance entry, `t` the tangent kernel, `n = sqrt(S_pp S_qq)`.
+#[inline(always)]
+fn relu_step(x: f64, t: f64, n: f64, l: &ReluStep) -> (f64, f64) {
+    let rho = dual_snap(x / n);
+    let (j, pt) = fastmath::arccos_pair(rho);
+    let ok = n > 0.0;
+    // zero variance: relu(0) = step(0) = 0
+    let cv = if ok { l.c1 * (n * j) } else { 0.0 };
+    let tv = t * if ok { l.c2 * pt } else { 0.0 };
+    let [alpha, beta, gamma, delta, eps] = l.k;
+    (alpha * cv + beta, gamma * cv + delta * tv + eps)
+}
+
+/// [`super::dual::snap_rho`] as selects, so that the loop around it vectorizes.
+#[inline(always)]
+fn dual_snap(r: f64) -> f64 {
+    const SNAP: f64 = 1e-14;
+    let r = if r >= 1.0 - SNAP { 1.0 } else { r };
+    if r <= -1.0 + SNAP {
+        -1.0
+    } else {
+        r
+    }
+}
+
+/// The fused path for chains whose every layer is `relu` with closed-form kernels
+/// (theory.md §3.1–3.2): the diagonal recursion first (it fixes `n = sqrt(S_pp S_qq)` of
+/// every layer), then each off-diagonal entry runs its whole depth on its own —
+/// `S^{l+1}_pq = alpha E[relu relu] + beta`, `Θ^{l+1}_pq = gamma E[relu relu] + delta
+/// E[step step] Θ^l_pq + eps` — in vectorized chunks of a column, columns in parallel,
+/// upper triangles only, mirrored once at the end. Memory: the two output matrices and
+/// `L x P` square roots. None when some layer is not such a ReLU layer (or a variance
+/// is not finite: the layer-by-layer path then reports it).
+#[allow(clippy::type_complexity)]
+fn relu_chain(
+    layers: &[Layer],
+    out: &Readout,
+    inputs: &std::collections::HashMap<NodeId, DMatrix<f64>>,
+) -> Option<Option<(DMatrix<f64>, DMatrix<f64>, Vec<String>, f64)>> {
+    let sums = |b: &[(f64, f64, f64)]| -> (f64, f64) {
+        (
+            b.iter().map(|(b, v, _)| b * b * v).sum(),
+            b.iter().map(|(b, _, w)| b * b * w).sum(),
+        )
+    };
+    let first = layers.first()?;
+    let Main::Input { var, tw, input } = &first.main else {
+        return None;
+    };
+    let x = inputs.get(input)?;
+    // The input law: cov = a^2 var G + bv, tan = a^2 tw G + bt.
+    let (bv0, bt0) = sums(&first.biases);
+    let a2 = first.a * first.a;
+    let (s0, t0) = (a2 * var, a2 * tw);
+    let mut steps = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let dphi = layer.phi.diff(0);
+        let k = PairKernel::new(&layer.phi, &layer.phi, 1.0, TOL);
+        let k2 = PairKernel::new(&dphi, &dphi, 1.0, TOL);
+        let (c1, c2) = k.relu_step_consts(&k2)?;
+        let k = match layers.get(i + 1) {
+            Some(next) => {
+                let Main::Hidden { sigma2, tw } = next.main else {
+                    return None;
+                };
+                let (bv, bt) = sums(&next.biases);
+                let a2 = next.a * next.a;
+                [a2 * sigma2, bv, a2 * tw, a2 * sigma2, bt]
+            }
+            None => {
+                let (bv, bt) = sums(&out.biases);
+                let c2o = out.c * out.c;
+                [c2o * out.sigma2, bv, c2o * out.tw, c2o * out.sigma2, bt]
+            }
+        };
+        steps.push(ReluStep { c1, c2, k });
+    }
+    let p = x.nrows();
+    let d = x.ncols();
+    let nl = steps.len();
+    // The inputs transposed (d x P), so that a tile computes its Gram entries
+    // vectorized over rows; the Gram matrix itself is never stored.
+    let xt: Vec<f64> = x.as_slice().to_vec();
+    // Both outputs in fresh memory; every entry is written by the tile pass.
+    let mut cov = DMatrix::from_vec(p, p, fastmath::huge_zeros(p * p));
+    let mut tan = DMatrix::from_vec(p, p, fastmath::huge_zeros(p * p));
+    // Diagonal recursion: sq[l*p + i] = sqrt(S^l_ii), with the very arithmetic the
+    // column pass applies to entry (i, i).
+    let mut sq = vec![0.0; nl * p];
+    let mut vmax = vec![1e-3f64; nl];
+    for i in 0..p {
+        let g = gram(&xt, p, i, i);
+        let (mut c, mut t) = (g * s0 + bv0, g * t0 + bt0);
+        for (l, st) in steps.iter().enumerate() {
+            if !c.is_finite() || !t.is_finite() {
+                return None;
+            }
+            vmax[l] = vmax[l].max(c);
+            let s = c.max(0.0).sqrt();
+            sq[l * p + i] = s;
+            (c, t) = relu_step(c, t, s * s, st);
+        }
+    }
+    let tp = TileProblem {
+        xt: &xt,
+        d,
+        p,
+        sq: &sq,
+        steps: &steps,
+        init: [s0, t0, bv0, bt0],
+    };
+    if !relu_tiles(cov.as_mut_slice(), tan.as_mut_slice(), &tp) {
+        return Some(None);
+    }
+    let mut methods = Vec::new();
+    let mut max_err = 0.0f64;
+    for (layer, &vm) in layers.iter().zip(&vmax) {
+        let dphi = layer.phi.diff(0);
+        for kk in [
+            PairKernel::new(&layer.phi, &layer.phi, vm, TOL),
+            PairKernel::new(&dphi, &dphi, vm, TOL),
+        ] {
+            methods.push(kk.method().to_string());
+            max_err = max_err.max(kk.error_bound());
+        }
+    }
+    methods.sort();
+    methods.dedup();
+    Some(Some((cov, tan, methods, max_err)))
+}
+
+/// Tile side of the fused pass: a tile's two buffers (16 KiB) stay in L1, and its
+/// results go out in runs of `TILE` contiguous entries to both triangles.
+const TILE: usize = 32;
+
+/// A raw pointer the tile tasks share; see [`relu_tiles`] for why their accesses are
+/// disjoint.
+struct Shared(*mut f64);
+// SAFETY: only used as described in `relu_tiles`, where no two tasks touch one entry.
+unsafe impl Sync for Shared {}
+
+/// The fused pass over `TILE x TILE` tiles `(I, J)`, `I <= J`, in parallel: each reads
+/// its block of the Gram matrix from `cov` (upper triangle), runs every entry through
+/// every layer in L1 buffers, and writes the block to `(I, J)` and its transpose to
+/// `(J, I)` of both outputs — no separate mirror pass. False if an entry is not finite.
+fn relu_tiles(cov: &mut [f64], tan: &mut [f64], tp: &TileProblem<'_>) -> bool {
+    let p = tp.p;
+    assert!(cov.len() == p * p && tan.len() == p * p);
+    let nb = p.div_ceil(TILE);
+    let tiles: Vec<(usize, usize)> = (0..nb).flat_map(|j| (0..=j).map(move |i| (i, j))).collect();
+    let (cp, np) = (Shared(cov.as_mut_ptr()), Shared(tan.as_mut_ptr()));
+    let (cp, np) = (&cp, &np);
+    // Tile (I, J), I <= J, writes blocks (I, J) and (J, I) of cov and tan and reads
+    // neither matrix. Distinct tiles have distinct block pairs, so the accesses of
+    // different tasks never overlap.
+    tiles.par_iter().all(|&(bi, bj)| {
+        let (i0, j0) = (bi * TILE, bj * TILE);
+        let (ni, nj) = ((p - i0).min(TILE), (p - j0).min(TILE));
+        let mut cb = [0.0f64; TILE * TILE];
+        let mut tb = [0.0f64; TILE * TILE];
+        let diag = bi == bj;
+        relu_tile(&mut cb, &mut tb, [i0, j0, ni, nj], diag, tp);
+        let mut ok = true;
+        for jj in 0..nj {
+            let rows = if diag { jj + 1 } else { ni };
+            let (c, t) = (
+                &cb[jj * TILE..jj * TILE + rows],
+                &tb[jj * TILE..jj * TILE + rows],
+            );
+            ok &= c.iter().chain(t).all(|v| v.is_finite());
+            // SAFETY: as above; column j0+jj, rows i0..i0+rows.
+            unsafe {
+                std::slice::from_raw_parts_mut(cp.0.add(i0 + (j0 + jj) * p), rows)
+                    .copy_from_slice(c);
+                std::slice::from_raw_parts_mut(np.0.add(i0 + (j0 + jj) * p), rows)
+                    .copy_from_slice(t);
+            }
+        }
+        // The transpose: entry (i0+ii, j0+jj) also goes to (j0+jj, i0+ii), written
+        // along columns i0+ii (contiguous in jj); on a diagonal tile only below it.
+        for ii in 0..ni {
+            let from = if diag { ii + 1 } else { 0 };
+            if from >= nj {
+                continue;
+            }
+            // SAFETY: column i0+ii, rows j0+from..j0+nj: inside the matrix, in block (J, I).
+            let (c, t) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(cp.0.add(j0 + from + (i0 + ii) * p), nj - from),
+                    std::slice::from_raw_parts_mut(np.0.add(j0 + from + (i0 + ii) * p), nj - from),
+                )
+            };
+            for (k, jj) in (from..nj).enumerate() {
+                c[k] = cb[ii + jj * TILE];
+                t[k] = tb[ii + jj * TILE];
+            }
+        }
+        ok
+    })
+}
+
+/// What every tile reads: the inputs transposed (`xt`, d x P), the diagonal square
+/// roots `sq[l * p + i] = sqrt(S^l_ii)`, the layers, and the input law
+/// `init = [s0, t0, bv0, bt0]` (`S^1 = s0 G + bv0`, `Θ^1 = t0 G + bt0`).
+struct TileProblem<'a> {
+    xt: &'a [f64],
+    d: usize,
+    p: usize,
+    sq: &'a [f64],
+    steps: &'a [ReluStep],
+    init: [f64; 4],
+}
+
+/// The Gram entry `x_i . x_j`, summed in coordinate order (as the tile pass does).
+fn gram(xt: &[f64], p: usize, i: usize, j: usize) -> f64 {
+    let mut g = 0.0;
+    for k in 0..xt.len() / p.max(1) {
+        g += xt[k * p + i] * xt[k * p + j];
+    }
+    g
+}
+
+fastmath::simd_fn! {
+    /// Every entry of one tile through every layer, `at = [i0, j0, ni, nj]` its rows
+    /// and columns: `cb` receives the NNGP block (column-major, leading dimension
+    /// `TILE`) and `tb` the NTK block; on a diagonal tile only entries on or above the
+    /// diagonal.
+    fn relu_tile(
+        cb: &mut [f64; TILE * TILE],
+        tb: &mut [f64; TILE * TILE],
+        at: [usize; 4],
+        diag: bool,
+        tp: &TileProblem<'_>,
+    ) {
+        let [i0, j0, ni, nj] = at;
+        let [s0, t0, bv0, bt0] = tp.init;
+        let p = tp.p;
+        for jj in 0..nj {
+            let rows = if diag { jj + 1 } else { ni };
+            let c = &mut cb[jj * TILE..jj * TILE + rows];
+            let t = &mut tb[jj * TILE..jj * TILE + rows];
+            // Gram entries, vectorized over rows, summed in coordinate order.
+            c.fill(0.0);
+            for k in 0..tp.d {
+                let xj = tp.xt[k * p + j0 + jj];
+                for (c, &xi) in c.iter_mut().zip(&tp.xt[k * p + i0..k * p + i0 + rows]) {
+                    *c += xi * xj;
+                }
+            }
+            for (c, t) in c.iter_mut().zip(t.iter_mut()) {
+                let g = *c;
+                *c = g * s0 + bv0;
+                *t = g * t0 + bt0;
+            }
+            for (l, st) in tp.steps.iter().enumerate() {
+                let row = &tp.sq[l * p + i0..l * p + i0 + rows];
+                let sqq = tp.sq[l * p + j0 + jj];
+                for ((c, t), &sp) in c.iter_mut().zip(t.iter_mut()).zip(row) {
+                    (*c, *t) = relu_step(*c, *t, sp * sqq, st);
+                }
+            }
+        }
+    }
 }

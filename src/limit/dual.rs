@@ -63,6 +63,7 @@ use std::f64::consts::{FRAC_1_SQRT_2, PI, SQRT_2};
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
+use super::fastmath;
 use super::gauss::{self, clamp_cov, Estimate, Families, Method, TINY_VAR};
 use crate::ir::expr::{Expr, Fun};
 
@@ -731,6 +732,16 @@ impl PairKernel {
         self.error
     }
 
+    /// `(c1, c2)` when `self` is `c1' E[relu relu]` and `second` is `c2' E[step step]`:
+    /// the arc-cosine pair of a ReLU layer, `c1 = c1'/(2π)`, `c2 = c2'/(2π)`, so that
+    /// `E = (c1 n J(rho), c2 (π - θ))` with [`fastmath::arccos_pair`].
+    pub fn relu_step_consts(&self, second: &PairKernel) -> Option<(f64, f64)> {
+        match (&self.plan, &second.plan) {
+            (Plan::ReluRelu(c1), Plan::StepStep(c2)) => Some((*c1 / (2.0 * PI), *c2 / (2.0 * PI))),
+            _ => None,
+        }
+    }
+
     pub fn is_closed_form(&self) -> bool {
         matches!(self.method, Method::ClosedForm(_))
     }
@@ -822,6 +833,41 @@ impl PairKernel {
     ) {
         check_shapes(d1, d2, cross, symmetric);
         let symmetric = symmetric && self.f == self.g;
+        // The arc-cosine kernels: vectorized columns (one `acos` per entry).
+        let arccos = match self.plan {
+            Plan::ReluRelu(c) => Some((c / (2.0 * PI), true)),
+            Plan::StepStep(c) => Some((c / (2.0 * PI), false)),
+            _ => None,
+        };
+        if let Some((c, relu)) = arccos {
+            let (s1, s2) = (sqrt_clamped(d1), sqrt_clamped(d2));
+            let n = cross.nrows();
+            if n > 0 {
+                cross
+                    .as_mut_slice()
+                    .par_chunks_mut(n)
+                    .enumerate()
+                    .for_each(|(q, col)| {
+                        let end = if symmetric { (q + 1).min(n) } else { n };
+                        let mut scratch = [0.0f64; ARCCOS_CHUNK];
+                        for (k, a) in col[..end].chunks_mut(ARCCOS_CHUNK).enumerate() {
+                            let s1 = &s1[k * ARCCOS_CHUNK..k * ARCCOS_CHUNK + a.len()];
+                            let b = &mut scratch[..a.len()];
+                            if relu {
+                                arccos_column(a, b, s1, s2[q], [c, 0.0], false);
+                            } else {
+                                // the covariances are read from the first slice
+                                b.copy_from_slice(a);
+                                arccos_column(b, a, s1, s2[q], [0.0, c], false);
+                            }
+                        }
+                    });
+                if symmetric {
+                    fastmath::mirror_upper_par(cross.as_mut_slice(), n);
+                }
+            }
+            return;
+        }
         let prep = Prepared::new(self, d1, d2);
         drive(cross, symmetric, |p, q, x| prep.at(p, q, x));
     }
@@ -851,20 +897,30 @@ impl PairKernel {
             let (c1, c2) = (*c1 / (2.0 * PI), *c2 / (2.0 * PI));
             let s1 = sqrt_clamped(d1);
             let s2 = sqrt_clamped(d2);
-            drive2(cross, second_out, multiply, symmetric, |p, q, x| {
-                let n = s1[p] * s2[q];
-                if n.is_nan() || x.is_nan() {
-                    return (f64::NAN, f64::NAN);
-                }
-                if n <= 0.0 {
-                    // zero variance: relu(0) = step(0) = 0
-                    return (0.0, 0.0);
-                }
-                let rho = snap_rho(x / n);
-                let pt = PI - libm::acos(rho);
-                let k1 = n * (((1.0 - rho) * (1.0 + rho)).sqrt() + pt * rho);
-                (c1 * k1, c2 * pt)
-            });
+            let n = cross.nrows();
+            if n == 0 {
+                return;
+            }
+            cross
+                .as_mut_slice()
+                .par_chunks_mut(n)
+                .zip(second_out.as_mut_slice().par_chunks_mut(n))
+                .enumerate()
+                .for_each(|(q, (ca, cb))| {
+                    let end = if symmetric { (q + 1).min(n) } else { n };
+                    arccos_column(
+                        &mut ca[..end],
+                        &mut cb[..end],
+                        &s1[..end],
+                        s2[q],
+                        [c1, c2],
+                        multiply,
+                    );
+                });
+            if symmetric {
+                fastmath::mirror_upper_par(cross.as_mut_slice(), n);
+                fastmath::mirror_upper_par(second_out.as_mut_slice(), n);
+            }
             return;
         }
         let p1 = Prepared::new(self, d1, d2);
@@ -872,6 +928,35 @@ impl PairKernel {
         drive2(cross, second_out, multiply, symmetric, |p, q, x| {
             (p1.at(p, q, x), p2.at(p, q, x))
         });
+    }
+}
+
+/// Entries per chunk when [`arccos_column`] needs a scratch column.
+const ARCCOS_CHUNK: usize = 256;
+
+fastmath::simd_fn! {
+    /// One column of the arc-cosine pair (theory.md §3.2): with `n = s1[p] * s2q`,
+    /// `a[p] <- c[0] E[relu relu] = c[0] n J(rho)` and `b[p] <- c[1] (π - θ)` (times the
+    /// old `b[p]` when `multiply`), `rho = a[p] / n` snapped ([`snap_rho`]); zero
+    /// variances give 0 (relu(0) = step(0) = 0) and NaN input NaN. Branch-free, so it
+    /// vectorizes with [`fastmath::acos`].
+    fn arccos_column(a: &mut [f64], b: &mut [f64], s1: &[f64], s2q: f64, c: [f64; 2], multiply: bool) {
+        let [c1, c2] = c;
+        for ((x, y), &sp) in a.iter_mut().zip(b.iter_mut()).zip(s1) {
+            let n = sp * s2q;
+            let xv = *x;
+            let bad = n.is_nan() || xv.is_nan();
+            let r = xv / n;
+            let r = if r >= 1.0 - SNAP { 1.0 } else { r };
+            let rho = if r <= -1.0 + SNAP { -1.0 } else { r };
+            let (j, pt) = fastmath::arccos_pair(rho);
+            let ok = n > 0.0;
+            let u = if ok { c1 * (n * j) } else { 0.0 };
+            let v = if ok { c2 * pt } else { 0.0 };
+            *x = if bad { f64::NAN } else { u };
+            let v = if bad { f64::NAN } else { v };
+            *y = if multiply { *y * v } else { v };
+        }
     }
 }
 
@@ -1076,7 +1161,7 @@ where
             }
         });
     if symmetric {
-        mirror_upper(m);
+        fastmath::mirror_upper_par(m.as_mut_slice(), n);
     }
 }
 
@@ -1102,27 +1187,8 @@ where
             }
         });
     if symmetric {
-        mirror_upper(a);
-        mirror_upper(b);
-    }
-}
-
-/// Copies the upper triangle onto the lower one, in 64 x 64 tiles so that the strided
-/// reads stay in cache.
-fn mirror_upper(m: &mut DMatrix<f64>) {
-    const T: usize = 64;
-    let n = m.nrows().min(m.ncols());
-    let ld = m.nrows();
-    let s = m.as_mut_slice();
-    for jb in (0..n).step_by(T) {
-        for ib in (jb..n).step_by(T) {
-            for j in jb..(jb + T).min(n) {
-                for i in ib.max(j + 1)..(ib + T).min(n) {
-                    // lower (i, j) <- upper (j, i)
-                    s[i + j * ld] = s[j + i * ld];
-                }
-            }
-        }
+        fastmath::mirror_upper_par(a.as_mut_slice(), n);
+        fastmath::mirror_upper_par(b.as_mut_slice(), n);
     }
 }
 
@@ -1373,6 +1439,9 @@ pub fn pair_expectation(f: &Expr, g: &Expr, s11: f64, s12: f64, s22: f64, tol: f
     PairKernel::new(f, g, s11.max(s22), tol).estimate(s11, s12, s22)
 }
 
+/// Correlations within this of ±1 are read as ±1 ([`snap_rho`]).
+pub const SNAP: f64 = 1e-14;
+
 /// A correlation clamped to [-1, 1], with values within 1e-14 of ±1 taken as exactly ±1.
 ///
 /// Why: `acos` is not Lipschitz at ±1 (θ ≈ sqrt(2(1-ρ))), so the few ulps of round-off
@@ -1381,7 +1450,6 @@ pub fn pair_expectation(f: &Expr, g: &Expr, s11: f64, s12: f64, s22: f64, tol: f
 /// are; a genuine 1 - ρ below 1e-14 is below the accuracy ρ is known to anyway.
 #[inline]
 pub fn snap_rho(r: f64) -> f64 {
-    const SNAP: f64 = 1e-14;
     if r >= 1.0 - SNAP {
         1.0
     } else if r <= -1.0 + SNAP {
@@ -1789,7 +1857,11 @@ mod tests {
                         2.0 * kern.error_bound()
                     };
                     let name = kern.method();
-                    assert!((full[(p, q)] - e).abs() <= tol, "{name} ({p},{q})");
+                    assert!(
+                        (full[(p, q)] - e).abs() <= tol,
+                        "{name} ({p},{q}) {} vs {e}",
+                        full[(p, q)]
+                    );
                     assert!((sym[(p, q)] - full[(p, q)]).abs() <= tol, "{name}");
                 }
             }
@@ -1913,7 +1985,10 @@ mod tests {
                 per(e)
             );
         }
-        let e = time(&mut |a, _| mirror_upper(a));
+        let e = time(&mut |a, _| {
+            let n = a.nrows();
+            fastmath::mirror_upper_par(a.as_mut_slice(), n)
+        });
         println!("mirror alone: {e:.3} s");
         let tanh = PairKernel::new(&call(Fun::Tanh), &call(Fun::Tanh), 4.0, 1e-10);
         let t = Instant::now();

@@ -20,6 +20,7 @@
 pub mod chain;
 pub mod dual;
 pub mod engine;
+pub mod fastmath;
 pub mod gauss;
 pub mod linear;
 pub mod particle;
@@ -27,6 +28,7 @@ pub mod qmc;
 pub mod train;
 pub mod zform;
 
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 use nalgebra::DMatrix;
@@ -304,6 +306,14 @@ fn check_finite(prog: &Program, r: &LimitResult) -> Result<(), LimitError> {
         None => LimitError::general("E0032", what),
     };
     let first_bad = |m: &DMatrix<f64>| {
+        // The common case in one contiguous (parallel) scan; the row-major search that
+        // names the first bad entry only when there is one.
+        if m.as_slice()
+            .par_chunks(1 << 16)
+            .all(|c| c.iter().all(|v| v.is_finite()))
+        {
+            return None;
+        }
         (0..m.nrows())
             .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
             .find(|&(i, j)| !m[(i, j)].is_finite())
