@@ -22,6 +22,7 @@ mod limit_refusals;
 mod limit_train;
 mod outputs;
 mod particle;
+mod quadrature;
 mod readme_codes;
 mod scaling;
 mod semicircle_scaling;
