@@ -744,6 +744,17 @@ impl PairKernel {
         self.method
     }
 
+    /// Reuses what `old` (the same functions, prepared for smaller variances) has
+    /// already computed and is still valid here: the smooth path's per-variance rows
+    /// when both chose the same grid.
+    pub fn adopt(&mut self, old: &PairKernel) {
+        if let (Plan::Smooth(new), Plan::Smooth(prev)) = (&mut self.plan, &old.plan) {
+            if let Some(new) = Arc::get_mut(new) {
+                new.adopt_cache(prev);
+            }
+        }
+    }
+
     /// Estimated absolute error of [`Self::eval`] for variances up to the `max_var`
     /// given at construction.
     pub fn error_bound(&self) -> f64 {

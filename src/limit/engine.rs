@@ -164,7 +164,7 @@ pub const TOL: f64 = 1e-11;
 type BlockKey = (String, String, usize, usize);
 
 /// Memory allowed for the memo of kernel blocks (`Engine::blocks`).
-const BLOCK_MEMO_BYTES: usize = 64 << 20;
+const BLOCK_MEMO_BYTES: usize = 256 << 20;
 
 /// The numerical engine for one program on one set of points.
 pub struct Engine<'a> {
@@ -625,7 +625,10 @@ impl<'a> Engine<'a> {
         let fresh = self.kernels.get(&key).is_none_or(|k| k.1 < vmax);
         if fresh {
             let v = vmax.max(1e-3);
-            let k = PairKernel::new(f, g, v, TOL);
+            let mut k = PairKernel::new(f, g, v, TOL);
+            if let Some((old, _)) = self.kernels.get(&key) {
+                k.adopt(old);
+            }
             self.note(k.method().to_string(), k.error_bound());
             self.kernels.insert(key.clone(), (k, v));
         }

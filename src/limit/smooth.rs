@@ -81,7 +81,7 @@ const STEPS: [f64; 5] = [0.4, 0.2, 0.1, 0.05, 0.025];
 /// `2 pi / HMAX`).
 const HMAX: f64 = 0.1;
 /// Largest outer step of the conditional rule, times `max(s1, |rho s2|)`.
-const OUTER_STEP: f64 = 0.15;
+const OUTER_STEP: f64 = 0.25;
 /// `1/sqrt(2 pi)`
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 /// Safety factor on the coefficient-error estimate (as `gauss::SAFETY`).
@@ -232,8 +232,8 @@ pub(crate) struct Smooth {
     /// stated error: coefficient error + budget
     error: f64,
     coef_error: f64,
-    cache_f: Mutex<HashMap<u64, Arc<Row>>>,
-    cache_g: Mutex<HashMap<u64, Arc<Row>>>,
+    cache_f: Arc<Mutex<HashMap<u64, Arc<Row>>>>,
+    cache_g: Arc<Mutex<HashMap<u64, Arc<Row>>>>,
     /// largest per-entry error above the budget seen (f64 bits), see the module doc
     worst: AtomicU64,
 }
@@ -305,9 +305,19 @@ impl Smooth {
             budget,
             error: coef_error + budget,
             coef_error,
-            cache_f: Mutex::new(HashMap::new()),
-            cache_g: Mutex::new(HashMap::new()),
+            cache_f: Arc::new(Mutex::new(HashMap::new())),
+            cache_g: Arc::new(Mutex::new(HashMap::new())),
             worst: AtomicU64::new(0),
+        }
+    }
+
+    /// Shares the row caches of `old` (a kernel of the same functions prepared for
+    /// smaller variances) when both use the same grid: rows depend only on the
+    /// function, the grid and the variance.
+    pub(crate) fn adopt_cache(&mut self, old: &Smooth) {
+        if old.f == self.f && old.g == self.g && old.table.h == self.table.h {
+            self.cache_f = Arc::clone(&old.cache_f);
+            self.cache_g = Arc::clone(&old.cache_g);
         }
     }
 
@@ -446,13 +456,13 @@ impl SmoothBlock<'_> {
         let g = &k.g;
         // The outer integrand f(s1 z) G(c z) is analytic in |Im z| < (pi/2) / max(s1, |c|)
         // (G is g smoothed), so the trapezoid rule needs a step of at most
-        // OUTER_STEP / max(s1, |c|) (error ~ exp(-2 pi (pi/2) / 0.15) ~ 1e-28 times the
+        // OUTER_STEP / max(s1, |c|) (error ~ exp(-2 pi (pi/2) / 0.25) ~ 1e-17 times the
         // integrand's size on the strip): every `stride`-th node of the row's grid (a
         // uniform grid again), with weights times `stride`; nodes whose weight is below
-        // 1e-19 are dropped.
+        // 1e-17 are dropped.
         let stride = ((OUTER_STEP / (t.h * ra.sd.max(c.abs()))).floor() as usize).max(1);
         let idx: Vec<usize> = (0..t.z.len())
-            .filter(|&i| i % stride == 0 && t.w[i] > 1e-19)
+            .filter(|&i| i % stride == 0 && t.w[i] > 1e-17)
             .collect();
         let sw = stride as f64;
         let mut mu: Vec<f64> = idx.iter().map(|&i| c * t.z[i]).collect();
@@ -486,7 +496,7 @@ impl SmoothBlock<'_> {
             }
             outer(&gsum)
         };
-        let mut m = 4;
+        let mut m = 3;
         let mut prev = inner(m);
         loop {
             let next = inner(2 * m);
