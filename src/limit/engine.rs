@@ -164,7 +164,7 @@ pub const TOL: f64 = 1e-11;
 type BlockKey = (String, String, usize, usize);
 
 /// Memory allowed for the memo of kernel blocks (`Engine::blocks`).
-const BLOCK_MEMO_BYTES: usize = 256 << 20;
+const BLOCK_MEMO_BYTES: usize = 64 << 20;
 
 /// The numerical engine for one program on one set of points.
 pub struct Engine<'a> {

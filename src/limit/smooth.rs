@@ -296,7 +296,10 @@ impl Smooth {
         };
         let scale = (nf * ng).max(1.0);
         let coef_error = SAFETY * diff * (nf + ng) + 16.0 * f64::EPSILON * scale;
-        let budget = 0.5 * tol * scale;
+        // A twentieth of the target: the recursions add several kernels per entry (an
+        // NTK entry sums products of two of them), and existing references hold the
+        // results to 1e-12 absolute.
+        let budget = 0.05 * tol * scale;
         Smooth {
             f: f.clone(),
             g: g.clone(),
