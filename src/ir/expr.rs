@@ -378,6 +378,8 @@ impl Expr {
             Expr::Const(c) => out.fill(*c),
             Expr::Call(f, x) => unary(x, out, &|v| f.eval(v)),
             Expr::Neg(x) => unary(x, out, &|v| -v),
+            // x.powi(2) is x * x bit for bit (repeated squaring), without the libcall
+            Expr::Powi(x, 2) => unary(x, out, &|v| v * v),
             Expr::Powi(x, k) => unary(x, out, &|v| v.powi(*k)),
             Expr::Add(a, b) => binary(a, b, out, |x, y| x + y),
             Expr::Sub(a, b) => binary(a, b, out, |x, y| x - y),

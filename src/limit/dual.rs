@@ -56,7 +56,7 @@
 //! [`PairKernel::block_pair_in_place`]). Smooth quadrature kernels are evaluated on
 //! blocks by Mehler's Hermite series (per-row coefficients, `O(K)` per entry, with a
 //! rigorous truncation bound and the 2-D rule as fallback), which turns a 4000 x 4000
-//! tanh kernel from hours of 2-D quadrature into seconds; see `Series`.
+//! tanh kernel from hours of 2-D quadrature into seconds; see `smooth.rs`.
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI, SQRT_2};
 
@@ -65,7 +65,9 @@ use rayon::prelude::*;
 
 use super::fastmath;
 use super::gauss::{self, clamp_cov, Estimate, Families, Method, TINY_VAR};
+use super::smooth::{Smooth, SmoothBlock};
 use crate::ir::expr::{Expr, Fun};
+use std::sync::Arc;
 
 /// `1/sqrt(2 pi)`
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -538,8 +540,11 @@ enum Plan {
         h: Expr,
         degree: usize,
     },
-    /// 2-D Gauss–Hermite of the given degree.
+    /// 2-D Gauss–Hermite of the given degree (kinked integrands).
     Quad { degree: usize },
+    /// Smooth integrands: Mehler series with cached per-variance coefficients and a
+    /// conditional 1-D fallback (`smooth.rs`).
+    Smooth(Arc<Smooth>),
 }
 
 /// Pairs without a closed form that still reduce to one dimension.
@@ -697,6 +702,20 @@ impl PairKernel {
             };
         }
         let kinked = is_kinked(f) || is_kinked(g);
+        if !kinked {
+            let sm = Smooth::new(f, g, max_var, tol);
+            return PairKernel {
+                f: f.clone(),
+                g: g.clone(),
+                f0,
+                g0,
+                method: Method::HermiteSeries {
+                    degree: sm.degree(),
+                },
+                error: sm.error(),
+                plan: Plan::Smooth(Arc::new(sm)),
+            };
+        }
         let fe = |x: f64| f.eval(&[x]);
         let ge = |x: f64| g.eval(&[x]);
         let cap = if kinked {
@@ -726,10 +745,25 @@ impl PairKernel {
         self.method
     }
 
+    /// Reuses what `old` (the same functions, prepared for smaller variances) has
+    /// already computed and is still valid here: the smooth path's per-variance rows
+    /// when both chose the same grid.
+    pub fn adopt(&mut self, old: &PairKernel) {
+        if let (Plan::Smooth(new), Plan::Smooth(prev)) = (&mut self.plan, &old.plan) {
+            if let Some(new) = Arc::get_mut(new) {
+                new.adopt_cache(prev);
+            }
+        }
+    }
+
     /// Estimated absolute error of [`Self::eval`] for variances up to the `max_var`
     /// given at construction.
     pub fn error_bound(&self) -> f64 {
-        self.error
+        match &self.plan {
+            // may have grown with the entries evaluated so far (smooth.rs)
+            Plan::Smooth(s) => s.error(),
+            _ => self.error,
+        }
     }
 
     /// `(c1, c2)` when `self` is `c1' E[relu relu]` and `second` is `c2' E[step step]`:
@@ -789,6 +823,7 @@ impl PairKernel {
                     OneDim::SteinG => scale * s12 * e(s11),
                 }
             }
+            Plan::Smooth(sm) => sm.eval(s11, s12, s22),
             Plan::Quad { degree } => {
                 let fe = |x: f64| self.f.eval(&[x]);
                 let ge = |x: f64| self.g.eval(&[x]);
@@ -1081,7 +1116,7 @@ enum Prepared<'a> {
         t2: Vec<f64>,
         k: f64,
     },
-    Series(SeriesEval<'a>),
+    Smooth(SmoothBlock<'a>),
     General {
         k: &'a PairKernel,
         d1: &'a [f64],
@@ -1121,9 +1156,7 @@ impl<'a> Prepared<'a> {
                 t2: d2.iter().map(|&s| 1.0 + 2.0 * a2 * pos(s)).collect(),
                 k: 4.0 * a1 * a2,
             },
-            Plan::Quad { .. } if !matches!(k.method, Method::GaussHermite { kinked: true, .. }) => {
-                Prepared::Series(SeriesEval::new(k, d1, d2))
-            }
+            Plan::Smooth(ref sm) => Prepared::Smooth(sm.block(d1, d2)),
             _ => Prepared::General { k, d1, d2 },
         }
     }
@@ -1135,7 +1168,7 @@ impl<'a> Prepared<'a> {
             Prepared::Step { c, s1, s2 } => c * step_step(s1[p] * s2[q], x),
             Prepared::Erf { c, r1, r2 } => c * erf_erf(r1[p] * r2[q], x),
             Prepared::Gauss { c, t1, t2, k } => c * gauss_gauss(t1[p] * t2[q], *k, x),
-            Prepared::Series(s) => s.at(p, q, x),
+            Prepared::Smooth(s) => s.at(p, q, x),
             Prepared::General { k, d1, d2 } => k.eval(d1[p], x, d2[q]),
         }
     }
@@ -1189,165 +1222,6 @@ where
     if symmetric {
         fastmath::mirror_upper_par(a.as_mut_slice(), n);
         fastmath::mirror_upper_par(b.as_mut_slice(), n);
-    }
-}
-
-// ----------------------------------------------------------------------------------
-// Hermite (Mehler) series for smooth kernels on blocks
-
-/// Truncation levels tried per entry, in increasing cost.
-const SERIES_LEVELS: [usize; 5] = [8, 16, 32, 64, 128];
-/// Rule used for the series coefficients: 4x the largest level, so that `f h_k` is
-/// integrated with as many spare nodes as `f` alone gets at degree 384.
-const SERIES_DEGREE: usize = 512;
-
-/// Mehler's formula: for `u = s1 z1`, `v = s2 (rho z1 + sqrt(1 - rho^2) z2)`,
-///
-/// ```text
-/// E[f(u) g(v)] = sum_k rho^k a_k b_k,   a_k = E[f(s1 z) h_k(z)],  b_k = E[g(s2 z) h_k(z)]
-/// ```
-///
-/// with `h_k` the orthonormal probabilists' Hermite polynomials. The coefficients depend
-/// on one variance only, so a block of M x M entries needs 2M one-dimensional
-/// coefficient computations and then `O(K)` per entry instead of the `m^2` evaluations
-/// of the 2-D rule (theory.md §3.3) — the difference between minutes and weeks for a
-/// 4000 x 4000 tanh kernel. By Cauchy–Schwarz and Parseval the truncation error is at
-/// most `|rho|^{K+1} sqrt(A_K B_K)`, `A_K = E f^2 - sum_{k<=K} a_k^2`; each entry uses
-/// the first level `K` where that bound is within the kernel's error budget, and falls
-/// back to the 2-D rule (rank one: the 1-D rule) where none is.
-struct Series {
-    /// `a_k` for each row, `K_max + 1` per row.
-    coef: Vec<f64>,
-    /// Tail energy `A_K` at each level of [`SERIES_LEVELS`].
-    tails: Vec<[f64; SERIES_LEVELS.len()]>,
-    sd: Vec<f64>,
-}
-
-impl Series {
-    const KMAX: usize = SERIES_LEVELS[SERIES_LEVELS.len() - 1];
-
-    fn new(h: &Expr, vars: &[f64]) -> Series {
-        let rule = gauss::rule(SERIES_DEGREE);
-        // standard-normal nodes and weights, zero weights dropped
-        let (z, w): (Vec<f64>, Vec<f64>) = rule
-            .nodes
-            .iter()
-            .zip(&rule.weights)
-            .filter(|(_, &w)| w > 0.0)
-            .map(|(&x, &w)| (SQRT_2 * x, w / gauss::SQRT_PI))
-            .unzip();
-        let n = z.len();
-        let k1 = Self::KMAX + 1;
-        let mut coef = vec![0.0; vars.len() * k1];
-        let mut tails = vec![[0.0; SERIES_LEVELS.len()]; vars.len()];
-        let mut sd = vec![0.0; vars.len()];
-        let mut wf = vec![0.0; n];
-        let (mut hk, mut hk1) = (vec![0.0; n], vec![0.0; n]);
-        for (p, &v) in vars.iter().enumerate() {
-            let c = &mut coef[p * k1..(p + 1) * k1];
-            if !v.is_finite() {
-                c.iter_mut().for_each(|x| *x = f64::NAN);
-                tails[p] = [f64::NAN; SERIES_LEVELS.len()];
-                sd[p] = f64::NAN;
-                continue;
-            }
-            let s = v.max(0.0).sqrt();
-            sd[p] = s;
-            let mut energy = 0.0;
-            for i in 0..n {
-                let fv = h.eval(&[s * z[i]]);
-                wf[i] = w[i] * fv;
-                energy += w[i] * fv * fv;
-            }
-            // h_0 = 1, h_1 = z, h_{k+1} = (z h_k - sqrt(k) h_{k-1}) / sqrt(k+1)
-            hk1.iter_mut().for_each(|x| *x = 0.0);
-            hk.iter_mut().for_each(|x| *x = 1.0);
-            let mut partial = 0.0;
-            let mut level = 0;
-            for (k, ck) in c.iter_mut().enumerate() {
-                let a: f64 = wf.iter().zip(&hk).map(|(a, b)| a * b).sum();
-                *ck = a;
-                partial += a * a;
-                if k == SERIES_LEVELS[level] {
-                    tails[p][level] = (energy - partial).max(0.0);
-                    level += 1;
-                }
-                let kf = k as f64;
-                let (r1, r0) = (1.0 / (kf + 1.0).sqrt(), kf.sqrt());
-                for i in 0..n {
-                    let next = (z[i] * hk[i] - r0 * hk1[i]) * r1;
-                    hk1[i] = hk[i];
-                    hk[i] = next;
-                }
-            }
-        }
-        Series { coef, tails, sd }
-    }
-}
-
-/// Entry evaluation by series with fallback; see [`Series`].
-struct SeriesEval<'a> {
-    k: &'a PairKernel,
-    d1: &'a [f64],
-    d2: &'a [f64],
-    a: Series,
-    b: Option<Series>,
-    budget: f64,
-}
-
-impl<'a> SeriesEval<'a> {
-    fn new(k: &'a PairKernel, d1: &'a [f64], d2: &'a [f64]) -> SeriesEval<'a> {
-        let a = Series::new(&k.f, d1);
-        let b = (k.f != k.g || d1 != d2).then(|| Series::new(&k.g, d2));
-        // Half the error budget for truncation; the coefficients' own quadrature error
-        // is of the order of the 2-D rule's.
-        let budget = 0.5 * k.error;
-        SeriesEval {
-            k,
-            d1,
-            d2,
-            a,
-            b,
-            budget,
-        }
-    }
-
-    #[inline]
-    fn at(&self, p: usize, q: usize, x: f64) -> f64 {
-        self.try_series(p, q, x)
-            .unwrap_or_else(|| self.k.eval(self.d1[p], x, self.d2[q]))
-    }
-
-    /// The series value, or `None` where its bound does not meet the budget (zero
-    /// variance, rank one, `|rho|` too close to 1 for the tails).
-    #[inline]
-    fn try_series(&self, p: usize, q: usize, x: f64) -> Option<f64> {
-        let b = self.b.as_ref().unwrap_or(&self.a);
-        let n = self.a.sd[p] * b.sd[q];
-        if !(n > 0.0 && x.is_finite()) {
-            return None;
-        }
-        let rho = (x / n).clamp(-1.0, 1.0);
-        let r = rho.abs();
-        if r > 1.0 - 1e-9 {
-            return None;
-        }
-        let (ta, tb) = (&self.a.tails[p], &b.tails[q]);
-        let level = (0..SERIES_LEVELS.len()).find(|&l| {
-            let kk = SERIES_LEVELS[l] as i32;
-            r.powi(kk + 1) * (ta[l] * tb[l]).sqrt() <= self.budget
-        })?;
-        let k1 = Series::KMAX + 1;
-        let len = SERIES_LEVELS[level] + 1;
-        let ca = &self.a.coef[p * k1..p * k1 + len];
-        let cb = &b.coef[q * k1..q * k1 + len];
-        // Horner, highest power first
-        Some(
-            ca.iter()
-                .zip(cb)
-                .rev()
-                .fold(0.0, |acc, (x, y)| acc * rho + x * y),
-        )
     }
 }
 
@@ -1669,12 +1543,9 @@ mod tests {
             kind(&call(Fun::Relu), &call(Fun::Relu)).to_string(),
             "closed form (arc-cosine)"
         );
-        // tanh has no closed form: smooth quadrature
+        // tanh has no closed form: the smooth path (Hermite series, smooth.rs)
         let m = kind(&call(Fun::Tanh), &call(Fun::Tanh));
-        assert!(
-            matches!(m, Method::GaussHermite { kinked: false, .. }),
-            "{m}"
-        );
+        assert!(matches!(m, Method::HermiteSeries { .. }), "{m}");
         // relu against cos: no closed form (complex tilt) -> kinked quadrature
         let m = kind(&call(Fun::Relu), &call(Fun::Cos));
         assert!(
@@ -1747,7 +1618,7 @@ mod tests {
         assert!((e.value - exact).abs() < 1e-15);
         assert!(e.to_string().ends_with("(closed form (arc-cosine))"), "{e}");
         let e = pair_expectation(&call(Fun::Tanh), &call(Fun::Tanh), 1.0, 0.5, 1.0, 1e-10);
-        assert!(e.to_string().contains("Gauss–Hermite, degree"), "{e}");
+        assert!(e.to_string().contains("Hermite (Mehler) series"), "{e}");
         assert!(e.error <= 1e-10);
     }
 
@@ -1884,14 +1755,15 @@ mod tests {
         for (f, gg, v) in [(&t, &t, 2.0), (&g, &t, 4.0)] {
             let k = PairKernel::new(f, gg, v, 1e-10);
             let d = [v, 0.5 * v, 0.1];
-            let s = SeriesEval::new(&k, &d, &d);
+            let Plan::Smooth(sm) = &k.plan else {
+                panic!("not the smooth plan: {}", k.method());
+            };
+            let s = sm.block(&d, &d);
             for p in 0..3 {
                 for q in 0..3 {
                     for rho in [-0.95, -0.6, 0.0, 0.3, 0.8, 0.95] {
                         let x = rho * (d[p] * d[q]).sqrt();
-                        let Some(val) = s.try_series(p, q, x) else {
-                            panic!("series not used at rho={rho}");
-                        };
+                        let val = s.at(p, q, x);
                         let q2 = gauss::expect2(
                             &|y| f.eval(&[y]),
                             &|y| gg.eval(&[y]),

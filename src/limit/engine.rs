@@ -160,6 +160,12 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Memo<K, V> {
 /// Accuracy target of quadrature (absolute, relative to max(1, |value|)).
 pub const TOL: f64 = 1e-11;
 
+/// (f, g, interned form of u, interned form of v) of a memoized kernel block.
+type BlockKey = (String, String, usize, usize);
+
+/// Memory allowed for the memo of kernel blocks (`Engine::blocks`).
+const BLOCK_MEMO_BYTES: usize = 64 << 20;
+
 /// The numerical engine for one program on one set of points.
 pub struct Engine<'a> {
     prog: &'a Program,
@@ -174,6 +180,12 @@ pub struct Engine<'a> {
     tg: Memo<(GaussId, GaussId), Scaled>,
     tv: Memo<(NodeId, NodeId), Scaled>,
     kernels: HashMap<(String, String), (PairKernel, f64)>,
+    /// Blocks of 2-D kernel expectations already computed in the real run, keyed by
+    /// (f, g, form of u, form of v), with their stated error: the recursions ask for the
+    /// same `E[f(u_p) g(v_q)]` block several times and in both orders (issue 13: 1180
+    /// requests for 420 distinct blocks on a T = 20 RNN). Bounded by [`BLOCK_MEMO_BYTES`].
+    blocks: HashMap<BlockKey, (DMatrix<f64>, f64)>,
+    blocks_bytes: usize,
     /// How the numbers were computed, for the report.
     pub methods: BTreeSet<String>,
     /// Largest stated error of any expectation used (absolute).
@@ -218,6 +230,8 @@ impl<'a> Engine<'a> {
             tg: Memo::new(),
             tv: Memo::new(),
             kernels: HashMap::new(),
+            blocks: HashMap::new(),
+            blocks_bytes: 0,
             methods: BTreeSet::new(),
             max_error: 0.0,
             qmc: std::collections::BTreeMap::new(),
@@ -231,6 +245,8 @@ impl<'a> Engine<'a> {
         self.p = p;
         self.inputs = inputs;
         self.scales.clear();
+        self.blocks.clear();
+        self.blocks_bytes = 0;
         self.lcov.arm();
         self.vv.arm();
         self.tg.arm();
@@ -603,6 +619,26 @@ impl<'a> Engine<'a> {
                 Ok(DMatrix::from_fn(p, p, |i, _| c * ma[i]))
             }
             (1, 1) => {
+                let memo_key = if p > 0 {
+                    let (ia, ib) = (self.intern(&a.args[0]), self.intern(&b.args[0]));
+                    let (fa, fb) = (format!("{:?}", a.f), format!("{:?}", b.f));
+                    let hit = self
+                        .blocks
+                        .get(&(fa.clone(), fb.clone(), ia, ib))
+                        .map(|(m, e)| (m.clone(), *e))
+                        .or_else(|| {
+                            self.blocks
+                                .get(&(fb.clone(), fa.clone(), ib, ia))
+                                .map(|(m, e)| (m.transpose(), *e))
+                        });
+                    if let Some((m, e)) = hit {
+                        self.note_err(e);
+                        return Ok(m);
+                    }
+                    Some((fa, fb, ia, ib))
+                } else {
+                    None
+                };
                 let cross = self.lcov(&a.args[0], &b.args[0])?;
                 if a.f == Expr::Arg(0) && b.f == Expr::Arg(0) {
                     return Ok(cross);
@@ -622,10 +658,19 @@ impl<'a> Engine<'a> {
                 let vmax = d1.iter().chain(&d2).fold(0.0f64, |x, &v| x.max(v));
                 let key = self.kernel(&a.f, &b.f, vmax);
                 let sym = symmetric && a.args[0] == b.args[0] && a.f == b.f;
-                // Stated at every use, so that a scoped error ([`Engine::scoped`]) sees it.
+                let out = self.kernels[&key].0.block(&d1, &d2, &cross, sym);
+                // Stated at every use, so that a scoped error ([`Engine::scoped`]) sees it;
+                // read after the block, whose entries may have raised it (smooth.rs).
                 let err = self.kernels[&key].0.error_bound();
                 self.note_err(err);
-                Ok(self.kernels[&key].0.block(&d1, &d2, &cross, sym))
+                let bytes = 8 * out.len();
+                if let Some(k) = memo_key {
+                    if self.blocks_bytes + bytes <= BLOCK_MEMO_BYTES {
+                        self.blocks_bytes += bytes;
+                        self.blocks.insert(k, (out.clone(), err));
+                    }
+                }
+                Ok(out)
             }
             _ => {
                 if let Some(m) = self.split_pair(a, b, symmetric)? {
@@ -661,7 +706,10 @@ impl<'a> Engine<'a> {
         let fresh = self.kernels.get(&key).is_none_or(|k| k.1 < vmax);
         if fresh {
             let v = vmax.max(1e-3);
-            let k = PairKernel::new(f, g, v, TOL);
+            let mut k = PairKernel::new(f, g, v, TOL);
+            if let Some((old, _)) = self.kernels.get(&key) {
+                k.adopt(old);
+            }
             self.note(k.method().to_string(), k.error_bound());
             self.kernels.insert(key.clone(), (k, v));
         }

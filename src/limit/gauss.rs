@@ -107,23 +107,89 @@ fn compute_rule(n: usize) -> Rule {
         let z = if n % 2 == 1 && k == half - 1 {
             0.0
         } else {
-            let (mut lo, mut hi) = (0.0f64, roots.last().map_or(upper, |r| r.0));
-            for _ in 0..200 {
-                let mid = 0.5 * (lo + hi);
-                if mid <= lo || mid >= hi {
-                    break;
+            let hi0 = roots.last().map_or(upper, |r| r.0);
+            // Gaps shrink towards the centre: the next root lies within three times the
+            // previous gap below the previous root (checked by the Sturm count; else the
+            // whole half-line is searched).
+            let mut lo = 0.0f64;
+            let mut hi = hi0;
+            if roots.len() >= 2 {
+                let gap = roots[roots.len() - 2].0 - hi0;
+                // Newton from the previous gap, accepted when two Sturm counts confirm
+                // that it found eigenvalue `idx` (and not a neighbour).
+                if let Some(z) = newton_root(n, hi0 - gap, idx, 0.0, hi0) {
+                    roots.push((z, weight(n, z)));
+                    continue;
                 }
-                if sturm_count(n, mid) <= idx {
-                    lo = mid;
-                } else {
-                    hi = mid;
+                let guess = hi0 - 3.0 * gap;
+                if guess > 0.0 && sturm_count(n, guess) <= idx {
+                    lo = guess;
                 }
             }
-            newton_polish(n, 0.5 * (lo + hi))
+            // Bisection to 1e-7 (relative), then Newton on the recurrence, accepted only
+            // while it stays inside the bracket; bisection to the ulp otherwise. Beyond
+            // z^2 = 690 the weight is 0 (see `weight`) and the node is never used: the
+            // coarse position is kept.
+            let coarse = 1e-7 * hi.max(1.0);
+            bisect(n, idx, &mut lo, &mut hi, coarse);
+            let mid = 0.5 * (lo + hi);
+            if mid * mid > 700.0 {
+                mid
+            } else if let Some(z) = newton_root(n, mid, idx, lo, hi) {
+                z
+            } else {
+                bisect(n, idx, &mut lo, &mut hi, 0.0);
+                newton_polish(n, 0.5 * (lo + hi))
+            }
         };
         roots.push((z, weight(n, z)));
     }
     assemble(n, roots)
+}
+
+/// Newton's method on `psi_n` from `z` for eigenvalue `idx`, kept inside `(lo, hi)`;
+/// the result is accepted only if the Sturm counts just below and above it bracket
+/// exactly that eigenvalue.
+fn newton_root(n: usize, mut z: f64, idx: usize, lo: f64, hi: f64) -> Option<f64> {
+    if !(z > lo && z < hi) || z * z > 600.0 {
+        return None;
+    }
+    let s = (2.0 * n as f64).sqrt();
+    let mut converged = false;
+    for _ in 0..12 {
+        let (pn, pn1) = hermite_fn(n, z);
+        let dz = pn / (s * pn1);
+        if !dz.is_finite() {
+            return None;
+        }
+        let next = z - dz;
+        if next <= lo || next >= hi {
+            return None;
+        }
+        z = next;
+        if dz.abs() <= 4.0 * f64::EPSILON * z.abs().max(1.0) {
+            converged = true;
+            break;
+        }
+    }
+    let d = 1e-9 * z.abs().max(1e-3);
+    (converged && sturm_count(n, z - d) == idx && sturm_count(n, z + d) == idx + 1).then_some(z)
+}
+
+/// Sturm bisection for eigenvalue `idx` on `[lo, hi]` until the bracket is at most
+/// `width` wide (0: to the ulp).
+fn bisect(n: usize, idx: usize, lo: &mut f64, hi: &mut f64, width: f64) {
+    for _ in 0..200 {
+        let mid = 0.5 * (*lo + *hi);
+        if mid <= *lo || mid >= *hi || *hi - *lo <= width {
+            break;
+        }
+        if sturm_count(n, mid) <= idx {
+            *lo = mid;
+        } else {
+            *hi = mid;
+        }
+    }
 }
 
 /// Number of eigenvalues of the `n x n` Hermite Jacobi matrix below `x` (LDL^T inertia).
@@ -206,6 +272,10 @@ pub enum Method {
     /// `points`-point Sobol' net; the error is [`qmc::STATED_SIGMAS`] standard errors over
     /// the shifts: a statistical statement, not a bound.
     Qmc { shifts: usize, points: usize },
+    /// Mehler's Hermite series in the correlation, coefficients per variance by a
+    /// `degree`-node trapezoid rule, with a conditional 1-D rule near `|rho| = 1`
+    /// (smooth integrands; `smooth.rs`).
+    HermiteSeries { degree: usize },
 }
 
 impl fmt::Display for Method {
@@ -227,6 +297,10 @@ impl fmt::Display for Method {
                 Ok(())
             }
             Method::Qmc { shifts, points } => write!(f, "QMC, {shifts}×{points} points"),
+            Method::HermiteSeries { degree } => write!(
+                f,
+                "Hermite (Mehler) series, coefficients by a {degree}-node trapezoid rule"
+            ),
         }
     }
 }

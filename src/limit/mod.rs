@@ -25,6 +25,7 @@ pub mod gauss;
 pub mod linear;
 pub mod particle;
 pub mod qmc;
+pub mod smooth;
 pub mod train;
 pub mod zform;
 

@@ -24,6 +24,7 @@ mod limit_train;
 mod netsor;
 mod outputs;
 mod particle;
+mod quadrature;
 mod readme_codes;
 mod scaling;
 mod semicircle_scaling;
