@@ -42,19 +42,37 @@ pub fn header(shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Writes `m` as an r×c `.npy` array, one row at a time (no copy of the matrix).
+/// Writes `m` as an r×c `.npy` array in row-major order.
+///
+/// Why blocks of rows: `m` is column-major, so a row is strided in memory. Gathering
+/// [`ROW_BLOCK`] rows at a time reads each column's segment contiguously and hands the
+/// writer one large buffer (≈ 1 MB at c = 2000) instead of r small ones.
 pub fn write_matrix(w: &mut impl Write, m: &DMatrix<f64>) -> io::Result<()> {
     w.write_all(&header(&[m.nrows(), m.ncols()]))?;
-    let mut row = Vec::with_capacity(8 * m.ncols());
-    for i in 0..m.nrows() {
-        row.clear();
-        for j in 0..m.ncols() {
-            row.extend_from_slice(&m[(i, j)].to_le_bytes());
+    let (r, c) = (m.nrows(), m.ncols());
+    let mut vals = vec![0.0f64; ROW_BLOCK.min(r) * c];
+    let mut bytes = Vec::with_capacity(vals.len() * 8);
+    let mut r0 = 0;
+    while r0 < r {
+        let b = ROW_BLOCK.min(r - r0);
+        for j in 0..c {
+            let col = &m.column(j);
+            for i in 0..b {
+                vals[i * c + j] = col[r0 + i];
+            }
         }
-        w.write_all(&row)?;
+        bytes.clear();
+        for v in &vals[..b * c] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        w.write_all(&bytes)?;
+        r0 += b;
     }
     Ok(())
 }
+
+/// Rows gathered per write in [`write_matrix`].
+const ROW_BLOCK: usize = 64;
 
 /// Writes `values` as a one-dimensional `.npy` array.
 pub fn write_vector(w: &mut impl Write, values: &[f64]) -> io::Result<()> {
@@ -127,5 +145,21 @@ mod tests {
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
         assert_eq!(vals, vec![1.0, 2.0, 3.0, 4.0, 5.0, -0.5]);
+    }
+
+    #[test]
+    fn blocks_of_rows_keep_row_major_order() {
+        // more rows than one block, and a partial last block
+        let (r, c) = (2 * ROW_BLOCK + 5, 3);
+        let m = DMatrix::from_fn(r, c, |i, j| (i * c + j) as f64);
+        let mut bytes = Vec::new();
+        write_matrix(&mut bytes, &m).expect("in memory");
+        let (shape, start) = parse_header(&bytes).expect("parses");
+        assert_eq!(shape, vec![r, c]);
+        let vals: Vec<f64> = bytes[start..]
+            .chunks_exact(8)
+            .map(|ch| f64::from_le_bytes(ch.try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(vals, (0..r * c).map(|k| k as f64).collect::<Vec<_>>());
     }
 }
