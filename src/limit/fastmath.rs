@@ -10,7 +10,7 @@
 //! ulps of the correctly rounded value, not one: a relative error below 1e-15 on [-1, 1],
 //! tested below against `std` on a dense grid and near ±1.
 //!
-//! [`simd`] runs a closure in a function compiled for AVX-512F or AVX2+FMA when the CPU
+//! `simd` runs a closure in a function compiled for AVX-512F or AVX2+FMA when the CPU
 //! has them (runtime detection), else as is. There is no fused multiply-add contraction
 //! in Rust, so every version rounds identically: results do not depend on the machine.
 

@@ -50,7 +50,7 @@
 //! so the finer rule's is about `d^2`), contributing at most `SAFETY d (||a|| + ||b||)`
 //! to every entry (Cauchy–Schwarz, `|rho|^k <= 1`). The stated error is that plus the
 //! per-entry budget; an entry whose fallback cannot meet the budget raises the
-//! kernel's stated error to what it achieved ([`Smooth::error`]), so the number printed
+//! kernel's stated error to what it achieved (`Smooth::error`), so the number printed
 //! never claims more than was computed. `tests/it/quadrature.rs` checks every entry of
 //! a block with variances up to 13 and `|rho|` up to 1 against an independent
 //! degree-1024 2-D Gauss–Hermite reference.

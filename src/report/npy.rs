@@ -45,7 +45,7 @@ pub fn header(shape: &[usize]) -> Vec<u8> {
 /// Writes `m` as an r×c `.npy` array in row-major order.
 ///
 /// Why blocks of rows: `m` is column-major, so a row is strided in memory. Gathering
-/// [`ROW_BLOCK`] rows at a time reads each column's segment contiguously and hands the
+/// `ROW_BLOCK` rows at a time reads each column's segment contiguously and hands the
 /// writer one large buffer (≈ 1 MB at c = 2000) instead of r small ones.
 pub fn write_matrix(w: &mut impl Write, m: &DMatrix<f64>) -> io::Result<()> {
     w.write_all(&header(&[m.nrows(), m.ncols()]))?;
