@@ -922,19 +922,7 @@ impl<'a> Engine<'a> {
     /// `E[f(L(ξ_p), s(ξ_p)) g(M(ξ_q), s(ξ_q))]` for atoms with point values.
     fn point_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<DMatrix<f64>> {
         let p = self.p;
-        let (sa, sb) = (sum_terms_of(a), sum_terms_of(b));
-        if sa.len() > 1 || sb.len() > 1 {
-            let mut out = DMatrix::zeros(p, p);
-            let mut err = 0.0;
-            for (ci, ai) in &sa {
-                for (cj, bj) in &sb {
-                    let sym = symmetric && ai == bj;
-                    let (m, e) = self.scoped(|s| s.atom_pair(ai, bj, sym))?;
-                    out += m * (ci * cj);
-                    err += (ci * cj).abs() * e;
-                }
-            }
-            self.note_err(err);
+        if let Some(out) = self.sum_pair(a, b, symmetric)? {
             return Ok(out);
         }
         if let (Some((pa, ra)), Some((pb, rb))) = (self.peel(a)?, self.peel(b)?) {
@@ -1053,23 +1041,32 @@ impl<'a> Engine<'a> {
         (konst, groups.into_iter().map(|g| g.1).collect())
     }
 
+    /// `E[(Σ c_i f_i)(Σ d_j g_j)] = Σ c_i d_j E[f_i g_j]` when either atom is a sum of
+    /// terms (errors added with the same weights), or None when neither is.
+    fn sum_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<Option<DMatrix<f64>>> {
+        let (sa, sb) = (sum_terms_of(a), sum_terms_of(b));
+        if sa.len() <= 1 && sb.len() <= 1 {
+            return Ok(None);
+        }
+        let mut out = DMatrix::zeros(self.p, self.p);
+        let mut err = 0.0;
+        for (ci, ai) in &sa {
+            for (cj, bj) in &sb {
+                let sym = symmetric && ai == bj;
+                let (m, e) = self.scoped(|s| s.atom_pair(ai, bj, sym))?;
+                out += m * (ci * cj);
+                err += (ci * cj).abs() * e;
+            }
+        }
+        self.note_err(err);
+        Ok(Some(out))
+    }
+
     /// `E[f(L(ξ_p)) g(M(ξ_q))]` by linearity and independence, or None when the
     /// integrand is one product over one group of correlated Gaussians.
     fn split_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<Option<DMatrix<f64>>> {
         let p = self.p;
-        let (sa, sb) = (sum_terms_of(a), sum_terms_of(b));
-        if sa.len() > 1 || sb.len() > 1 {
-            let mut out = DMatrix::zeros(p, p);
-            let mut err = 0.0;
-            for (ci, ai) in &sa {
-                for (cj, bj) in &sb {
-                    let sym = symmetric && ai == bj;
-                    let (m, e) = self.scoped(|s| s.atom_pair(ai, bj, sym))?;
-                    out += m * (ci * cj);
-                    err += (ci * cj).abs() * e;
-                }
-            }
-            self.note_err(err);
+        if let Some(out) = self.sum_pair(a, b, symmetric)? {
             return Ok(Some(out));
         }
         let (konst, groups) = self.independent_groups(a, Some(b));
