@@ -875,16 +875,7 @@ impl<'a> Engine<'a> {
     /// `E[f(L(ξ_p), s(ξ_p))]` for an atom with point values among its arguments.
     fn point_mean(&mut self, a: &Atom) -> R<DVector<f64>> {
         let p = self.p;
-        let sa = sum_terms_of(a);
-        if sa.len() > 1 {
-            let mut out = DVector::zeros(p);
-            let mut err = 0.0;
-            for (c, ai) in &sa {
-                let (m, e) = self.scoped(|s| s.atom_mean(ai))?;
-                out += m * *c;
-                err += c.abs() * e;
-            }
-            self.note_err(err);
+        if let Some(out) = self.sum_mean(a)? {
             return Ok(out);
         }
         if let Some((pa, ra)) = self.peel(a)? {
@@ -1087,19 +1078,28 @@ impl<'a> Engine<'a> {
         Ok(Some(out))
     }
 
+    /// `E[Σ c_i f_i] = Σ c_i E[f_i]` when the atom is a sum of terms (errors added with
+    /// the same weights), or None when it is not.
+    fn sum_mean(&mut self, a: &Atom) -> R<Option<DVector<f64>>> {
+        let sa = sum_terms_of(a);
+        if sa.len() <= 1 {
+            return Ok(None);
+        }
+        let mut out = DVector::zeros(self.p);
+        let mut err = 0.0;
+        for (c, ai) in &sa {
+            let (m, e) = self.scoped(|s| s.atom_mean(ai))?;
+            out += m * *c;
+            err += c.abs() * e;
+        }
+        self.note_err(err);
+        Ok(Some(out))
+    }
+
     /// `E[f(L(ξ_p))]` by linearity and independence, or None (see [`Self::split_pair`]).
     fn split_mean(&mut self, a: &Atom) -> R<Option<DVector<f64>>> {
         let p = self.p;
-        let sa = sum_terms_of(a);
-        if sa.len() > 1 {
-            let mut out = DVector::zeros(p);
-            let mut err = 0.0;
-            for (c, ai) in &sa {
-                let (m, e) = self.scoped(|s| s.atom_mean(ai))?;
-                out += m * *c;
-                err += c.abs() * e;
-            }
-            self.note_err(err);
+        if let Some(out) = self.sum_mean(a)? {
             return Ok(Some(out));
         }
         let (konst, groups) = self.independent_groups(a, None);
