@@ -49,6 +49,7 @@ pub mod predict;
 pub mod report;
 pub mod scaling;
 pub mod syntax;
+pub mod tiles;
 
 pub use data::DataError;
 pub use finite::exec::{RunConfig, RunError, RunResult};

@@ -84,6 +84,16 @@ enum Cmd {
         /// stdout then shows the metadata instead of the numbers (docs/cli.md)
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// With --out: compute the kernels band by band into the .npy files, holding
+        /// about SIZE bytes of kernel blocks (e.g. 4G, 512M) [default: half the free
+        /// memory, and only when the kernels would not fit in it]
+        #[arg(long, value_name = "SIZE", requires = "out", value_parser = parse_size)]
+        memory: Option<u128>,
+        /// With --out: compute only this process's share of the bands, I/K (0-based),
+        /// writing into the same files as the others; `auto` reads the rank and size of
+        /// mpirun (Open MPI, MPICH) or of a Slurm job array
+        #[arg(long, value_name = "I/K", requires = "out")]
+        tile: Option<String>,
     },
     /// Time the limit computation (benchmarks; not part of CI)
     Bench {
@@ -361,9 +371,16 @@ fn run(cli: Cli) -> Result<(), Reported> {
             particles,
             unrolled,
             out,
+            memory,
+            tile,
         } => {
             let prog = compile_file_for_limit(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
+            if let Some(dir) = &out {
+                if let Some(meta) = tiled_limit(&file, &prog, &points, dir, memory, tile)? {
+                    return print_saved(format, dir, &meta);
+                }
+            }
             let der = tpc::limit::derivation(&prog).map_err(|e| limit_fail(&file, &e))?;
             let mut derivation = tpc::limit::derivation_text(&prog, &der);
             if unrolled {
@@ -732,12 +749,17 @@ fn limit_fail(file: &Path, e: &tpc::limit::LimitError) -> Reported {
 /// Runs `f` with a progress bar on stderr that appears only when stderr is a terminal
 /// and the run has taken more than a second (quick runs and pipes stay silent).
 fn with_progress<T>(draws: usize, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T {
+    with_progress_of(draws, "draws", f)
+}
+
+/// [`with_progress`] counting `unit` (e.g. "band pairs").
+fn with_progress_of<T>(draws: usize, unit: &str, f: impl FnOnce(&(dyn Fn() + Sync)) -> T) -> T {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(Some(draws as u64), ProgressDrawTarget::hidden());
-    if let Ok(style) =
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} draws, eta {eta}")
-    {
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit}, eta {{eta}}"
+    )) {
         bar.set_style(style.progress_chars("=> "));
     }
     let start = std::time::Instant::now();
@@ -1124,4 +1146,84 @@ fn load_targets(path: &Path, rows: usize) -> Result<Vec<Vec<f64>>, Reported> {
         emit(&name, &text, &[e.diagnostic()]);
         Reported
     })
+}
+
+/// A size such as `4G`, `512M`, `100000` (bytes; K, M, G, T are powers of 1024).
+fn parse_size(s: &str) -> Result<u128, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u128 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: a size is a number with K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: a size is a number with K, M, G or T"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("`{s}`: a size is positive"));
+    }
+    Ok((v * mult as f64) as u128)
+}
+
+/// `tpc limit --out DIR` band by band ([`tpc::tiles`]) when asked for (`--memory`,
+/// `--tile`) or when the kernels would not fit in the free memory; `None` to compute
+/// them in memory as usual.
+fn tiled_limit(
+    file: &Path,
+    prog: &Program,
+    points: &[Vec<f64>],
+    dir: &Path,
+    memory: Option<u128>,
+    tile: Option<String>,
+) -> Result<Option<serde_json::Value>, Reported> {
+    let free = tpc::machine::mem_available();
+    let n = (prog.outputs.len().max(1) * points.len()) as u128;
+    // The in-memory path holds ≈ 3 n×n matrices at its peak (README, "Outputs").
+    let too_big = free.is_some_and(|f| 3 * 8 * n * n > f / 2);
+    if memory.is_none() && tile.is_none() && !too_big {
+        return Ok(None);
+    }
+    if prog.train.is_some() || !prog.observes.is_empty() {
+        eprintln!("note: the banded computation writes the kernels only (no f_t, no observes)");
+    }
+    let tile = match tile.as_deref() {
+        None => tpc::tiles::Tile::ALL,
+        Some("auto") => tpc::tiles::tile_from_env(&|k| std::env::var(k).ok()).ok_or_else(|| {
+            fail("--tile auto: no OMPI_COMM_WORLD_RANK/SIZE, PMI_RANK/SIZE or SLURM_ARRAY_TASK_ID/COUNT in the environment")
+        })?,
+        Some(t) => tpc::tiles::Tile::parse(t).map_err(|e| fail(&format!("--tile {e}")))?,
+    };
+    let memory = memory.unwrap_or_else(|| free.map_or(4 << 30, |f| f / 2));
+    let bands = points
+        .len()
+        .div_ceil(tpc::tiles::band_size(memory, prog.outputs.len()));
+    let pairs = tpc::tiles::band_pairs(bands, tile).len();
+    let r = with_progress_of(pairs, "band pairs", |tick| {
+        tpc::tiles::kernels_to_npy(prog, points, dir, memory, tile, &|_, _| tick())
+    });
+    let t = r.map_err(|e| match e {
+        tpc::tiles::TileError::Limit(e) => limit_fail(file, &e),
+        tpc::tiles::TileError::Io(e) => {
+            fail(&format!("cannot write into `{}`: {e}", dir.display()))
+        }
+        tpc::tiles::TileError::NotFinite(note) => fail(&format!(
+            "{}: the limit kernels are not finite: {note}",
+            file.display()
+        )),
+    })?;
+    let meta = tpc::tiles::meta(prog, points.len(), &t);
+    if tile.index == 0 {
+        tpc::tiles::write_meta(dir, &meta)
+            .map_err(|e| fail(&format!("cannot write into `{}`: {e}", dir.display())))?;
+    }
+    Ok(Some(meta))
 }

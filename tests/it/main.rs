@@ -30,4 +30,5 @@ mod readme_codes;
 mod scaling;
 mod semicircle_scaling;
 mod tied;
+mod tiles;
 mod unrolled;
