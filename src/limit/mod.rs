@@ -545,7 +545,7 @@ fn compute(
                     .ok_or_else(|| LimitError::at(prog, m, "E0030", "moment of a non-vector"))
             })
             .collect::<Result<_, _>>()?;
-        let z = zform::apply(e, &zs);
+        let z = der.apply(e, &zs);
         let v = eng.zmean(&z).map_err(at(m))?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals

@@ -248,6 +248,16 @@ impl Derivation {
         g
     }
 
+    /// [`apply_split`] with this derivation's point values kept apart from Gaussians.
+    pub fn apply(&self, e: &Expr, zs: &[ZForm]) -> ZForm {
+        apply_split(e, zs, &|g| {
+            matches!(
+                self.gauss.get(g).map(|x| &x.kind),
+                Some(GaussKind::Point { .. })
+            )
+        })
+    }
+
     pub fn zform(&self, id: NodeId) -> Option<&ZForm> {
         self.z[id.index()].as_ref()
     }
@@ -354,7 +364,7 @@ impl Derivation {
                         _ => return Err("operand is not a vector".into()),
                     }
                 }
-                Some(apply(e, &zs))
+                Some(self.apply(e, &zs))
             }
         })
     }
@@ -466,7 +476,7 @@ impl Derivation {
                 for (i, l) in at.args.iter().enumerate() {
                     let ci = l.coef(g);
                     if ci != 0.0 {
-                        d.scaled_add(c * ci, &apply(&at.f.diff(i), &forms));
+                        d.scaled_add(c * ci, &self.apply(&at.f.diff(i), &forms));
                     }
                 }
             }
@@ -475,19 +485,6 @@ impl Derivation {
                 z.scaled_add(sigma2 * d.constant, &zy);
                 self.zdot[node.index()].push((g, sigma2 * d.constant, y));
                 continue;
-            }
-            if zy.constant != 0.0 {
-                let names = prog.stable_names();
-                return Err(format!(
-                    "the Ż term of this product is {} times a coefficient that depends on the point \
-                     (σ²·E[∂{}/∂Ẑ^{{{}}}], the derivative of a nonlinearity), and {} has a constant \
-                     part: a deterministic per-point value next to Gaussians, which the limit engine \
-                     does not represent",
-                    Program::z_name(&names, y),
-                    Program::z_name(&names, arg),
-                    name(self, g),
-                    Program::z_name(&names, y),
-                ));
             }
             let k = self.scales.len();
             self.scales.push(Scale {
@@ -511,14 +508,24 @@ impl Derivation {
                 let sg = self.gauss.len() - 1;
                 z.lin.axpy(cb, &LinForm::single(sg));
             }
-            if !zy.atoms.is_empty() {
-                // s(ξ) · c f(L): the atom times the deterministic value s(ξ).
+            if !zy.atoms.is_empty() || zy.constant != 0.0 {
+                // s(ξ) · c f(L): the atom times the deterministic value s(ξ); a constant
+                // c0 of Z^y gives the atom c0 · s(ξ), a value at each point.
                 self.gauss.push(Gauss {
                     kind: GaussKind::Point { scale: k },
                     name: format!("s{}", k + 1),
                 });
                 let pt = LinForm::single(self.gauss.len() - 1);
                 let mut add = ZForm::default();
+                if zy.constant != 0.0 {
+                    add.atoms.push((
+                        zy.constant,
+                        Atom {
+                            f: Expr::Arg(0),
+                            args: vec![pt.clone()],
+                        },
+                    ));
+                }
                 for (c, at) in &zy.atoms {
                     let m = at.args.len();
                     let mut args = at.args.clone();
@@ -540,7 +547,17 @@ impl Derivation {
 }
 
 /// Z of a coordinatewise expression of operands with known Z (theory.md §1.2: `Z^h = phi(Z^g...)`).
+/// For forms without point values ([`GaussKind::Point`]); [`Derivation::apply`] keeps
+/// them apart.
 pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
+    apply_split(e, zs, &|_| false)
+}
+
+/// [`apply`] where `is_point(g)` says which ids are point values `s(ξ)`: an affine
+/// combination of Gaussians and point values becomes two arguments (`L_gauss + L_point`),
+/// never one form mixing both, so the engine integrates over the first and reads the
+/// second (a constant `c` next to Gaussians in a Ż term `s(ξ)·(L + c)` is `c·s(ξ)`).
+pub fn apply_split(e: &Expr, zs: &[ZForm], is_point: &dyn Fn(GaussId) -> bool) -> ZForm {
     if e.is_affine() {
         let zero = vec![0.0; zs.len()];
         let mut out = ZForm {
@@ -556,7 +573,7 @@ pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
     let mut forms = Vec::new();
     let exprs: Vec<Expr> = zs.iter().map(|z| z.as_expr(&mut forms)).collect();
     let composed = e.substitute(&|i| exprs[i].clone());
-    let (f, args) = absorb_affine(&composed, &forms);
+    let (f, args) = absorb_affine(&composed, &forms, is_point);
     if f.is_constant() {
         return ZForm {
             constant: f.eval(&[]),
@@ -572,13 +589,22 @@ pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
 /// Replaces every maximal affine subexpression that involves the linear forms by one
 /// new linear form, so `tanh(a0 + a1 + 0.5)` over three forms becomes `tanh(b0 + 0.5)`
 /// over their sum: one Gaussian, not three.
-fn absorb_affine(e: &Expr, forms: &[LinForm]) -> (Expr, Vec<LinForm>) {
+fn absorb_affine(
+    e: &Expr,
+    forms: &[LinForm],
+    is_point: &dyn Fn(GaussId) -> bool,
+) -> (Expr, Vec<LinForm>) {
     let mut out: Vec<LinForm> = Vec::new();
-    let f = absorb(e, forms, &mut out);
+    let f = absorb(e, forms, &mut out, is_point);
     (f, out)
 }
 
-fn absorb(e: &Expr, forms: &[LinForm], out: &mut Vec<LinForm>) -> Expr {
+fn absorb(
+    e: &Expr,
+    forms: &[LinForm],
+    out: &mut Vec<LinForm>,
+    is_point: &dyn Fn(GaussId) -> bool,
+) -> Expr {
     if e.is_constant() {
         return Expr::Const(e.eval(&[]));
     }
@@ -594,16 +620,25 @@ fn absorb(e: &Expr, forms: &[LinForm], out: &mut Vec<LinForm>) -> Expr {
         if l.is_zero() {
             return Expr::Const(c0);
         }
-        let k = match out.iter().position(|x| *x == l) {
-            Some(k) => k,
-            None => {
-                out.push(l);
-                out.len() - 1
+        let (pts, gs): (Vec<_>, Vec<_>) = l.0.iter().partition(|(g, _)| is_point(*g));
+        let mut e = Expr::Const(c0);
+        for part in [gs, pts] {
+            if part.is_empty() {
+                continue;
             }
-        };
-        return Expr::add(Expr::Arg(k), Expr::Const(c0));
+            let l = LinForm(part);
+            let k = match out.iter().position(|x| *x == l) {
+                Some(k) => k,
+                None => {
+                    out.push(l);
+                    out.len() - 1
+                }
+            };
+            e = Expr::add(Expr::Arg(k), e);
+        }
+        return e;
     }
-    let rec = |x: &Expr, out: &mut Vec<LinForm>| absorb(x, forms, out);
+    let rec = |x: &Expr, out: &mut Vec<LinForm>| absorb(x, forms, out, is_point);
     match e {
         Expr::Call(f, x) => Expr::call(*f, rec(x, out)),
         Expr::Neg(x) => Expr::neg(rec(x, out)),
