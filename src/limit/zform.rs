@@ -79,6 +79,11 @@ pub struct Scale {
 pub struct Gauss {
     pub kind: GaussKind,
     pub name: String,
+    /// Odd in the readout seeds of a backward pass ([`super::backprop`]): a Ẑ of a
+    /// product by a cotangent, a seed, or a Ż term with an odd coefficient. Odd and even
+    /// Gaussians are uncorrelated (each covariance is the mean of an odd function), hence
+    /// independent. Always false in a forward program.
+    pub odd: bool,
 }
 
 impl Gauss {
@@ -201,6 +206,9 @@ pub struct Derivation {
     pub has_transpose: bool,
     /// The base Gaussian each MatMul or initial vector introduced (its Ẑ).
     pub own: Vec<Option<GaussId>>,
+    /// Nodes whose Z is odd in the readout seeds (cotangents of a backward pass built
+    /// by [`super::backprop`]); empty for a forward program.
+    pub odd: Vec<bool>,
 }
 
 /// The n -> infinity limit of a variance monomial, or why it has none.
@@ -216,7 +224,16 @@ fn limit_var(m: Monomial, what: &str) -> Result<f64, String> {
 
 impl Derivation {
     pub fn new(prog: &Program) -> Result<Derivation, Unsupported> {
+        Derivation::with_parity(prog, Vec::new())
+    }
+
+    /// The derivation of a program whose nodes `odd[i]` are odd in independent centered
+    /// seeds (a forward pass followed by its backward pass, [`super::backprop`]): a Ż
+    /// coefficient `E[∂Z^x/∂Ẑ]` with `Z^x` and `Ẑ` of opposite parity is the mean of an
+    /// odd function of the seeds, exactly zero, and is not written.
+    pub fn with_parity(prog: &Program, odd: Vec<bool>) -> Result<Derivation, Unsupported> {
         let mut d = Derivation {
+            odd,
             gauss: Vec::new(),
             z: vec![None; prog.len()],
             zdot: vec![Vec::new(); prog.len()],
@@ -240,7 +257,11 @@ impl Derivation {
             GaussKind::Hat { node, .. } => Some(node),
             _ => None,
         };
-        self.gauss.push(Gauss { kind, name });
+        let odd = match kind {
+            GaussKind::Hat { arg, .. } => self.odd_node(arg),
+            _ => false,
+        };
+        self.gauss.push(Gauss { kind, name, odd });
         let g = self.gauss.len() - 1;
         if let Some(n) = node {
             self.own[n.index()] = Some(g);
@@ -256,6 +277,11 @@ impl Derivation {
                 Some(GaussKind::Point { .. })
             )
         })
+    }
+
+    /// Is `Z^x` odd in the readout seeds?
+    pub fn odd_node(&self, x: NodeId) -> bool {
+        self.odd.get(x.index()).copied().unwrap_or(false)
     }
 
     pub fn zform(&self, id: NodeId) -> Option<&ZForm> {
@@ -279,6 +305,7 @@ impl Derivation {
                     return Ok(Some(ZForm::default()));
                 }
                 let g = self.push(GaussKind::Initial { param: *p, var }, prm.name.clone());
+                self.gauss[g].odd = self.odd_node(id);
                 self.own[id.index()] = Some(g);
                 Some(ZForm {
                     lin: LinForm::single(g),
@@ -416,6 +443,9 @@ impl Derivation {
         }
         used.sort_unstable();
         let name = |d: &Derivation, g: GaussId| d.gauss[g].name.clone();
+        let odd_x = self.odd_node(arg);
+        // Opposite parities: E[∂Z^x/∂Ẑ] is the mean of an odd function of the seeds, 0.
+        used.retain(|&g| self.gauss[g].odd == odd_x);
         for g in used {
             let y = match self.gauss[g].kind {
                 GaussKind::Hat { arg: y, .. } => y,
@@ -447,8 +477,12 @@ impl Derivation {
             };
             let mut stein = Vec::new();
             for (c, at) in &zx.atoms {
-                let mut jump = false;
-                at.f.visit_funs(&mut |f| jump |= f == crate::ir::Fun::Step);
+                // A jump matters only where Ẑ enters the argument of a `step`.
+                let jump = at
+                    .args
+                    .iter()
+                    .enumerate()
+                    .any(|(i, l)| l.coef(g) != 0.0 && inside_step(&at.f, i));
                 if jump {
                     let names = prog.stable_names();
                     match at.args.as_slice() {
@@ -497,6 +531,8 @@ impl Derivation {
             for &(b, cb) in &zy.lin.0 {
                 let family = self.gauss[b].family();
                 let gname = format!("s{} {}", k + 1, self.gauss[b].name);
+                // The scale s(ξ) is even (parities of Z^x and Ẑ agree).
+                let odd = self.gauss[b].odd;
                 self.gauss.push(Gauss {
                     kind: GaussKind::Scaled {
                         base: b,
@@ -504,6 +540,7 @@ impl Derivation {
                         family,
                     },
                     name: gname,
+                    odd,
                 });
                 let sg = self.gauss.len() - 1;
                 z.lin.axpy(cb, &LinForm::single(sg));
@@ -514,6 +551,7 @@ impl Derivation {
                 self.gauss.push(Gauss {
                     kind: GaussKind::Point { scale: k },
                     name: format!("s{}", k + 1),
+                    odd: false,
                 });
                 let pt = LinForm::single(self.gauss.len() - 1);
                 let mut add = ZForm::default();
@@ -543,6 +581,18 @@ impl Derivation {
             self.zdot_point[node.index()].push((g, k, y));
         }
         Ok(())
+    }
+}
+
+/// Does operand `i` appear inside the argument of a `step` in `e`?
+fn inside_step(e: &Expr, i: usize) -> bool {
+    match e {
+        Expr::Call(f, x) => (*f == crate::ir::Fun::Step && x.uses(i)) || inside_step(x, i),
+        Expr::Neg(x) | Expr::Powi(x, _) => inside_step(x, i),
+        Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => {
+            inside_step(a, i) || inside_step(b, i)
+        }
+        Expr::Arg(_) | Expr::Const(_) => false,
     }
 }
 
