@@ -17,6 +17,7 @@ mod finite_train;
 mod frontend_input;
 mod fused_relu;
 mod fuzz_frontend;
+mod json_errors;
 mod limit;
 mod limit_linear;
 mod limit_refusals;
