@@ -737,6 +737,11 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// The largest QMC error (3σ, a statistical estimate), if QMC was used.
+    pub fn qmc_3sigma(&self) -> Option<f64> {
+        self.qmc.values().copied().reduce(f64::max)
+    }
+
     /// The methods used, for the report; QMC with its largest stated 3σ error.
     pub fn method_list(&self) -> Vec<String> {
         let mut out: BTreeSet<String> = self.methods.clone();

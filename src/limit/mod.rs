@@ -55,6 +55,9 @@ pub struct LimitResult {
     pub methods: Vec<String>,
     /// Largest stated absolute error of any expectation used.
     pub max_error: f64,
+    /// Largest error of a randomized QMC estimate, 3 standard errors: a statistical
+    /// estimate, not a bound (also included in `max_error`); None when no QMC was used.
+    pub qmc_3sigma: Option<f64>,
     /// With `train`: TP4's regime from the scaling exponents (`crate::scaling`):
     /// "kernel", "feature-learning", "unstable" or "trivial".
     pub regime: Option<String>,
@@ -420,6 +423,7 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
             observe: Vec::new(),
             methods,
             max_error,
+            qmc_3sigma: None,
             regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
             train: None,
         });
@@ -473,6 +477,7 @@ pub fn limit_general(
         observe,
         methods: eng.method_list(),
         max_error: eng.max_error,
+        qmc_3sigma: eng.qmc_3sigma(),
         regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
         train: None,
     })
