@@ -295,7 +295,30 @@ fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A usage error under `--format json` is also one JSON object on stdout
+            // (cli.md, "Errors as JSON"); help and version are not errors.
+            let args: Vec<String> = std::env::args().collect();
+            let json = args
+                .windows(2)
+                .any(|w| w[0] == "--format" && w[1] == "json")
+                || args.iter().any(|a| a == "--format=json");
+            if json && e.use_stderr() {
+                JSON_ERRORS.store(true, Ordering::Relaxed);
+                let text = e.to_string();
+                let lines: Vec<&str> = text
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                let msg = lines.join(" ");
+                print_json_error(None, msg.trim_start_matches("error: "), &[], None);
+            }
+            e.exit();
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Reported) => ExitCode::from(1),

@@ -344,7 +344,8 @@ impl<'a> Engine<'a> {
     /// `Cov(G_j(xi_p), G_k(xi_q))`, or None when independent.
     fn gcov(&mut self, j: GaussId, k: GaussId) -> R<Option<DMatrix<f64>>> {
         let (gj, gk) = (&self.der.gauss[j], &self.der.gauss[k]);
-        if gj.family() != gk.family() {
+        // Odd and even Gaussians of a backward pass are independent (zform::Gauss::odd).
+        if gj.family() != gk.family() || gj.odd != gk.odd {
             return Ok(None);
         }
         // A Gaussian times a point-dependent coefficient (a Ż term through a
@@ -736,6 +737,11 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// The largest QMC error (3σ, a statistical estimate), if QMC was used.
+    pub fn qmc_3sigma(&self) -> Option<f64> {
+        self.qmc.values().copied().reduce(f64::max)
+    }
+
     /// The methods used, for the report; QMC with its largest stated 3σ error.
     pub fn method_list(&self) -> Vec<String> {
         let mut out: BTreeSet<String> = self.methods.clone();
@@ -991,7 +997,9 @@ impl<'a> Engine<'a> {
         let mut out = BTreeSet::new();
         e.visit_args(&mut |j| {
             for &(g, _) in &args[j].0 {
-                out.insert(self.der.gauss[g].family());
+                // Odd and even Gaussians of one family are independent (zform::Gauss::odd).
+                let (param, kind) = self.der.gauss[g].family();
+                out.insert((param, kind + 16 * u8::from(self.der.gauss[g].odd)));
             }
         });
         out
@@ -1391,10 +1399,10 @@ mod tests {
         let prog = crate::compile(src).unwrap();
         let der = Derivation::new(&prog).unwrap();
         let mut eng = Engine::new(&prog, &der, 0, input_values(&prog, &[]));
-        compute(&prog, &der, &mut eng, 0).unwrap();
+        compute(&prog, &der, &mut eng, 0, None).unwrap();
         eng.arm(points.len(), input_values(&prog, points));
         eng.warm_up().unwrap();
-        compute(&prog, &der, &mut eng, points.len()).unwrap();
+        compute(&prog, &der, &mut eng, points.len(), None).unwrap();
         eng.stray_lookups()
     }
 

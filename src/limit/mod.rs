@@ -17,6 +17,7 @@
 //!
 //! This module knows the IR, never the syntax.
 
+pub mod backprop;
 pub mod chain;
 pub mod dual;
 pub mod engine;
@@ -54,6 +55,9 @@ pub struct LimitResult {
     pub methods: Vec<String>,
     /// Largest stated absolute error of any expectation used.
     pub max_error: f64,
+    /// Largest error of a randomized QMC estimate, 3 standard errors: a statistical
+    /// estimate, not a bound (also included in `max_error`); None when no QMC was used.
+    pub qmc_3sigma: Option<f64>,
     /// With `train`: TP4's regime from the scaling exponents (`crate::scaling`):
     /// "kernel", "feature-learning", "unstable" or "trivial".
     pub regime: Option<String>,
@@ -419,6 +423,7 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
             observe: Vec::new(),
             methods,
             max_error,
+            qmc_3sigma: None,
             regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
             train: None,
         });
@@ -440,14 +445,24 @@ pub fn limit_general(
     };
     let der = der.clone();
     let p = points.len();
+    // A program with W and Wᵀ: the engine runs on it followed by its backward pass
+    // (backprop.rs), whose Z's (with their Ż terms) give the NTK.
+    let tied = tied_backward(prog, &der);
+    let (eprog, eder, bw) = match &tied {
+        Some(Ok((bw, bder))) => (&bw.prog, bder, Some(bw)),
+        _ => (prog, &der, None),
+    };
     // Dry run on no points: counts block uses so the real run can free each block at
     // its last use (engine::Memo).
-    let mut eng = Engine::new(prog, &der, 0, input_values(prog, &[]));
-    compute(prog, &der, &mut eng, 0)?;
-    eng.arm(p, input_values(prog, &points));
+    let mut eng = Engine::new(eprog, eder, 0, input_values(eprog, &[]));
+    compute(prog, eder, &mut eng, 0, bw)?;
+    eng.arm(p, input_values(eprog, &points));
     eng.warm_up()
-        .map_err(|(node, e)| LimitError::at(prog, node, "E0032", e.0))?;
-    let (nngp, nngp_note, ntk, ntk_note, observe) = compute(prog, &der, &mut eng, p)?;
+        .map_err(|(node, e)| LimitError::at(prog, node.min(last_node(prog)), "E0032", e.0))?;
+    let (nngp, nngp_note, ntk, mut ntk_note, observe) = compute(prog, eder, &mut eng, p, bw)?;
+    if let Some(Err(reason)) = &tied {
+        ntk_note = Some(backprop::unsupported_note(reason));
+    }
     Ok(LimitResult {
         outputs: prog.output_names(),
         points: if prog.inputs.is_empty() {
@@ -462,9 +477,40 @@ pub fn limit_general(
         observe,
         methods: eng.method_list(),
         max_error: eng.max_error,
+        qmc_3sigma: eng.qmc_3sigma(),
         regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
         train: None,
     })
+}
+
+/// The backward pass of a program with transposes and outputs, with its derivation, or
+/// why it cannot be derived; None for other programs (gradient independence holds).
+fn tied_backward(
+    prog: &Program,
+    der: &Derivation,
+) -> Option<Result<(backprop::Backward, Derivation), String>> {
+    if !der.has_transpose || prog.outputs.is_empty() {
+        return None;
+    }
+    Some(backprop::Backward::build(prog).and_then(|bw| {
+        let bder = Derivation::with_parity(&bw.prog, bw.odd.clone()).map_err(|u| {
+            let names = bw.prog.stable_names();
+            match u.node {
+                Some(n) => format!(
+                    "is not derived at {}: {}",
+                    Program::z_name(&names, n),
+                    u.reason
+                ),
+                None => format!("is not derived: {}", u.reason),
+            }
+        })?;
+        Ok((bw, bder))
+    }))
+}
+
+/// The last node of the forward program (errors in backward nodes are reported there).
+fn last_node(prog: &Program) -> NodeId {
+    NodeId::new(prog.len().saturating_sub(1))
 }
 
 type Computed = (
@@ -481,6 +527,7 @@ fn compute(
     der: &Derivation,
     eng: &mut Engine<'_>,
     p: usize,
+    tied: Option<&backprop::Backward>,
 ) -> Result<Computed, LimitError> {
     // A non-finite block is blamed on the output or observe being computed.
     let at = |node: NodeId| move |e: engine::NumError| LimitError::at(prog, node, "E0032", e.0);
@@ -492,13 +539,22 @@ fn compute(
     let mut ntk_exp = Rational::ZERO;
     let mut nngp_ok = true;
     let gia = !der.has_transpose;
-    if !gia {
+    if !gia && tied.is_none() {
         ntk_note = Some(tied_ntk_note(prog, der));
     }
     for (a, &oa) in prog.outputs.iter().enumerate() {
         for (b, &ob) in prog.outputs.iter().enumerate().skip(a) {
             let (k, t) =
                 output_pair(prog, eng, oa, ob, gia).map_err(at(if a == b { oa } else { ob }))?;
+            let t = match tied {
+                Some(bw) if !gia => {
+                    Some(
+                        bw.ntk_pair(eng, a, b)
+                            .map_err(at(if a == b { oa } else { ob }))?,
+                    )
+                }
+                _ => t,
+            };
             match k.limit_of() {
                 Some(m) => set_block(&mut nngp, a, b, p, &m),
                 None => {
@@ -519,7 +575,7 @@ fn compute(
             }
         }
     }
-    let ntk = if !gia {
+    let ntk = if !gia && tied.is_none() {
         None
     } else if ntk_exp > Rational::ZERO {
         ntk_note = Some(format!(
@@ -545,7 +601,7 @@ fn compute(
                     .ok_or_else(|| LimitError::at(prog, m, "E0030", "moment of a non-vector"))
             })
             .collect::<Result<_, _>>()?;
-        let z = zform::apply(e, &zs);
+        let z = der.apply(e, &zs);
         let v = eng.zmean(&z).map_err(at(m))?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals
@@ -735,7 +791,25 @@ fn add_scaled(a: Scaled, b: Scaled) -> Scaled {
 /// unrelated parts of the program do. `p` and `q` stand for two input points. Each
 /// hidden matrix's products form one family of jointly Gaussian Ẑ (theory.md §2.1); the
 /// family's covariance rule is spelled out at its first member.
+///
+/// A program with W and Wᵀ and outputs is followed by its backward pass
+/// ([`backprop`]): the cotangents' Z with the Ż terms that survive, which give the NTK.
 pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
+    let mut out = derivation_lines(prog, der, 0);
+    if let Some(Ok((bw, bder))) = tied_backward(prog, der) {
+        let back = derivation_lines(&bw.prog, &bder, bw.forward);
+        out.push_str(
+            "# backward pass for the NTK (theory.md §2.1, §2.3): dx = √n·∂f/∂x, seeded by the \
+             readouts; Ż terms whose coefficient is odd in the readouts vanish\n",
+        );
+        out.push_str(&back);
+    }
+    out
+}
+
+/// The derivation's lines for the nodes from `from` on (earlier nodes only mark which
+/// families were already described).
+fn derivation_lines(prog: &Program, der: &Derivation, from: usize) -> String {
     let names = prog.stable_names();
     let mut out = String::new();
     let z = |id: NodeId| Program::z_name(&names, id);
@@ -864,6 +938,9 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
             }
             _ => continue,
         };
+        if id.index() < from {
+            continue;
+        }
         out.push_str(&line);
         out.push('\n');
     }

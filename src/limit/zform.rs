@@ -79,6 +79,11 @@ pub struct Scale {
 pub struct Gauss {
     pub kind: GaussKind,
     pub name: String,
+    /// Odd in the readout seeds of a backward pass ([`super::backprop`]): a Ẑ of a
+    /// product by a cotangent, a seed, or a Ż term with an odd coefficient. Odd and even
+    /// Gaussians are uncorrelated (each covariance is the mean of an odd function), hence
+    /// independent. Always false in a forward program.
+    pub odd: bool,
 }
 
 impl Gauss {
@@ -201,6 +206,9 @@ pub struct Derivation {
     pub has_transpose: bool,
     /// The base Gaussian each MatMul or initial vector introduced (its Ẑ).
     pub own: Vec<Option<GaussId>>,
+    /// Nodes whose Z is odd in the readout seeds (cotangents of a backward pass built
+    /// by [`super::backprop`]); empty for a forward program.
+    pub odd: Vec<bool>,
 }
 
 /// The n -> infinity limit of a variance monomial, or why it has none.
@@ -216,7 +224,16 @@ fn limit_var(m: Monomial, what: &str) -> Result<f64, String> {
 
 impl Derivation {
     pub fn new(prog: &Program) -> Result<Derivation, Unsupported> {
+        Derivation::with_parity(prog, Vec::new())
+    }
+
+    /// The derivation of a program whose nodes `odd[i]` are odd in independent centered
+    /// seeds (a forward pass followed by its backward pass, [`super::backprop`]): a Ż
+    /// coefficient `E[∂Z^x/∂Ẑ]` with `Z^x` and `Ẑ` of opposite parity is the mean of an
+    /// odd function of the seeds, exactly zero, and is not written.
+    pub fn with_parity(prog: &Program, odd: Vec<bool>) -> Result<Derivation, Unsupported> {
         let mut d = Derivation {
+            odd,
             gauss: Vec::new(),
             z: vec![None; prog.len()],
             zdot: vec![Vec::new(); prog.len()],
@@ -240,12 +257,31 @@ impl Derivation {
             GaussKind::Hat { node, .. } => Some(node),
             _ => None,
         };
-        self.gauss.push(Gauss { kind, name });
+        let odd = match kind {
+            GaussKind::Hat { arg, .. } => self.odd_node(arg),
+            _ => false,
+        };
+        self.gauss.push(Gauss { kind, name, odd });
         let g = self.gauss.len() - 1;
         if let Some(n) = node {
             self.own[n.index()] = Some(g);
         }
         g
+    }
+
+    /// [`apply_split`] with this derivation's point values kept apart from Gaussians.
+    pub fn apply(&self, e: &Expr, zs: &[ZForm]) -> ZForm {
+        apply_split(e, zs, &|g| {
+            matches!(
+                self.gauss.get(g).map(|x| &x.kind),
+                Some(GaussKind::Point { .. })
+            )
+        })
+    }
+
+    /// Is `Z^x` odd in the readout seeds?
+    pub fn odd_node(&self, x: NodeId) -> bool {
+        self.odd.get(x.index()).copied().unwrap_or(false)
     }
 
     pub fn zform(&self, id: NodeId) -> Option<&ZForm> {
@@ -269,6 +305,7 @@ impl Derivation {
                     return Ok(Some(ZForm::default()));
                 }
                 let g = self.push(GaussKind::Initial { param: *p, var }, prm.name.clone());
+                self.gauss[g].odd = self.odd_node(id);
                 self.own[id.index()] = Some(g);
                 Some(ZForm {
                     lin: LinForm::single(g),
@@ -354,7 +391,7 @@ impl Derivation {
                         _ => return Err("operand is not a vector".into()),
                     }
                 }
-                Some(apply(e, &zs))
+                Some(self.apply(e, &zs))
             }
         })
     }
@@ -406,6 +443,9 @@ impl Derivation {
         }
         used.sort_unstable();
         let name = |d: &Derivation, g: GaussId| d.gauss[g].name.clone();
+        let odd_x = self.odd_node(arg);
+        // Opposite parities: E[∂Z^x/∂Ẑ] is the mean of an odd function of the seeds, 0.
+        used.retain(|&g| self.gauss[g].odd == odd_x);
         for g in used {
             let y = match self.gauss[g].kind {
                 GaussKind::Hat { arg: y, .. } => y,
@@ -437,8 +477,12 @@ impl Derivation {
             };
             let mut stein = Vec::new();
             for (c, at) in &zx.atoms {
-                let mut jump = false;
-                at.f.visit_funs(&mut |f| jump |= f == crate::ir::Fun::Step);
+                // A jump matters only where Ẑ enters the argument of a `step`.
+                let jump = at
+                    .args
+                    .iter()
+                    .enumerate()
+                    .any(|(i, l)| l.coef(g) != 0.0 && inside_step(&at.f, i));
                 if jump {
                     let names = prog.stable_names();
                     match at.args.as_slice() {
@@ -466,7 +510,7 @@ impl Derivation {
                 for (i, l) in at.args.iter().enumerate() {
                     let ci = l.coef(g);
                     if ci != 0.0 {
-                        d.scaled_add(c * ci, &apply(&at.f.diff(i), &forms));
+                        d.scaled_add(c * ci, &self.apply(&at.f.diff(i), &forms));
                     }
                 }
             }
@@ -475,19 +519,6 @@ impl Derivation {
                 z.scaled_add(sigma2 * d.constant, &zy);
                 self.zdot[node.index()].push((g, sigma2 * d.constant, y));
                 continue;
-            }
-            if zy.constant != 0.0 {
-                let names = prog.stable_names();
-                return Err(format!(
-                    "the Ż term of this product is {} times a coefficient that depends on the point \
-                     (σ²·E[∂{}/∂Ẑ^{{{}}}], the derivative of a nonlinearity), and {} has a constant \
-                     part: a deterministic per-point value next to Gaussians, which the limit engine \
-                     does not represent",
-                    Program::z_name(&names, y),
-                    Program::z_name(&names, arg),
-                    name(self, g),
-                    Program::z_name(&names, y),
-                ));
             }
             let k = self.scales.len();
             self.scales.push(Scale {
@@ -500,6 +531,8 @@ impl Derivation {
             for &(b, cb) in &zy.lin.0 {
                 let family = self.gauss[b].family();
                 let gname = format!("s{} {}", k + 1, self.gauss[b].name);
+                // The scale s(ξ) is even (parities of Z^x and Ẑ agree).
+                let odd = self.gauss[b].odd;
                 self.gauss.push(Gauss {
                     kind: GaussKind::Scaled {
                         base: b,
@@ -507,18 +540,30 @@ impl Derivation {
                         family,
                     },
                     name: gname,
+                    odd,
                 });
                 let sg = self.gauss.len() - 1;
                 z.lin.axpy(cb, &LinForm::single(sg));
             }
-            if !zy.atoms.is_empty() {
-                // s(ξ) · c f(L): the atom times the deterministic value s(ξ).
+            if !zy.atoms.is_empty() || zy.constant != 0.0 {
+                // s(ξ) · c f(L): the atom times the deterministic value s(ξ); a constant
+                // c0 of Z^y gives the atom c0 · s(ξ), a value at each point.
                 self.gauss.push(Gauss {
                     kind: GaussKind::Point { scale: k },
                     name: format!("s{}", k + 1),
+                    odd: false,
                 });
                 let pt = LinForm::single(self.gauss.len() - 1);
                 let mut add = ZForm::default();
+                if zy.constant != 0.0 {
+                    add.atoms.push((
+                        zy.constant,
+                        Atom {
+                            f: Expr::Arg(0),
+                            args: vec![pt.clone()],
+                        },
+                    ));
+                }
                 for (c, at) in &zy.atoms {
                     let m = at.args.len();
                     let mut args = at.args.clone();
@@ -539,8 +584,30 @@ impl Derivation {
     }
 }
 
+/// Does operand `i` appear inside the argument of a `step` in `e`?
+fn inside_step(e: &Expr, i: usize) -> bool {
+    match e {
+        Expr::Call(f, x) => (*f == crate::ir::Fun::Step && x.uses(i)) || inside_step(x, i),
+        Expr::Neg(x) | Expr::Powi(x, _) => inside_step(x, i),
+        Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) | Expr::Div(a, b) => {
+            inside_step(a, i) || inside_step(b, i)
+        }
+        Expr::Arg(_) | Expr::Const(_) => false,
+    }
+}
+
 /// Z of a coordinatewise expression of operands with known Z (theory.md §1.2: `Z^h = phi(Z^g...)`).
+/// For forms without point values ([`GaussKind::Point`]); [`Derivation::apply`] keeps
+/// them apart.
 pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
+    apply_split(e, zs, &|_| false)
+}
+
+/// [`apply`] where `is_point(g)` says which ids are point values `s(ξ)`: an affine
+/// combination of Gaussians and point values becomes two arguments (`L_gauss + L_point`),
+/// never one form mixing both, so the engine integrates over the first and reads the
+/// second (a constant `c` next to Gaussians in a Ż term `s(ξ)·(L + c)` is `c·s(ξ)`).
+pub fn apply_split(e: &Expr, zs: &[ZForm], is_point: &dyn Fn(GaussId) -> bool) -> ZForm {
     if e.is_affine() {
         let zero = vec![0.0; zs.len()];
         let mut out = ZForm {
@@ -556,7 +623,7 @@ pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
     let mut forms = Vec::new();
     let exprs: Vec<Expr> = zs.iter().map(|z| z.as_expr(&mut forms)).collect();
     let composed = e.substitute(&|i| exprs[i].clone());
-    let (f, args) = absorb_affine(&composed, &forms);
+    let (f, args) = absorb_affine(&composed, &forms, is_point);
     if f.is_constant() {
         return ZForm {
             constant: f.eval(&[]),
@@ -572,13 +639,22 @@ pub fn apply(e: &Expr, zs: &[ZForm]) -> ZForm {
 /// Replaces every maximal affine subexpression that involves the linear forms by one
 /// new linear form, so `tanh(a0 + a1 + 0.5)` over three forms becomes `tanh(b0 + 0.5)`
 /// over their sum: one Gaussian, not three.
-fn absorb_affine(e: &Expr, forms: &[LinForm]) -> (Expr, Vec<LinForm>) {
+fn absorb_affine(
+    e: &Expr,
+    forms: &[LinForm],
+    is_point: &dyn Fn(GaussId) -> bool,
+) -> (Expr, Vec<LinForm>) {
     let mut out: Vec<LinForm> = Vec::new();
-    let f = absorb(e, forms, &mut out);
+    let f = absorb(e, forms, &mut out, is_point);
     (f, out)
 }
 
-fn absorb(e: &Expr, forms: &[LinForm], out: &mut Vec<LinForm>) -> Expr {
+fn absorb(
+    e: &Expr,
+    forms: &[LinForm],
+    out: &mut Vec<LinForm>,
+    is_point: &dyn Fn(GaussId) -> bool,
+) -> Expr {
     if e.is_constant() {
         return Expr::Const(e.eval(&[]));
     }
@@ -594,16 +670,25 @@ fn absorb(e: &Expr, forms: &[LinForm], out: &mut Vec<LinForm>) -> Expr {
         if l.is_zero() {
             return Expr::Const(c0);
         }
-        let k = match out.iter().position(|x| *x == l) {
-            Some(k) => k,
-            None => {
-                out.push(l);
-                out.len() - 1
+        let (pts, gs): (Vec<_>, Vec<_>) = l.0.iter().partition(|(g, _)| is_point(*g));
+        let mut e = Expr::Const(c0);
+        for part in [gs, pts] {
+            if part.is_empty() {
+                continue;
             }
-        };
-        return Expr::add(Expr::Arg(k), Expr::Const(c0));
+            let l = LinForm(part);
+            let k = match out.iter().position(|x| *x == l) {
+                Some(k) => k,
+                None => {
+                    out.push(l);
+                    out.len() - 1
+                }
+            };
+            e = Expr::add(Expr::Arg(k), e);
+        }
+        return e;
     }
-    let rec = |x: &Expr, out: &mut Vec<LinForm>| absorb(x, forms, out);
+    let rec = |x: &Expr, out: &mut Vec<LinForm>| absorb(x, forms, out, is_point);
     match e {
         Expr::Call(f, x) => Expr::call(*f, rec(x, out)),
         Expr::Neg(x) => Expr::neg(rec(x, out)),

@@ -75,6 +75,11 @@ pub fn tree(r: &LimitResult) -> Node<'_> {
     }
     out.push("methods", json!(r.methods));
     out.push("max_error", num(r.max_error));
+    if let Some(e) = r.qmc_3sigma {
+        // A statistical error (3 standard errors of a randomized QMC estimate), not a
+        // bound; `max_error` includes it.
+        out.push("qmc_3sigma", num(e));
+    }
     out
 }
 
@@ -334,21 +339,26 @@ pub fn text(derivation: &str, r: &LimitResult) -> String {
     if let Some(t) = &r.train {
         s.push_str(&trajectory_text(t, &l));
     }
+    // With QMC the largest error may be a 3σ statistical estimate, not a bound.
+    let largest = match r.qmc_3sigma {
+        Some(q) if q >= r.max_error => format!(
+            "largest stated error {:.1e}, a QMC 3σ estimate (statistical, not a bound)",
+            r.max_error
+        ),
+        Some(q) => format!(
+            "largest stated error {:.1e}; QMC's 3σ estimate {q:.1e} is statistical, not a bound",
+            r.max_error
+        ),
+        None => format!("largest stated error {:.1e}", r.max_error),
+    };
     if r.methods.is_empty() {
         s.push_str("\n# methods: none (no expectation had to be computed)\n");
     } else {
-        let line = format!(
-            "# methods: {}; largest stated error {:.1e}",
-            r.methods.join("; "),
-            r.max_error
-        );
+        let line = format!("# methods: {}; {largest}", r.methods.join("; "));
         if line.chars().count() <= TEXT_WIDTH {
             s.push_str(&format!("\n{line}\n"));
         } else {
-            s.push_str(&format!(
-                "\n# methods (largest stated error {:.1e}):\n",
-                r.max_error
-            ));
+            s.push_str(&format!("\n# methods ({largest}):\n"));
             for m in &r.methods {
                 s.push_str(&format!("#   {m}\n"));
             }

@@ -231,6 +231,7 @@ fn empty_methods_are_said_in_words() {
         observe: vec![],
         methods: vec![],
         max_error: 0.0,
+        qmc_3sigma: None,
         regime: None,
         train: None,
     };
@@ -240,6 +241,35 @@ fn empty_methods_are_said_in_words() {
         text.contains("# methods: none (no expectation had to be computed)"),
         "{text}"
     );
+}
+
+/// A QMC error is said to be a 3σ statistical estimate, never a bound, in the text and
+/// in JSON (`qmc_3sigma`, issue 18).
+#[test]
+fn a_qmc_error_is_stated_as_what_it_is() {
+    let r = tpc::LimitResult {
+        outputs: vec![],
+        points: vec![vec![]],
+        nngp: None,
+        nngp_note: None,
+        ntk: None,
+        ntk_note: None,
+        observe: vec![],
+        methods: vec![
+            "QMC, 16×262144 points, 3σ ≈ 7.5e-7 (a statistical error, not a bound)".into(),
+        ],
+        max_error: 7.5e-7,
+        qmc_3sigma: Some(7.5e-7),
+        regime: None,
+        train: None,
+    };
+    let text = tpc::report::limit::text("", &r);
+    assert!(
+        text.contains("largest stated error 7.5e-7, a QMC 3σ estimate (statistical, not a bound)"),
+        "{text}"
+    );
+    let v = tpc::report::limit::json(&r);
+    assert_eq!(v["qmc_3sigma"].as_f64(), Some(7.5e-7), "{v}");
 }
 
 /// A trajectory over many (output, point) pairs is printed in column blocks too.
@@ -258,6 +288,7 @@ fn wide_trajectories_fit_100_columns() {
             observe: vec![],
             methods: vec!["closed form".into()],
             max_error: 0.0,
+            qmc_3sigma: None,
             regime: Some("kernel".into()),
             train: Some(tpc::limit::train::LimitTrain {
                 loss: tpc::ir::Loss::Mse,
