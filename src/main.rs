@@ -209,39 +209,7 @@ enum Cmd {
     /// counts steps of the program's `train` block (its lr and loss, language.md), `inf` the
     /// converged ensemble (for the NNGP, the GP posterior). One output with C target
     /// columns predicts each column with the same kernel; O outputs need O columns.
-    Predict {
-        file: PathBuf,
-        /// CSV of training points, one per row [default: the `train` block's data]
-        #[arg(long, requires = "targets")]
-        train: Option<PathBuf>,
-        /// CSV of training targets, one row per training point
-        #[arg(long, requires = "train")]
-        targets: Option<PathBuf>,
-        /// CSV of test points, one per row
-        #[arg(long)]
-        test: PathBuf,
-        /// CSV of test targets: adds test MSE (and accuracy, with several columns)
-        #[arg(long)]
-        test_targets: Option<PathBuf>,
-        /// Times of gradient flow, comma-separated; `inf` for the converged ensemble
-        #[arg(long, value_delimiter = ',', num_args = 1..)]
-        t: Vec<String>,
-        /// Discrete steps of the `train` block's gradient descent, comma-separated
-        #[arg(long, value_delimiter = ',', num_args = 1..,
-              value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
-        steps: Vec<u64>,
-        /// Diagonal regularization ε of the training kernels: ε·trace/size (relative,
-        /// NT's default) or ε (with --diag-reg-absolute)
-        #[arg(long, default_value_t = 0.0)]
-        diag_reg: f64,
-        #[arg(long)]
-        diag_reg_absolute: bool,
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
-        /// Write means and covariances as NumPy `.npy` files and `meta.json` into DIR
-        #[arg(long, value_name = "DIR")]
-        out: Option<PathBuf>,
-    },
+    Predict(PredictArgs),
     /// Explain a diagnostic code
     Explain { code: String },
 }
@@ -332,7 +300,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
         | Cmd::Run { format, .. }
         | Cmd::Compare { format, .. }
         | Cmd::CoordCheck { format, .. }
-        | Cmd::Predict { format, .. }
+        | Cmd::Predict(PredictArgs { format, .. })
         | Cmd::Bench {
             what: BenchCmd::Limit { format, .. },
         } => *format == Format::Json,
@@ -600,33 +568,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 || tpc::report::coord::text(&r),
             )
         }
-        Cmd::Predict {
-            file,
-            train,
-            targets,
-            test,
-            test_targets,
-            t,
-            steps,
-            diag_reg,
-            diag_reg_absolute,
-            format,
-            out,
-        } => predict(
-            &file,
-            PredictArgs {
-                train,
-                targets,
-                test,
-                test_targets,
-                t,
-                steps,
-                diag_reg,
-                diag_reg_absolute,
-                format,
-                out,
-            },
-        ),
+        Cmd::Predict(args) => predict(args),
         Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
             Some((c, m)) => print_out(&format!("{c}: {m}\n")),
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
@@ -1017,23 +959,46 @@ fn emit(name: &str, src: &str, diags: &[Diagnostic]) {
     Renderer::new(name, src).emit(&mut err, diags);
 }
 
-/// `tpc predict`'s options, as parsed.
+/// `tpc predict`'s options.
+#[derive(clap::Args)]
 struct PredictArgs {
+    file: PathBuf,
+    /// CSV of training points, one per row [default: the `train` block's data]
+    #[arg(long, requires = "targets")]
     train: Option<PathBuf>,
+    /// CSV of training targets, one row per training point
+    #[arg(long, requires = "train")]
     targets: Option<PathBuf>,
+    /// CSV of test points, one per row
+    #[arg(long)]
     test: PathBuf,
+    /// CSV of test targets: adds test MSE (and accuracy, with several columns)
+    #[arg(long)]
     test_targets: Option<PathBuf>,
+    /// Times of gradient flow, comma-separated; `inf` for the converged ensemble
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
     t: Vec<String>,
+    /// Discrete steps of the `train` block's gradient descent, comma-separated
+    #[arg(long, value_delimiter = ',', num_args = 1..,
+              value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
     steps: Vec<u64>,
+    /// Diagonal regularization ε of the training kernels: ε·trace/size (relative,
+    /// NT's default) or ε (with --diag-reg-absolute)
+    #[arg(long, default_value_t = 0.0)]
     diag_reg: f64,
+    #[arg(long)]
     diag_reg_absolute: bool,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Write means and covariances as NumPy `.npy` files and `meta.json` into DIR
+    #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
 
 /// `tpc predict`: the limit kernels over training and test points together, then the
 /// NNGP and NTK predictors ([`tpc::predict`]) at every time asked for.
-fn predict(file: &Path, a: PredictArgs) -> Result<(), Reported> {
+fn predict(a: PredictArgs) -> Result<(), Reported> {
+    let file = a.file.as_path();
     let mut prog = compile_file_for_limit(file)?;
     let what = file.display();
     if prog.inputs.is_empty() {
