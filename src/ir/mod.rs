@@ -245,6 +245,27 @@ impl Program {
         }
     }
 
+    /// The terms of output `o`: (coefficient, the readout or scalar parameter's node,
+    /// the vector read out — `None` for a scalar parameter term); empty for a node that
+    /// is not an output.
+    pub fn output_terms(&self, o: NodeId) -> Vec<(f64, NodeId, Option<NodeId>)> {
+        let ops = self.operands(o);
+        match &self.node(o).op {
+            Op::Output { terms, .. } => terms
+                .iter()
+                .map(|t| match t {
+                    OutTerm::Readout {
+                        coef,
+                        readout,
+                        vector,
+                    } => (*coef, ops[*readout], Some(ops[*vector])),
+                    OutTerm::Scalar { coef, param } => (*coef, ops[*param], None),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Appends a node with its operands (each must already exist): the only way nodes
     /// are made, which keeps node order topological.
     pub fn push(

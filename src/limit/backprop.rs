@@ -318,23 +318,7 @@ impl Backward {
             }
         }
         // Readouts and scalar output biases (as in the general engine's output_pair).
-        let terms = |o: NodeId| -> Vec<(f64, NodeId, Option<NodeId>)> {
-            let ops = prog.operands(o);
-            match &prog.node(o).op {
-                Op::Output { terms, .. } => terms
-                    .iter()
-                    .map(|t| match t {
-                        OutTerm::Readout {
-                            coef,
-                            readout,
-                            vector,
-                        } => (*coef, ops[*readout], Some(ops[*vector])),
-                        OutTerm::Scalar { coef, param } => (*coef, ops[*param], None),
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            }
-        };
+        let terms = |o: NodeId| prog.output_terms(o);
         let (ta, tb) = (terms(prog.outputs[a]), terms(prog.outputs[b]));
         for &(c1, r1, x1) in &ta {
             for &(c2, r2, x2) in &tb {

@@ -692,23 +692,7 @@ fn output_pair(
     gia: bool,
 ) -> Result<(Scaled, Option<Scaled>), engine::NumError> {
     let p = eng.p;
-    let terms = |o: NodeId| -> Vec<(f64, NodeId, Option<NodeId>)> {
-        let ops = prog.operands(o);
-        match &prog.node(o).op {
-            Op::Output { terms, .. } => terms
-                .iter()
-                .map(|t| match t {
-                    OutTerm::Readout {
-                        coef,
-                        readout,
-                        vector,
-                    } => (*coef, ops[*readout], Some(ops[*vector])),
-                    OutTerm::Scalar { coef, param } => (*coef, ops[*param], None),
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
-    };
+    let terms = |o: NodeId| prog.output_terms(o);
     let (ta, tb) = (terms(oa), terms(ob));
     let mut k = Scaled {
         m: DMatrix::zeros(p, p),
