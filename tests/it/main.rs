@@ -29,4 +29,5 @@ mod readme_codes;
 mod scaling;
 mod semicircle_scaling;
 mod tied;
+mod train_moments;
 mod unrolled;
