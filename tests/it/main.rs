@@ -27,6 +27,7 @@ mod particle;
 mod quadrature;
 mod readme_codes;
 mod scaling;
+mod scaling_logits;
 mod semicircle_scaling;
 mod tied;
 mod train_moments;
