@@ -5,6 +5,7 @@ mod adversarial;
 mod api;
 mod common;
 mod compare;
+mod compare_moments;
 mod contract;
 mod coord_check;
 mod diagnostics;
