@@ -100,6 +100,101 @@ fn lines_with_offsets(text: &str) -> Vec<(usize, &str)> {
     out
 }
 
+/// The numbers of one CSV line (`raw`, starting at byte `at` of `text`, line `i` from
+/// 0), each finite; errors point at the field.
+fn parse_row(
+    name: &str,
+    text: &str,
+    i: usize,
+    at: usize,
+    raw: &str,
+) -> Result<Vec<f64>, Box<DataError>> {
+    let mut row = Vec::new();
+    let mut off = at;
+    for field in raw.split(',') {
+        let f = field.trim();
+        let lead = field.len() - field.trim_start().len();
+        let span = Span::new(off + lead, off + lead + f.len());
+        let err = |what: &str, label: &str, help: &str| DataError {
+            file: name.to_string(),
+            line: i + 1,
+            col: text[at..span.start].chars().count() + 1,
+            what: format!("{} {what}", quote(f)),
+            span,
+            label: label.into(),
+            help: help.into(),
+        };
+        match f.parse::<f64>() {
+            Ok(v) if v.is_finite() => row.push(v),
+            Ok(_) => {
+                return Err(Box::new(err(
+                    "is not a finite number",
+                    "not finite",
+                    "input points are finite numbers; NaN and infinities have no limit or run",
+                )))
+            }
+            Err(_) => {
+                return Err(Box::new(err(
+                    "is not a number",
+                    "not a number",
+                    "a row is numbers separated by commas, one point per row, no header",
+                )))
+            }
+        }
+        off += field.len() + 1;
+    }
+    Ok(row)
+}
+
+/// Parses a CSV of targets (`tpc predict --targets`): `rows` rows (one per training
+/// point) of equally many finite numbers. Spans are byte offsets into `text`.
+pub fn parse_targets(name: &str, text: &str, rows: usize) -> Result<Vec<Vec<f64>>, Box<DataError>> {
+    let mut out: Vec<Vec<f64>> = Vec::new();
+    let mut last = (0, Span::new(0, 0));
+    for (i, (at, raw)) in lines_with_offsets(text).into_iter().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let row = parse_row(name, text, i, at, raw)?;
+        let lead = raw.len() - raw.trim_start().len();
+        let span = Span::new(at + lead, at + lead + line.len());
+        if let Some(first) = out.first() {
+            if row.len() != first.len() {
+                return Err(Box::new(DataError {
+                    file: name.to_string(),
+                    line: i + 1,
+                    col: raw[..lead].chars().count() + 1,
+                    what: format!(
+                        "the row has {} numbers; the first row has {}",
+                        row.len(),
+                        first.len()
+                    ),
+                    span,
+                    label: format!("{} numbers", row.len()),
+                    help: "every row holds the targets of one training point: one number per \
+                           output (or per class)"
+                        .into(),
+                }));
+            }
+        }
+        last = (i + 1, span);
+        out.push(row);
+    }
+    if out.len() != rows {
+        return Err(Box::new(DataError {
+            file: name.to_string(),
+            line: last.0,
+            col: if last.0 == 0 { 0 } else { 1 },
+            what: format!("{} rows of targets for {rows} training points", out.len()),
+            span: last.1,
+            label: "last row".into(),
+            help: "give one row of targets per training point, in the same order".into(),
+        }));
+    }
+    Ok(out)
+}
+
 /// Parses CSV text into rows of `row_len(prog)` finite numbers. Spans in a
 /// [`DataError`] are byte offsets into `text`.
 pub fn parse_points(
@@ -115,40 +210,7 @@ pub fn parse_points(
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut row = Vec::with_capacity(want);
-        let mut off = at;
-        for field in raw.split(',') {
-            let f = field.trim();
-            let lead = field.len() - field.trim_start().len();
-            let span = Span::new(off + lead, off + lead + f.len());
-            let err = |what: &str, label: &str, help: &str| DataError {
-                file: name.to_string(),
-                line: i + 1,
-                col: text[at..span.start].chars().count() + 1,
-                what: format!("{} {what}", quote(f)),
-                span,
-                label: label.into(),
-                help: help.into(),
-            };
-            match f.parse::<f64>() {
-                Ok(v) if v.is_finite() => row.push(v),
-                Ok(_) => {
-                    return Err(Box::new(err(
-                        "is not a finite number",
-                        "not finite",
-                        "input points are finite numbers; NaN and infinities have no limit or run",
-                    )))
-                }
-                Err(_) => {
-                    return Err(Box::new(err(
-                        "is not a number",
-                        "not a number",
-                        "a row is numbers separated by commas, one point per row, no header",
-                    )))
-                }
-            }
-            off += field.len() + 1;
-        }
+        let row = parse_row(name, text, i, at, raw)?;
         if row.len() != want {
             let what = needs(prog);
             let lead = raw.len() - raw.trim_start().len();

@@ -45,6 +45,7 @@ pub mod ir;
 pub mod limit;
 pub mod lower;
 pub mod machine;
+pub mod predict;
 pub mod report;
 pub mod scaling;
 pub mod syntax;

@@ -190,6 +190,48 @@ enum Cmd {
         #[arg(long, conflicts_with = "svg")]
         no_svg: bool,
     },
+    /// Infinite-width prediction on test points: the NNGP posterior and the NTK
+    /// gradient-descent ensemble (mean and covariance) at the given times
+    ///
+    /// Computes the limit NNGP and NTK over the training and test points together, then
+    /// predicts as Neural Tangents' `predict.gradient_descent_mse_ensemble` does: `--t` is
+    /// continuous time of gradient flow on (1/2|Y|)·‖f − Y‖² (|Y| target entries), `--steps`
+    /// counts steps of the program's `train` block (its lr and loss, language.md), `inf` the
+    /// converged ensemble (for the NNGP, the GP posterior). One output with C target
+    /// columns predicts each column with the same kernel; O outputs need O columns.
+    Predict {
+        file: PathBuf,
+        /// CSV of training points, one per row [default: the `train` block's data]
+        #[arg(long, requires = "targets")]
+        train: Option<PathBuf>,
+        /// CSV of training targets, one row per training point
+        #[arg(long, requires = "train")]
+        targets: Option<PathBuf>,
+        /// CSV of test points, one per row
+        #[arg(long)]
+        test: PathBuf,
+        /// CSV of test targets: adds test MSE (and accuracy, with several columns)
+        #[arg(long)]
+        test_targets: Option<PathBuf>,
+        /// Times of gradient flow, comma-separated; `inf` for the converged ensemble
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        t: Vec<String>,
+        /// Discrete steps of the `train` block's gradient descent, comma-separated
+        #[arg(long, value_delimiter = ',', num_args = 1..,
+              value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+        steps: Vec<u64>,
+        /// Diagonal regularization ε of the training kernels: ε·trace/size (relative,
+        /// NT's default) or ε (with --diag-reg-absolute)
+        #[arg(long, default_value_t = 0.0)]
+        diag_reg: f64,
+        #[arg(long)]
+        diag_reg_absolute: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Write means and covariances as NumPy `.npy` files and `meta.json` into DIR
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Explain a diagnostic code
     Explain { code: String },
 }
@@ -257,6 +299,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
         | Cmd::Run { format, .. }
         | Cmd::Compare { format, .. }
         | Cmd::CoordCheck { format, .. }
+        | Cmd::Predict { format, .. }
         | Cmd::Bench {
             what: BenchCmd::Limit { format, .. },
         } => *format == Format::Json,
@@ -531,6 +574,33 @@ fn run(cli: Cli) -> Result<(), Reported> {
                 || tpc::report::coord::text(&r),
             )
         }
+        Cmd::Predict {
+            file,
+            train,
+            targets,
+            test,
+            test_targets,
+            t,
+            steps,
+            diag_reg,
+            diag_reg_absolute,
+            format,
+            out,
+        } => predict(
+            &file,
+            PredictArgs {
+                train,
+                targets,
+                test,
+                test_targets,
+                t,
+                steps,
+                diag_reg,
+                diag_reg_absolute,
+                format,
+                out,
+            },
+        ),
         Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
             Some((c, m)) => print_out(&format!("{c}: {m}\n")),
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),
@@ -914,4 +984,158 @@ fn emit(name: &str, src: &str, diags: &[Diagnostic]) {
     };
     let mut err = StandardStream::stderr(choice);
     Renderer::new(name, src).emit(&mut err, diags);
+}
+
+/// `tpc predict`'s options, as parsed.
+struct PredictArgs {
+    train: Option<PathBuf>,
+    targets: Option<PathBuf>,
+    test: PathBuf,
+    test_targets: Option<PathBuf>,
+    t: Vec<String>,
+    steps: Vec<u64>,
+    diag_reg: f64,
+    diag_reg_absolute: bool,
+    format: Format,
+    out: Option<PathBuf>,
+}
+
+/// `tpc predict`: the limit kernels over training and test points together, then the
+/// NNGP and NTK predictors ([`tpc::predict`]) at every time asked for.
+fn predict(file: &Path, a: PredictArgs) -> Result<(), Reported> {
+    let mut prog = compile_file_for_limit(file)?;
+    let what = file.display();
+    if prog.inputs.is_empty() {
+        return Err(fail(&format!(
+            "{what}: prediction needs a program with an `input`"
+        )));
+    }
+    let (xs, ys) = match (&a.train, &a.targets) {
+        (Some(x), Some(y)) => {
+            let xs = load_points(&prog, Some(x))?;
+            let ys = load_targets(y, xs.len())?;
+            (xs, ys)
+        }
+        _ => match &prog.train {
+            Some(tr) => tr.data.iter().map(|s| (s.x.clone(), s.y.clone())).unzip(),
+            None => {
+                return Err(fail(&format!(
+                    "{what}: give --train and --targets (the program has no `train` block \
+                     whose data could be used)"
+                )))
+            }
+        },
+    };
+    let xt = load_points(&prog, Some(&a.test))?;
+    let yt = match &a.test_targets {
+        Some(p) => Some(load_targets(p, xt.len())?),
+        None => None,
+    };
+    let cols = ys.first().map_or(0, Vec::len);
+    if let Some(yt) = &yt {
+        if yt.first().map_or(0, Vec::len) != cols {
+            return Err(fail(&format!(
+                "the test targets have {} columns, the training targets {cols}",
+                yt.first().map_or(0, Vec::len)
+            )));
+        }
+    }
+    let mut times = Vec::new();
+    for s in &a.t {
+        match s.trim() {
+            "inf" | "infinity" => times.push(tpc::predict::Time::Infinity),
+            v => match v.parse::<f64>() {
+                Ok(t) if t.is_finite() && t >= 0.0 => times.push(tpc::predict::Time::Flow(t)),
+                _ => {
+                    return Err(fail(&format!(
+                        "--t {v}: a time is a finite number ≥ 0, or `inf`"
+                    )))
+                }
+            },
+        }
+    }
+    if !a.steps.is_empty() {
+        let Some(lr) = prog.train.as_ref().map(|t| t.lr) else {
+            return Err(fail(&format!(
+                "{what}: --steps counts steps of the `train` block's gradient descent, and the \
+                 program has none: use --t (continuous time)"
+            )));
+        };
+        for &k in &a.steps {
+            times.push(tpc::predict::Time::Steps {
+                steps: k as usize,
+                lr,
+            });
+        }
+    }
+    if times.is_empty() {
+        times.push(tpc::predict::Time::Infinity);
+    }
+    let outputs = prog.output_names();
+    let prior: Vec<f64> = prog
+        .outputs
+        .iter()
+        .map(|&o| match &prog.node(o).op {
+            tpc::ir::Op::Output { constant, .. } => *constant,
+            _ => 0.0,
+        })
+        .collect();
+    // The kernels only: the `train` block's own trajectory is not needed here.
+    prog.train = None;
+    let all: Vec<Vec<f64>> = xs.iter().chain(&xt).cloned().collect();
+    let r = tpc::limit::limit(&prog, &all).map_err(|e| limit_fail(file, &e))?;
+    let (Some(k), Some(th)) = (&r.nngp, &r.ntk) else {
+        let note = r.nngp_note.or(r.ntk_note).unwrap_or_default();
+        return Err(fail(&format!(
+            "{what}: the limit kernels are not finite: {note}"
+        )));
+    };
+    let matrix = |rows: &[Vec<f64>]| {
+        let c = rows.first().map_or(0, Vec::len);
+        nalgebra::DMatrix::from_fn(rows.len(), c, |i, j| rows[i][j])
+    };
+    let (y, ytm) = (matrix(&ys), yt.as_deref().map(matrix));
+    let prob = tpc::predict::Problem {
+        nngp: k,
+        ntk: th,
+        outputs: outputs.len(),
+        train: xs.len(),
+        targets: &y,
+        prior_mean: &prior,
+        diag_reg: a.diag_reg,
+        diag_reg_absolute: a.diag_reg_absolute,
+    };
+    let preds = prob
+        .predict(&times)
+        .map_err(|e| fail(&format!("{what}: {e}")))?;
+    if let Some(dir) = &a.out {
+        let meta = tpc::report::predict::save(dir, &outputs, xs.len(), &preds, ytm.as_ref())
+            .map_err(|e| fail(&format!("cannot write into `{}`: {e}", dir.display())))?;
+        let text = serde_json::to_string_pretty(&meta)
+            .map_err(|e| fail(&format!("cannot write JSON: {e}")))?;
+        return print_out(&(text + "\n"));
+    }
+    if a.format == Format::Json {
+        let v = tpc::report::predict::json(&outputs, xs.len(), &preds, ytm.as_ref());
+        let text = serde_json::to_string_pretty(&v)
+            .map_err(|e| fail(&format!("cannot write JSON: {e}")))?;
+        return print_out(&(text + "\n"));
+    }
+    print_out(&tpc::report::predict::text(
+        &outputs,
+        xs.len(),
+        &preds,
+        ytm.as_ref(),
+    ))
+}
+
+/// Reads a CSV of targets, `rows` rows (E0028 against the file when malformed).
+fn load_targets(path: &Path, rows: usize) -> Result<Vec<Vec<f64>>, Reported> {
+    let name = path.display().to_string();
+    let bytes = read_limited(path, tpc::data::MAX_BYTES)?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    tpc::data::parse_targets(&name, &text, rows).map_err(|e| {
+        emit(&name, &text, &[e.diagnostic()]);
+        Reported
+    })
 }

@@ -27,8 +27,8 @@ use std::collections::HashMap;
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
-use super::exec::{bug, HiddenProducts, RunError, COORD_CHUNK};
 use super::sample::{fill_normal_seq, StreamKey};
+use super::types::{bug, HiddenProducts, RunError, COORD_CHUNK};
 
 /// Offset of the tensor ids of the conditional engine's fresh streams (distinct from
 /// the parameter ids used by the dense sampler).

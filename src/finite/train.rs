@@ -8,7 +8,7 @@
 //!    they differ) and record `f_t`;
 //! 2. form χ = ∂L/∂f on the batch: `(f − y)/B` for `mse`, `(σ(f) − y)/B` for `xent`,
 //!    one target per output (the loss sums over outputs);
-//! 3. backpropagate χ with the executor's reverse pass ([`super::exec`]), seeded with χ
+//! 3. backpropagate χ with the executor's reverse pass (`pass`), seeded with χ
 //!    rather than one cotangent per (output, point), so every cotangent is one N×B block;
 //! 4. update every trainable variable `w` (the N(0, var) variable of its law; the
 //!    parameter is `mult · w`) by `w ← w − lr · lr_mult(N) · ∂L/∂w`, all at once.
@@ -27,11 +27,11 @@
 
 use nalgebra::DMatrix;
 
-use super::exec::{
-    backward, bug, col, describe_value, forward, out_of_range, outputs, sample_params, sampled_of,
-    Estimate, Plan, RunConfig, RunError, Sampled, Val,
-};
+use super::draw::outputs;
 use super::linalg::{gemm, Trans};
+use super::pass::{backward, forward};
+use super::plan::{col, sample_params, sampled_of, Plan, Sampled, Val};
+use super::types::{bug, describe_value, out_of_range, Estimate, RunConfig, RunError};
 use crate::diag::Diagnostic;
 use crate::ir::{Loss, NodeId, Op, OutTerm, Program, Shape, Train, Ty};
 
@@ -367,7 +367,7 @@ fn gradients(
     let prog = plan.prog;
     let p = plan.p;
     let mut grads: Vec<Vec<Grad>> = (0..prog.params.len()).map(|_| Vec::new()).collect();
-    let mut delta: Vec<Option<super::exec::Cot>> = vec![None; prog.len()];
+    let mut delta: Vec<Option<super::types::Cot>> = vec![None; prog.len()];
 
     // Seeds at the outputs: f_o = Σ coef·mult·w·x + Σ coef·mult·b + c.
     for (oi, &out) in prog.outputs.iter().enumerate() {

@@ -9,11 +9,10 @@
 
 use nalgebra::DMatrix;
 
-use super::exec::{
-    bug, forward_releasing, sample_non_hidden, sample_params, with_mults, Engine, HiddenProducts,
-    Plan, RunError, Val,
-};
+use super::pass::forward_releasing;
+use super::plan::{sample_non_hidden, sample_params, with_mults, Plan, Val};
 use super::train::Trajectory;
+use super::types::{bug, Engine, HiddenProducts, RunError};
 use crate::autodiff::{unroll, Unrolled, Width};
 use crate::ir::{NodeId, Program, Ty};
 
@@ -89,7 +88,7 @@ impl UnrolledRun {
     }
 
     /// Words the conditional sampler holds after draw `draw` of `seed` (its history at
-    /// its largest), for [`super::exec::Footprint`].
+    /// its largest), for [`super::footprint::Footprint`].
     pub fn history_words(&self, seed: u64, draw: usize) -> Result<usize, RunError> {
         self.run_counted(seed, draw, Engine::Conditional)
             .map(|(_, h)| h)

@@ -8,5 +8,6 @@ pub mod coord;
 pub mod graph;
 pub mod limit;
 pub mod npy;
+pub mod predict;
 pub mod run;
 pub mod stream;

@@ -25,6 +25,7 @@ mod limit_train;
 mod netsor;
 mod outputs;
 mod particle;
+mod predict;
 mod quadrature;
 mod readme_codes;
 mod scaling;
