@@ -286,6 +286,10 @@ pub const CODES: &[(&str, &str)] = &[
         "W0105",
         "training diverges at finite width (|f_t| grows a millionfold past f_0 and the targets)",
     ),
+    (
+        "W0106",
+        "an attention logit (a moment `mean(q * k)` of two vectors) moves by more than Θ(1) after one training step (1/√n logits under muP)",
+    ),
     ("N0101", "kernel regime: features do not move in the limit"),
     ("N0102", "feature learning"),
 ];

@@ -28,14 +28,20 @@
 //! exponent) as help.
 //!
 //! Moments are treated at coordinate level (an upper bound: a mean of zero-mean
-//! coordinates can be smaller). Beyond Θ(1) the first-order change is a lower bound on
-//! the blow-up: nonlinear effects of a blown-up step only make it larger.
+//! coordinates can be smaller), except cross moments `mean(q * k)` of independent
+//! vectors, attention logits, which `scaling::moments` sizes as CLT sums at
+//! initialization and splits into correlated and independent parts after a step.
+//! Beyond Θ(1) the first-order change is a lower bound on the blow-up: nonlinear
+//! effects of a blown-up step only make it larger.
 
 use std::cmp::Ordering;
 use std::fmt;
 
 use crate::diag::Diagnostic;
 use crate::ir::{Expr, Fun, Law, Monomial, NodeId, Op, OutTerm, Program, Rational, Role, Span, Ty};
+
+mod moments;
+pub use moments::is_cross_moment;
 
 // ---------------------------------------------------------------------------------
 // Exponents
@@ -420,6 +426,12 @@ struct Ctx<'a> {
     /// Entry size of each parameter as the step sees it (at initialization for the
     /// first step; readouts include their first update for later steps).
     entries: Vec<Ex>,
+    /// Cross moments (attention logits), per node ([`moments`]).
+    cross: Vec<Option<moments::Cross>>,
+    /// How a vector cotangent sums into a scalar operand of a Nonlin: a CLT sum
+    /// (`n^(1/2)`), or an LLN sum for a later step's correlated part
+    /// ([`moments::later_reduction`]).
+    reduce: Ex,
 }
 
 impl<'a> Ctx<'a> {
@@ -439,6 +451,8 @@ impl<'a> Ctx<'a> {
             flats,
             ops,
             entries,
+            cross: moments::cross_moments(prog),
+            reduce: Ex::half(),
         }
     }
 
@@ -475,6 +489,9 @@ impl<'a> Ctx<'a> {
                     } else {
                         Ex::half().mul(w).mul(e[ops[1].index()])
                     }
+                }
+                Op::Moment(_) if self.cross[id.index()].is_some() => {
+                    self.cross[id.index()].map_or(Ex::Zero, |c| moments::init_size(c, &e))
                 }
                 Op::Nonlin(_) | Op::Moment(_) => self.flats[id.index()]
                     .as_ref()
@@ -536,7 +553,7 @@ impl<'a> Ctx<'a> {
                         // gradient is linear in the readouts); a vector argument of a
                         // moment gets 1/n of it
                         let scale = match (moment, self.is_scalar(a)) {
-                            (false, true) => Ex::half(),
+                            (false, true) => self.reduce,
                             (true, false) => Ex::inv_n(),
                             _ => Ex::ONE,
                         };
@@ -686,6 +703,9 @@ impl<'a> Ctx<'a> {
                         Ex::half().mul(w).mul(d[ops[1].index()])
                     }
                 }
+                Op::Moment(_) if self.cross[i].is_some() => {
+                    self.cross[i].map_or(Ex::Zero, |c| moments::change(c, init, &d, direct))
+                }
                 Op::Nonlin(_) | Op::Moment(_) => {
                     let Some(f) = &self.flats[i] else { continue };
                     let a0 = self.args(id, init);
@@ -764,10 +784,16 @@ fn nz(coef: f64, e: Ex) -> Ex {
     }
 }
 
-/// One step from sizes `base` (vectors at the step's start) with loss derivatives `chi`.
-fn one_step(cx: &Ctx, base: &[Ex], chi: Vec<Ex>, lr: f64) -> Step {
+/// One step from sizes `base` (vectors at the step's start) with loss derivatives `chi`;
+/// `also` computes a second gradient (a later step's correlated part), the larger taken.
+fn one_step(cx: &Ctx, base: &[Ex], chi: Vec<Ex>, lr: f64, also: Option<&Ctx>) -> Step {
     let prog = cx.prog;
-    let grad = cx.backward(base, &chi);
+    let mut grad = cx.backward(base, &chi);
+    if let Some(c) = also {
+        for (g, h) in grad.iter_mut().zip(c.backward(base, &chi)) {
+            *g = (*g).max(h);
+        }
+    }
     let mut delta = vec![Ex::Zero; prog.len()];
     let mut by_param = Vec::new();
     let mut direct = Vec::new();
@@ -822,7 +848,7 @@ pub fn exponents(prog: &Program) -> Exponents {
     let init = cx.init();
     let mut later = None;
     let step = prog.train.as_ref().map(|train| {
-        let first = one_step(&cx, &init, cx.chi(&init), train.lr);
+        let first = one_step(&cx, &init, cx.chi(&init), train.lr, None);
         if train.steps >= 2 {
             // From the second update on, the gradient reaching the features also flows
             // through the updated readouts (theory.md §5.2, "First step vs later steps":
@@ -838,7 +864,26 @@ pub fn exponents(prog: &Program) -> Exponents {
                 .zip(&first.delta)
                 .map(|(a, b)| (*a).max(*b))
                 .collect();
-            later = Some(one_step(&cx2, &base, first.chi1.clone(), train.lr));
+            // Netsor+: the part of the cotangent the moved readouts carry is correlated
+            // with the features, so it sums into scalar operands at the LLN rate
+            // ([`moments::later_reduction`]).
+            let corr = moments::has_scalar_operands(prog).then(|| {
+                let mut c = Ctx::new(prog);
+                for (p, par) in prog.params.iter().enumerate() {
+                    if par.role() == Role::Output {
+                        c.entries[p] = first.update[p];
+                    }
+                }
+                c.reduce = moments::later_reduction();
+                c
+            });
+            later = Some(one_step(
+                &cx2,
+                &base,
+                first.chi1.clone(),
+                train.lr,
+                corr.as_ref(),
+            ));
         }
         first
     });
@@ -956,7 +1001,13 @@ fn classify_step(prog: &Program, init: &[Ex], step: &Step, index: usize) -> Clas
         &step.delta,
         &mut vectors.iter().copied().filter(|&i| is_feature(prog, i)),
     );
-    let moved = max_over(&step.delta, &mut vectors.iter().copied());
+    // vectors and moments (a logit that blows up saturates its softmax)
+    let moved = max_over(
+        &step.delta,
+        &mut prog
+            .ids()
+            .filter(|&id| matches!(prog.ty(id), Ty::Vector | Ty::Moment)),
+    );
     let output = max_over(&step.delta, &mut prog.outputs.iter().copied());
     let mut params = Vec::new();
     for (p, par) in prog.params.iter().enumerate() {
@@ -1240,6 +1291,8 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
             );
         }
     }
+    // -- attention logits: a cross moment that one step blows up (W0106)
+    out.extend(moments::logit_warnings(prog, &ex));
     let (Some(cls), Some(train)) = (classify(prog, &ex), &prog.train) else {
         return out;
     };

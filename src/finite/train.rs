@@ -128,7 +128,8 @@ pub fn divergence(prog: &Program, r: &TrainResult, width: usize) -> Option<Diagn
 #[derive(Clone, Debug)]
 pub struct CoordSizes {
     /// The vector nodes (parameters of shape `n`, products, coordinatewise
-    /// functions), in node order.
+    /// functions) and the moments (their RMS is over the training inputs), in node
+    /// order.
     pub nodes: Vec<NodeId>,
     /// Their display names (`h1`, `%5`).
     pub labels: Vec<String>,
@@ -513,7 +514,11 @@ pub fn gd_step(prog: &Program, n: usize, ws: &mut [DMatrix<f64>]) -> Result<(), 
 /// step 1 grow with it (theory.md §5.2).
 pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<CoordSizes, RunError> {
     let trainer = Trainer::new(prog, &[])?;
-    let nodes: Vec<NodeId> = prog.ids().filter(|&id| prog.ty(id) == Ty::Vector).collect();
+    // Vectors, and moments (RMS over the points; the coordinate check measures logits).
+    let nodes: Vec<NodeId> = prog
+        .ids()
+        .filter(|&id| matches!(prog.ty(id), Ty::Vector | Ty::Moment))
+        .collect();
     let labels = nodes.iter().map(|&id| trainer.tplan.label(id)).collect();
     let mut ws = sample_params(prog, cfg.width, cfg.seed, draw)?;
     let mut rms = Vec::new();
@@ -522,7 +527,7 @@ pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<Coord
     let mut f_abs = Vec::new();
     let mut f_change = Vec::new();
     // The vectors at initialization, for the change since then.
-    let mut x0: Vec<Option<DMatrix<f64>>> = Vec::new();
+    let mut x0: Vec<Option<Vec<f64>>> = Vec::new();
     // Squares of values near MAX_VALUE overflow: sum (v/s)² with s a power of two
     // above the largest |v| when that exceeds 2^500 (exact; the plain sum otherwise).
     let root_mean_square = |it: &mut dyn Iterator<Item = f64>| {
@@ -545,16 +550,22 @@ pub fn coord_sizes(prog: &Program, cfg: &RunConfig, draw: usize) -> Result<Coord
             x0 = nodes
                 .iter()
                 .map(|id| match &vals[id.index()] {
-                    Val::Vector(m) => Some(m.clone()),
-                    _ => None,
+                    Val::Vector(m) => Some(m.as_slice().to_vec()),
+                    Val::Scalar(v) => Some(v.clone()),
+                    Val::None => None,
                 })
                 .collect();
         }
         let mut size = Vec::with_capacity(nodes.len());
         let mut moved = Vec::with_capacity(nodes.len());
         for (id, m0) in nodes.iter().zip(&x0) {
-            match (&vals[id.index()], m0) {
-                (Val::Vector(m), Some(m0)) if m.shape() == m0.shape() => {
+            let now: Option<&[f64]> = match &vals[id.index()] {
+                Val::Vector(m) => Some(m.as_slice()),
+                Val::Scalar(v) => Some(v),
+                Val::None => None,
+            };
+            match (now, m0) {
+                (Some(m), Some(m0)) if m.len() == m0.len() => {
                     size.push(root_mean_square(&mut m.iter().copied()));
                     moved.push(root_mean_square(
                         &mut m.iter().zip(m0.iter()).map(|(a, b)| a - b),

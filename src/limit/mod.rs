@@ -24,6 +24,7 @@ pub mod engine;
 pub mod fastmath;
 pub mod gauss;
 pub mod linear;
+pub mod observe_particles;
 pub mod particle;
 pub mod qmc;
 pub mod smooth;

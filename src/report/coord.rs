@@ -390,7 +390,7 @@ pub fn coord_check(
     // node, f_t and its two summaries.
     let vectors = prog
         .ids()
-        .filter(|&id| prog.ty(id) == crate::ir::Ty::Vector)
+        .filter(|&id| matches!(prog.ty(id), crate::ir::Ty::Vector | crate::ir::Ty::Moment))
         .count();
     let per_draw = (steps + 1) * (2 * vectors + prog.outputs.len() * points + 2);
     crate::finite::exec::Footprint::check_kept((per_draw * widths.len()) as u128, cfg.seeds)?;
@@ -412,10 +412,27 @@ pub fn coord_check(
     }
 
     let first = &sizes[0][0];
-    let mut quantities: Vec<String> = first
-        .nodes
+    // Every vector, and the cross moments (attention logits `mean(q * k)`, whose sizes
+    // the analysis predicts; other moments it bounds at coordinate level only):
+    // `rows[q]` is quantity q's index in the measured nodes.
+    let rows: Vec<usize> = (0..first.nodes.len())
+        .filter(|&j| {
+            let id = first.nodes[j];
+            prog.ty(id) == crate::ir::Ty::Vector || scaling::is_cross_moment(prog, id)
+        })
+        .collect();
+    let stable = prog.stable_names();
+    let mut quantities: Vec<String> = rows
         .iter()
-        .map(|&id| scaling::node_name(prog, id))
+        .map(|&j| {
+            let id = first.nodes[j];
+            let name = scaling::node_name(prog, id);
+            if prog.ty(id) == crate::ir::Ty::Moment || name.starts_with('%') {
+                stable[id.index()].clone()
+            } else {
+                name
+            }
+        })
         .collect();
     let outs: Vec<String> = prog
         .outputs
@@ -423,20 +440,27 @@ pub fn coord_check(
         .map(|&o| scaling::node_name(prog, o))
         .collect();
     quantities.push(outs.join(", "));
-    let nv = first.nodes.len();
-    let members: Vec<Vec<NodeId>> = first
-        .nodes
+    let nv = rows.len();
+    let members: Vec<Vec<NodeId>> = rows
         .iter()
-        .map(|&id| vec![id])
+        .map(|&j| vec![first.nodes[j]])
         .chain(std::iter::once(prog.outputs.clone()))
         .collect();
 
     let ex = scaling::exponents(prog);
     let fixed = later_is_fixed(prog, &ex);
+    let logit = |ids: &[NodeId]| ids.len() == 1 && scaling::is_cross_moment(prog, ids[0]);
+    let has_logits = members.iter().any(|ids| logit(ids));
     let mut curves = Vec::new();
     for t in 0..=steps {
         for (q, ids) in members.iter().enumerate() {
-            let (p0, pc, basis) = predict(&ex, fixed, ids, t);
+            let (p0, pc, basis) = if t >= 2 && logit(ids) {
+                // a logit's later change adds a Θ(1) part (the readout has moved along
+                // the features) to the first step's smaller one; not predicted
+                (ex.init[ids[0].index()], None, Basis::None)
+            } else {
+                predict(&ex, fixed, ids, t)
+            };
             let ps = pc.map(|c| p0.max(c));
             let kinds: &[(Kind, Option<Ex>)] = if t == 0 {
                 &[(Kind::Size, ps)]
@@ -445,8 +469,8 @@ pub fn coord_check(
             };
             for &(kind, predicted) in kinds {
                 let value = |c: &CoordSizes| match (kind, q < nv) {
-                    (Kind::Size, true) => c.rms[t][q],
-                    (Kind::Change, true) => c.change[t][q],
+                    (Kind::Size, true) => c.rms[t][rows[q]],
+                    (Kind::Change, true) => c.change[t][rows[q]],
                     (Kind::Size, false) => c.f_abs[t],
                     (Kind::Change, false) => c.f_change[t],
                 };
@@ -554,6 +578,14 @@ pub fn coord_check(
         notes.push(
             "t = 2: change = max(first step, the analysis' later step from the sizes after \
              the first, gradient through the updated readouts); approximate"
+                .to_string(),
+        );
+    }
+    if steps >= 2 && has_logits {
+        notes.push(
+            "logits (moments `mean(q * k)` of independent vectors): sizes and changes at t = 0 \
+             and t = 1 only; later, the change the moved readouts bring (Θ(1) in muP) adds to \
+             the first step's, and which one shows depends on the widths: not predicted"
                 .to_string(),
         );
     }
