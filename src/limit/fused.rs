@@ -1137,73 +1137,80 @@ fn tiles(nngp: &mut [f64], ntk: Option<&mut [f64]>, o: usize, pb: &Problem<'_>) 
     let pairs = o * o;
     // Tile (I, J) writes, within every output block pair, point blocks (I, J) and
     // (J, I) only; distinct tiles have distinct block pairs, so writes never overlap.
-    list.par_iter().all(|&(bi, bj)| {
-        let (i0, j0) = (bi * TILE, bj * TILE);
-        let (ni, nj) = ((p - i0).min(TILE), (p - j0).min(TILE));
-        let diag = bi == bj;
-        let mut regs = vec![0.0f64; pb.tape.nreg.max(1) * TILE];
-        let mut kb = vec![0.0f64; pairs * TILE * TILE];
-        let mut tb = vec![0.0f64; if tp.is_some() { pairs * TILE * TILE } else { 0 }];
-        let mut ok = true;
-        for jj in 0..nj {
-            let rows = if diag { jj + 1 } else { ni };
-            strip(&mut regs, i0, rows, j0 + jj, pb);
-            for k in 0..pairs {
-                let src = &regs[pb.tape.nngp[k] * TILE..pb.tape.nngp[k] * TILE + rows];
-                ok &= src.iter().all(|v| v.is_finite());
-                kb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
-                if let Some(r) = pb.tape.ntk[k] {
-                    if tp.is_some() {
-                        let src = &regs[r * TILE..r * TILE + rows];
-                        ok &= src.iter().all(|v| v.is_finite());
-                        tb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
-                    }
-                }
-            }
-        }
-        if !ok {
-            return false;
-        }
-        for (buf, ptr) in [(&kb, Some(kp)), (&tb, tp.as_ref())] {
-            let Some(ptr) = ptr else { continue };
-            for a in 0..o {
-                for b in 0..o {
-                    let blk = &buf[(a * o + b) * TILE * TILE..][..TILE * TILE];
-                    let (ro, co) = (a * p, b * p);
-                    for jj in 0..nj {
-                        let rows = if diag { jj + 1 } else { ni };
-                        // SAFETY: rows ro+i0.., column co+j0+jj: inside the matrix, in
-                        // this tile's block (see above).
-                        unsafe {
-                            std::slice::from_raw_parts_mut(
-                                ptr.0.add(ro + i0 + (co + j0 + jj) * big),
-                                rows,
-                            )
-                            .copy_from_slice(&blk[jj * TILE..jj * TILE + rows]);
-                        }
-                    }
-                    // transpose: entry (i, j) also at (co + j, ro + i), along column ro + i
-                    for ii in 0..ni {
-                        let from = if diag { ii } else { 0 };
-                        if from >= nj {
-                            continue;
-                        }
-                        // SAFETY: column ro+i0+ii, rows co+j0+from..co+j0+nj: in block (J, I).
-                        let c = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                ptr.0.add(co + j0 + from + (ro + i0 + ii) * big),
-                                nj - from,
-                            )
-                        };
-                        for (k, jj) in (from..nj).enumerate() {
-                            c[k] = blk[ii + jj * TILE];
+    // Scratch (registers, the tile's results) allocated once per rayon job, not per tile.
+    let init = || {
+        (
+            vec![0.0f64; pb.tape.nreg.max(1) * TILE],
+            vec![0.0f64; pairs * TILE * TILE],
+            vec![0.0f64; if tp.is_some() { pairs * TILE * TILE } else { 0 }],
+        )
+    };
+    list.par_iter()
+        .map_init(init, |(regs, kb, tb), &(bi, bj)| {
+            let (i0, j0) = (bi * TILE, bj * TILE);
+            let (ni, nj) = ((p - i0).min(TILE), (p - j0).min(TILE));
+            let diag = bi == bj;
+            let mut ok = true;
+            for jj in 0..nj {
+                let rows = if diag { jj + 1 } else { ni };
+                strip(regs, i0, rows, j0 + jj, pb);
+                for k in 0..pairs {
+                    let src = &regs[pb.tape.nngp[k] * TILE..pb.tape.nngp[k] * TILE + rows];
+                    ok &= src.iter().all(|v| v.is_finite());
+                    kb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
+                    if let Some(r) = pb.tape.ntk[k] {
+                        if tp.is_some() {
+                            let src = &regs[r * TILE..r * TILE + rows];
+                            ok &= src.iter().all(|v| v.is_finite());
+                            tb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
                         }
                     }
                 }
             }
-        }
-        true
-    })
+            if !ok {
+                return false;
+            }
+            for (buf, ptr) in [(&*kb, Some(kp)), (&*tb, tp.as_ref())] {
+                let Some(ptr) = ptr else { continue };
+                for a in 0..o {
+                    for b in 0..o {
+                        let blk = &buf[(a * o + b) * TILE * TILE..][..TILE * TILE];
+                        let (ro, co) = (a * p, b * p);
+                        for jj in 0..nj {
+                            let rows = if diag { jj + 1 } else { ni };
+                            // SAFETY: rows ro+i0.., column co+j0+jj: inside the matrix, in
+                            // this tile's block (see above).
+                            unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    ptr.0.add(ro + i0 + (co + j0 + jj) * big),
+                                    rows,
+                                )
+                                .copy_from_slice(&blk[jj * TILE..jj * TILE + rows]);
+                            }
+                        }
+                        // transpose: entry (i, j) also at (co + j, ro + i), along column ro + i
+                        for ii in 0..ni {
+                            let from = if diag { ii } else { 0 };
+                            if from >= nj {
+                                continue;
+                            }
+                            // SAFETY: column ro+i0+ii, rows co+j0+from..co+j0+nj: in block (J, I).
+                            let c = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    ptr.0.add(co + j0 + from + (ro + i0 + ii) * big),
+                                    nj - from,
+                                )
+                            };
+                            for (k, jj) in (from..nj).enumerate() {
+                                c[k] = blk[ii + jj * TILE];
+                            }
+                        }
+                    }
+                }
+            }
+            true
+        })
+        .all(|ok| ok)
 }
 
 /// The general engine's kernels by the fused tape, or None when the program needs
