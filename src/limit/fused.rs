@@ -87,7 +87,7 @@ struct Builder<'a> {
     prog: &'a Program,
     der: &'a Derivation,
     nodes: Vec<Node>,
-    index: HashMap<String, usize>,
+    index: HashMap<Vec<u64>, usize>,
     forms: Vec<LinForm>,
     lcov: HashMap<(usize, usize), usize>,
     vv: HashMap<(NodeId, NodeId), usize>,
@@ -100,8 +100,40 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    /// A hash-consing key: the node's kind and operands, constants by their bits.
+    fn key(n: &Node) -> Vec<u64> {
+        let b = |x: f64| x.to_bits();
+        match n {
+            Node::Const(c) => vec![0, b(*c)],
+            Node::Gram(a, c) => vec![1, a.index() as u64, c.index() as u64],
+            Node::Lin(ts, k) => {
+                let mut v = vec![2, b(*k)];
+                for &(c, i) in ts {
+                    v.extend([b(c), i as u64]);
+                }
+                v
+            }
+            Node::Mul(a, c) => vec![3, *a as u64, *c as u64],
+            Node::Kern {
+                tf,
+                tg,
+                du,
+                dv,
+                cross,
+            } => {
+                let mut v = vec![4, *du as u64, *dv as u64, *cross as u64];
+                v.extend(tf.iter().chain(tg).map(|&x| b(x)));
+                v
+            }
+            Node::Mean { tf, d, col } => {
+                let mut v = vec![5, *d as u64, u64::from(*col)];
+                v.extend(tf.iter().map(|&x| b(x)));
+                v
+            }
+        }
+    }
     fn push(&mut self, n: Node) -> usize {
-        let key = format!("{n:?}");
+        let key = Self::key(&n);
         if let Some(&i) = self.index.get(&key) {
             return i;
         }
