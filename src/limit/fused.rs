@@ -1312,12 +1312,37 @@ pub fn limit_fused(prog: &Program, der: &Derivation, points: &[Vec<f64>]) -> Opt
             _ => {}
         }
     }
-    // The diagonal pass: every node at (p, p), in parallel over points.
+    // The diagonal pass: at (p, p), the nodes the variances and means depend on (not the
+    // tangent kernels), in parallel over points.
+    let mut dneed = vec![false; nodes.len()];
+    for &d in diag_nodes.iter().chain(&mean_nodes) {
+        dneed[d] = true;
+    }
+    for i in (0..nodes.len()).rev() {
+        if dneed[i] {
+            match &nodes[i] {
+                Node::Lin(ts, _) => ts.iter().for_each(|t| dneed[t.1] = true),
+                Node::Mul(a, c) => {
+                    dneed[*a] = true;
+                    dneed[*c] = true;
+                }
+                Node::Kern { du, dv, cross, .. } => {
+                    for k in [*du, *dv, *cross] {
+                        dneed[k] = true;
+                    }
+                }
+                Node::Mean { d, .. } => dneed[*d] = true,
+                _ => {}
+            }
+        }
+    }
+    let dlist: Vec<usize> = (0..nodes.len()).filter(|&i| dneed[i]).collect();
     let diag_vals: Vec<(Vec<f64>, Vec<f64>)> = (0..p)
         .into_par_iter()
         .map(|pt| {
             let mut v = vec![0.0f64; nodes.len()];
-            for (i, nd) in nodes.iter().enumerate() {
+            for &i in &dlist {
+                let nd = &nodes[i];
                 v[i] = match nd {
                     Node::Const(c) => *c,
                     Node::Gram(a, b) => {
