@@ -228,6 +228,9 @@ enum BenchCmd {
         /// Use the general block engine even for a layer chain (to time it)
         #[arg(long)]
         general: bool,
+        /// With --general: the block engine without per-entry fusion (the baseline)
+        #[arg(long, requires = "general")]
+        unfused: bool,
     },
 }
 
@@ -414,6 +417,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
                     repeat,
                     format,
                     general,
+                    unfused,
                 },
         } => {
             let prog = compile_file_for_limit(&file)?;
@@ -421,7 +425,10 @@ fn run(cli: Cli) -> Result<(), Reported> {
             let mut secs = Vec::new();
             for _ in 0..repeat.max(1) {
                 let t = std::time::Instant::now();
-                let r = if general {
+                let r = if unfused {
+                    tpc::limit::derivation(&prog)
+                        .and_then(|der| tpc::limit::limit_unfused(&prog, &der, points.clone()))
+                } else if general {
                     tpc::limit::derivation(&prog)
                         .and_then(|der| tpc::limit::limit_general(&prog, &der, points.clone()))
                 } else {

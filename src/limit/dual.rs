@@ -490,6 +490,24 @@ fn atom_pair(a: Atom, b: Atom, s11: f64, s12: f64, s22: f64) -> Option<(f64, Fam
     Some(r)
 }
 
+/// The coefficients of `e` over the piecewise-linear atoms `[1, u, step(u), relu(u)]`
+/// when it is such a sum (see Recognition above), else None: the kernels that the fused
+/// general engine ([`super::fused`]) evaluates per entry.
+pub(crate) fn arccos_terms(e: &Expr) -> Option<[f64; 4]> {
+    let mut out = [0.0; 4];
+    for (c, a) in recognize(e)? {
+        let k = match a {
+            Atom::One => 0,
+            Atom::X => 1,
+            Atom::Step => 2,
+            Atom::Relu => 3,
+            _ => return None,
+        };
+        out[k] += c;
+    }
+    Some(out)
+}
+
 /// `sin theta + (pi - theta) cos theta` at `cos theta = rho`, with `sin theta` from
 /// `(1 - rho)(1 + rho)` to keep accuracy near `rho = ±1`.
 #[inline]

@@ -547,6 +547,10 @@ impl<'a> Engine<'a> {
                 Ok(out)
             }
             _ => {
+                let ra = restrict(&a.f, &a.args);
+                if ra.args.len() < a.args.len() {
+                    return self.atom_mean(&ra);
+                }
                 if let Some(m) = self.split_mean(a)? {
                     return Ok(m);
                 }
@@ -674,6 +678,13 @@ impl<'a> Engine<'a> {
                 Ok(out)
             }
             _ => {
+                // Forms the functions do not read (a derivative of a sum of atoms of
+                // several forms, e.g. through a skip connection) leave the expectation:
+                // without them it may be one-dimensional and closed.
+                let (ra, rb) = (restrict(&a.f, &a.args), restrict(&b.f, &b.args));
+                if ra.args.len() < a.args.len() || rb.args.len() < b.args.len() {
+                    return self.atom_pair(&ra, &rb, symmetric);
+                }
                 if let Some(m) = self.split_pair(a, b, symmetric)? {
                     return Ok(m);
                 }
@@ -1290,7 +1301,7 @@ type Valued = (DVector<f64>, f64);
 type Families = BTreeSet<(usize, u8)>;
 
 /// The factors of a product: `f = Π_k f_k` through `*`, unary minus and `a / b`.
-fn factors(e: &Expr, out: &mut Vec<Expr>) {
+pub(super) fn factors(e: &Expr, out: &mut Vec<Expr>) {
     match e {
         Expr::Mul(a, b) => {
             factors(a, out);
@@ -1309,7 +1320,7 @@ fn factors(e: &Expr, out: &mut Vec<Expr>) {
 }
 
 /// `Π_k f_k` (1 for none).
-fn product(fs: Vec<Expr>) -> Expr {
+pub(super) fn product(fs: Vec<Expr>) -> Expr {
     fs.into_iter().fold(Expr::Const(1.0), Expr::mul)
 }
 
@@ -1332,7 +1343,7 @@ fn sum_terms(e: &Expr, c: f64, out: &mut Vec<(f64, Expr)>) {
 }
 
 /// The terms of an atom's function, each an atom over the forms it uses.
-fn sum_terms_of(a: &Atom) -> Vec<(f64, Atom)> {
+pub(super) fn sum_terms_of(a: &Atom) -> Vec<(f64, Atom)> {
     let mut ts = Vec::new();
     sum_terms(&a.f, 1.0, &mut ts);
     ts.into_iter()
@@ -1341,7 +1352,7 @@ fn sum_terms_of(a: &Atom) -> Vec<(f64, Atom)> {
 }
 
 /// `e` over `args` as an atom over the forms it uses only, in their order.
-fn restrict(e: &Expr, args: &[LinForm]) -> Atom {
+pub(super) fn restrict(e: &Expr, args: &[LinForm]) -> Atom {
     let mut used: Vec<usize> = Vec::new();
     e.visit_args(&mut |j| {
         if !used.contains(&j) {

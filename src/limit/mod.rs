@@ -22,6 +22,7 @@ pub mod chain;
 pub mod dual;
 pub mod engine;
 pub mod fastmath;
+pub mod fused;
 pub mod gauss;
 pub mod linear;
 pub mod observe_particles;
@@ -195,7 +196,7 @@ pub fn derivation(prog: &Program) -> Result<Derivation, LimitError> {
 
 /// P x d values of every input node from rows of points (all inputs concatenated, each
 /// sequence time-major, cli.md). A program without inputs has one (empty) point.
-fn input_values(prog: &Program, points: &[Vec<f64>]) -> HashMap<NodeId, DMatrix<f64>> {
+pub(crate) fn input_values(prog: &Program, points: &[Vec<f64>]) -> HashMap<NodeId, DMatrix<f64>> {
     let mut offsets = Vec::new();
     let mut off = 0;
     for d in &prog.inputs {
@@ -433,8 +434,28 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
 }
 
 /// The general block engine, for every program the derivation covers (the layer-chain
-/// fast path of [`chain`] must agree with it).
+/// fast path of [`chain`] must agree with it). Programs whose kernels all have
+/// piecewise-linear closed forms run fused per entry ([`fused`]), the others block by
+/// block ([`limit_unfused`]).
 pub fn limit_general(
+    prog: &Program,
+    der: &Derivation,
+    points: Vec<Vec<f64>>,
+) -> Result<LimitResult, LimitError> {
+    let points: Vec<Vec<f64>> = if prog.inputs.is_empty() {
+        vec![vec![]]
+    } else {
+        points
+    };
+    if let Some(r) = fused::limit_fused(prog, der, &points) {
+        return Ok(r);
+    }
+    limit_unfused(prog, der, points)
+}
+
+/// The general block engine without per-entry fusion: every block a P x P pass
+/// ([`engine`]); the reference [`fused`] is tested against.
+pub fn limit_unfused(
     prog: &Program,
     der: &Derivation,
     points: Vec<Vec<f64>>,

@@ -16,6 +16,7 @@ mod finite_cond;
 mod finite_refusals;
 mod finite_train;
 mod frontend_input;
+mod fused;
 mod fused_relu;
 mod fuzz_frontend;
 mod json_errors;
