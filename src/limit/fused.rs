@@ -1456,6 +1456,7 @@ pub fn limit_fused(prog: &Program, der: &Derivation, points: &[Vec<f64>]) -> Opt
         observe: Vec::new(),
         methods: methods.into_iter().collect(),
         max_error,
+        qmc_3sigma: None,
         regime: crate::scaling::regime(prog).map(|r| r.name().to_string()),
         train: None,
     })

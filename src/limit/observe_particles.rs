@@ -68,6 +68,8 @@ pub fn observe_limit(
             used.0, used.1, se_max
         )],
         max_error: 3.0 * se_max,
+        // A Monte Carlo estimate, not a bound: reported as 3σ like QMC's.
+        qmc_3sigma: Some(3.0 * se_max),
         regime: None,
         train: None,
     })
