@@ -138,6 +138,23 @@ pub fn unroll(prog: &Program, eval: &[Vec<f64>], width: Width) -> Result<Unrolle
             return Err(err(None, "a training target needs one number per output"));
         }
     }
+    if !train.optimizer.is_linear() {
+        return Err(err(
+            None,
+            format!(
+                "`{}` is not a linear optimizer: its update divides by the running root mean \
+                 square of the gradient entry by entry, which is not a sum of low-rank terms in \
+                 the initial weights, so it has no unrolled program (the dense engine trains it)",
+                train.optimizer.name()
+            ),
+        ));
+    }
+    if !train.is_plain_sgd() {
+        return Err(err(
+            None,
+            "momentum, weight decay and minibatches are not unrolled yet (the dense engine trains them)",
+        ));
+    }
     let mut b = Builder::new(prog, train, eval, width)?;
     b.run()?;
     Ok(b.finish())
