@@ -22,6 +22,7 @@ mod limit_linear;
 mod limit_refusals;
 mod limit_train;
 mod netsor;
+mod optim;
 mod outputs;
 mod particle;
 mod quadrature;
