@@ -297,6 +297,10 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     ("N0101", "kernel regime: features do not move in the limit"),
     ("N0102", "feature learning"),
+    (
+        "N0103",
+        "training scaling not derived for an entrywise optimizer (Adam)",
+    ),
 ];
 
 /// `text` as a diagnostic shows it, with every byte offset unchanged: a CR not followed by

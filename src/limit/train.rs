@@ -316,6 +316,10 @@ pub fn trajectory(
             out.note = Some("no regime could be derived for this program".to_string());
         }
     }
+    if !train.is_plain_sgd() && out.f_t.is_some() {
+        // Say what was trained: the method names only the engine.
+        out.method = format!("{}: {}", train.describe(), out.method);
+    }
     out
 }
 

@@ -2,11 +2,16 @@
 //! momentum, weight decay, minibatches, Adam and AdamW equals an independent
 //! re-implementation — this file's own forward pass, backward pass and optimizer step,
 //! written from torch.optim's definitions — on the same sampled weights, to 1e-12
-//! relative at every step and point.
+//! relative at every step and point; the unrolled program of the linear optimizers
+//! (momentum, weight decay, minibatches) equals dense training to 1e-12 relative; Adam
+//! has no unrolled program and says why.
+
+use crate::common;
 
 use nalgebra::{DMatrix, DVector};
-use tpc::finite::exec::{sample_params, RunConfig};
+use tpc::finite::exec::{sample_params, Engine, RunConfig};
 use tpc::finite::train::train_one;
+use tpc::finite::unrolled::UnrolledRun;
 use tpc::ir::Program;
 
 /// A muP network with an input layer, a hidden matrix and a readout, three samples.
@@ -231,4 +236,130 @@ fn full_batch_sgd_is_unchanged_by_naming_it() {
     let a = train_one(&program(""), &[], &cfg, 0).unwrap();
     let b = train_one(&program("optimizer = sgd  batch = 3"), &[], &cfg, 0).unwrap();
     assert_eq!(a, b);
+}
+
+/// The unrolled program (autodiff, "Momentum, weight decay, minibatches") at width n
+/// against dense training of the same draw: |dense − unrolled| ≤ 1e-12·max(1, |dense|).
+fn unrolled_agrees(prog: &Program, n: usize, draw: usize) {
+    let cfg = RunConfig {
+        width: n,
+        seeds: 1,
+        seed: 7,
+    };
+    let dense = train_one(prog, &[], &cfg, draw).unwrap_or_else(|e| panic!("{e}"));
+    let run = UnrolledRun::new(prog, &[], n).unwrap_or_else(|e| panic!("{e}"));
+    let unrolled = run
+        .run(cfg.seed, draw, Engine::Dense)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dense.shape(), unrolled.shape());
+    let mut worst: f64 = 0.0;
+    for (a, b) in dense.iter().zip(unrolled.iter()) {
+        worst = worst.max((a - b).abs() / a.abs().max(1.0));
+    }
+    eprintln!("N = {n}: worst relative difference {worst:.2e}");
+    assert!(
+        worst <= 1e-12,
+        "unrolled differs from dense by {worst:e}\ndense {dense}\nunrolled {unrolled}"
+    );
+    let last = dense.nrows() - 1;
+    assert!(
+        (0..dense.ncols()).any(|j| (dense[(last, j)] - dense[(0, j)]).abs() > 1e-3),
+        "training did not move f: {dense}"
+    );
+}
+
+fn every_rule(train: &str) -> Program {
+    let src = format!(
+        "{}train {{\n  loss = mse  lr = 0.3  steps = 4  {train}\n  data = [ ([1.0, 0.0], [1.0, 0.0]), ([0.0, 1.0], [0.0, 1.0]), ([0.6, -0.8], [1.0, 1.0]) ]\n}}\n",
+        common::EVERY_RULE
+    );
+    tpc::compile(&src).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn unrolled_momentum_decay_and_minibatches_equal_dense_training() {
+    // Every backward rule (input layer, bias, moment, W and Wᵀ, shared readouts, scalar
+    // bias, two outputs) under each linear optimizer.
+    for train in [
+        "optimizer = momentum(0.9)",
+        "weight_decay = 0.2  batch = 2",
+        "optimizer = momentum(0.7)  weight_decay = 0.1 * n^(-1/2)  batch = 1",
+    ] {
+        unrolled_agrees(&every_rule(train), 24, 1);
+    }
+    unrolled_agrees(
+        &program("optimizer = momentum(0.9)  weight_decay = 0.05  batch = 2"),
+        40,
+        0,
+    );
+}
+
+#[test]
+fn adam_has_no_unrolled_program_and_says_why() {
+    let prog = program("optimizer = adam(0.9, 0.999, 1e-8)");
+    let e = UnrolledRun::new(&prog, &[], 16).err().expect("refused");
+    assert!(
+        e.message.contains("not a linear optimizer"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("not a sum of low-rank terms"),
+        "{}",
+        e.message
+    );
+}
+
+/// The optimizer examples pass check, graph (which names the optimizer) and run;
+/// `limit` computes momentum_rnn (feature learning, through the
+/// unrolled program) and refuses the Adam examples with E0030 naming the reason.
+#[test]
+fn optimizer_examples_through_every_command() {
+    for name in common::OPTIM_EXAMPLES {
+        let path = common::example_path(name);
+        let file = path.to_str().unwrap();
+        common::tpc_ok(&["check", file], None);
+        let g = String::from_utf8(common::tpc_ok(&["graph", file], None)).unwrap();
+        assert!(g.contains("optimizer: "), "{name}: {g}");
+        let out = common::tpc_ok(
+            &[
+                "run", file, "--width", "32", "--seeds", "2", "--format", "json",
+            ],
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let f_t = v["train"]["f_t"].as_array().expect("train.f_t");
+        assert!(f_t.len() >= 4, "{name}: {f_t:?}");
+        let lim = std::process::Command::new(env!("CARGO_BIN_EXE_tpc"))
+            .args(["limit", file, "--particles", "4096", "--format", "json"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&lim.stderr);
+        if name == "momentum_rnn" {
+            assert!(lim.status.success(), "{name}: {err}");
+            let v: serde_json::Value = serde_json::from_slice(&lim.stdout).unwrap();
+            let method = v["train"]["method"].as_str().unwrap_or_default();
+            assert!(
+                method.starts_with("momentum(0.9), minibatches of 2: particle engine"),
+                "{name}: {method}"
+            );
+            assert_eq!(v["train"]["f_t"].as_array().map(Vec::len), Some(5));
+        } else {
+            assert_eq!(lim.status.code(), Some(1), "{name}: {err}");
+            assert!(
+                err.contains("E0030") && err.contains("nonlinear outer product"),
+                "{err}"
+            );
+        }
+    }
+}
+
+/// `tpc check` does not apply SGD's exponents to Adam: N0103 instead of W0103/N0101.
+#[test]
+fn adam_programs_get_n0103_instead_of_sgd_scaling() {
+    for name in ["adam_mlp", "sp_adam"] {
+        let (_, diags) = tpc::check_source(&common::example(name));
+        let codes: Vec<&str> = diags.iter().map(|d| d.code).collect();
+        assert_eq!(codes, ["N0103"], "{name}");
+    }
 }
