@@ -37,6 +37,27 @@
 //! training up to rounding (tests/it/unrolled.rs checks 1e-10). [`Width::Limit`] replaces
 //! every coefficient by its limit as n → ∞ and refuses one that blows up.
 //!
+//! ## Momentum, weight decay, minibatches
+//!
+//! A linear optimizer (README, "Training: optimizers") moves a parameter by a fixed
+//! linear combination of its past SGD updates and its initial value, so the same
+//! rank-one corrections express it with other coefficients (theory.md §6.1 is the case
+//! β = λ = 0). With `U_s` step s's SGD update of a parameter's variable (`−U_s` is the
+//! plain SGD step, `κ Σ terms` in the scaled variables) and `λ = η·lr_p·wd` (a
+//! monomial, taken at the builder's width like κ), torch's momentum with L2 decay is
+//!
+//! ```text
+//! b_s = β b_{s−1} + U_s + λ w_s,   w_{s+1} = w_s − b_s,   b_{−1} = 0,
+//! ```
+//!
+//! so `w_t = a_t w_0 + Σ_{s<t} c_{t,s} U_s` with numbers a, c computed once per step
+//! (`coefs`): a product becomes `a_t·mult·W_0 z + κ Σ_s c_{t,s} Σ_b dy_{s,b} E_n[x_{s,b} z]`
+//! (`c = −1`, `a = 1` for SGD, which rebuilds today's program exactly). Vectors, readouts
+//! and scalars are rebuilt from their initial value the same way. A minibatch step
+//! (`Train::batch_at`) runs the forward and backward passes of its samples only, with χ
+//! divided by the batch size. Adam's update divides entry by entry by a running root
+//! mean square: not a combination of low-rank terms, so [`unroll`] refuses it.
+//!
 //! ## Shape of the unrolled program
 //!
 //! The generic-point IR runs all points at once; training mixes points (an update sums
@@ -76,8 +97,9 @@ pub struct Unrolled {
     /// `f[t][o·P + p]`: the `Scalar` node of output o at evaluation point p after t
     /// steps, t = 0..=steps (output-major, as everywhere).
     pub f: Vec<Vec<NodeId>>,
-    /// `chi[t][b·O + o]`: ∂L/∂f_o at training sample b after t steps (with the 1/B of
-    /// the batch mean), t = 0..steps.
+    /// `chi[t][j·O + o]`: ∂L/∂f_o at the j-th sample of step t's minibatch
+    /// ([`Train::batch_at`]; every training sample in order for the full batch) after t
+    /// steps (with the 1/B of the batch mean), t = 0..steps.
     pub chi: Vec<Vec<NodeId>>,
     pub width: Width,
 }
@@ -138,6 +160,17 @@ pub fn unroll(prog: &Program, eval: &[Vec<f64>], width: Width) -> Result<Unrolle
             return Err(err(None, "a training target needs one number per output"));
         }
     }
+    if !train.optimizer.is_linear() {
+        return Err(err(
+            None,
+            format!(
+                "`{}` is not a linear optimizer: its update divides by the running root mean \
+                 square of the gradient entry by entry, which is not a sum of low-rank terms in \
+                 the initial weights, so it has no unrolled program (the dense engine trains it)",
+                train.optimizer.name()
+            ),
+        ));
+    }
     let mut b = Builder::new(prog, train, eval, width)?;
     b.run()?;
     Ok(b.finish())
@@ -180,6 +213,9 @@ pub fn union(prog: &Program, eval: &[Vec<f64>], train: &Train) -> Union {
         train: train_idx,
     }
 }
+
+/// A term `c · Π args` of a [`Builder::combination`].
+type Term = (f64, Vec<NodeId>);
 
 /// One rank-one term of a matrix update, `W_t = W_0 − (κ/n) Σ left · rightᵀ` in the
 /// scaled variables (so `mult·W_t z = mult·W_0 z − κ Σ left · E_n[right z]`).
@@ -225,9 +261,27 @@ struct Builder<'a> {
     uparam: Vec<NodeId>,
     /// The current (step-t) value of every vector, readout and scalar parameter.
     cur: Vec<Option<NodeId>>,
-    /// The update terms of every hidden matrix, and of every input matrix, so far.
-    rank1: Vec<Vec<Rank1>>,
-    input_rank1: Vec<Vec<InputRank1>>,
+    /// The update terms of every hidden matrix, and of every input matrix, so far,
+    /// each with the step s whose gradient it belongs to.
+    rank1: Vec<Vec<(usize, Rank1)>>,
+    input_rank1: Vec<Vec<(usize, InputRank1)>>,
+    /// Linear optimizers (module docs, "Momentum, weight decay, minibatches"): every
+    /// parameter's current value as `coefs[p][0]` times its initial value plus
+    /// `coefs[p][s+1]` times step s's SGD update `U_s` (in the scaled variables,
+    /// `κ Σ terms`); plain SGD keeps `[1, −1, −1, …]`.
+    coefs: Vec<Vec<f64>>,
+    /// The momentum buffer in the same basis.
+    bufs: Vec<Vec<f64>>,
+    /// The momentum coefficient β (0 for SGD).
+    beta: f64,
+    /// `λ_p = η · lr_p · wd`, the L2 weight decay per step of every parameter.
+    lambda: Vec<f64>,
+    /// β = 0 and no decay: vectors, readouts and scalars are updated in place
+    /// (`cur_{t+1} = cur_t − κ Σ terms`), as for plain SGD.
+    simple: bool,
+    /// Every step's update terms (coefficient, operands) of every vector, readout and
+    /// scalar parameter, when not `simple`.
+    step_terms: Vec<Vec<Vec<Term>>>,
     /// The coefficient κ of every parameter's update (module docs), at this width.
     kappa: Vec<f64>,
     /// Input nodes by (point, input declaration, time).
@@ -286,6 +340,7 @@ impl<'a> Builder<'a> {
         // values): a readout becomes the vector r = n·mult·w.
         let mut uparam = Vec::new();
         let mut kappa = Vec::new();
+        let mut lambda = Vec::new();
         let n1 = Monomial::n_pow(Rational::ONE);
         let eta = Monomial::constant(train.lr);
         for (i, prm) in g.params.iter().enumerate() {
@@ -308,6 +363,13 @@ impl<'a> Builder<'a> {
             };
             let what = format!("the learning rate of `{}`", prm.name);
             kappa.push(coefficient(width, k, &what, prm.node)?);
+            let what = format!("the weight decay per step of `{}`", prm.name);
+            let l = eta * prm.law.lr * train.weight_decay;
+            lambda.push(if train.weight_decay.coef == 0.0 {
+                0.0
+            } else {
+                coefficient(width, l, &what, prm.node)?
+            });
             let node = u.push(Op::Param(i), &[], Some(prm.name.clone()), prm.span);
             u.params.push(Param {
                 shape,
@@ -330,6 +392,8 @@ impl<'a> Builder<'a> {
                 && gops[id.index()].iter().all(|a| shared[a.index()]);
         }
         let np = g.params.len();
+        let beta = train.optimizer.momentum();
+        let simple = beta == 0.0 && lambda.iter().all(|&l| l == 0.0);
         Ok(Builder {
             g,
             train,
@@ -344,6 +408,12 @@ impl<'a> Builder<'a> {
             cur,
             rank1: vec![Vec::new(); np],
             input_rank1: vec![Vec::new(); np],
+            coefs: vec![vec![1.0]; np],
+            bufs: vec![vec![0.0]; np],
+            beta,
+            lambda,
+            simple,
+            step_terms: vec![Vec::new(); np],
             kappa,
             inputs: HashMap::new(),
             offsets,
@@ -470,11 +540,12 @@ impl Builder<'_> {
         let g = self.g;
         let steps = self.train.steps;
         let o = g.outputs.len();
-        let nb = self.train.data.len();
         for t in 0..=steps {
+            let batch = self.train.batch_at(t);
+            let nb = batch.len();
             let mut needed: Vec<usize> = self.eval_idx.clone();
             if t < steps {
-                needed.extend(&self.train_idx);
+                needed.extend(batch.iter().map(|&b| self.train_idx[b]));
             }
             needed.sort_unstable();
             needed.dedup();
@@ -498,9 +569,10 @@ impl Builder<'_> {
             if t == steps {
                 break;
             }
-            // χ_{t,b,o} = L'(f_{t,o}(ξ_b), y_{b,o}) / B.
+            // χ_{t,b,o} = L'(f_{t,o}(ξ_b), y_{b,o}) / B over step t's minibatch.
             let mut chis = Vec::with_capacity(nb * o);
-            for (b, s) in self.train.data.iter().enumerate() {
+            for &b in &batch {
+                let s = &self.train.data[b];
                 let fw = &fws[&self.train_idx[b]];
                 for (oi, &y) in s.y.iter().enumerate() {
                     let f = out_of(fw, oi)?;
@@ -526,9 +598,9 @@ impl Builder<'_> {
                 readout: vec![Vec::new(); np],
                 scalar: vec![Vec::new(); np],
             };
-            for b in 0..nb {
+            for (j, &b) in batch.iter().enumerate() {
                 let fw = fws[&self.train_idx[b]].clone();
-                self.backward(t, b, &fw, &chis[b * o..(b + 1) * o], &mut pending)?;
+                self.backward(t, b, &fw, &chis[j * o..(j + 1) * o], &mut pending)?;
             }
             self.chi.push(chis);
             self.apply(t + 1, pending)?;
@@ -669,8 +741,12 @@ impl Builder<'_> {
         let base_name = if corrected { None } else { name.clone() };
         let base = self.initial_product(w, transpose, z, base_name, span)?;
         let kappa = self.kappa[w];
-        let mut terms = Vec::new();
-        for r in self.rank1[w].clone() {
+        let mut terms = self.initial_scale(w, base);
+        for (s, r) in self.rank1[w].clone() {
+            let c = self.coefs[w][s + 1];
+            if c == 0.0 {
+                continue;
+            }
             let (vec, other) = if transpose {
                 (r.right, r.left)
             } else {
@@ -682,12 +758,23 @@ impl Builder<'_> {
                 None,
                 span,
             )?;
-            terms.push((-kappa, vec![vec, m]));
+            terms.push((kappa * c, vec![vec, m]));
         }
         // (`combination` returns `base` itself when every coefficient is 0.)
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))
+    }
+
+    /// The term that scales an initial value (or product) `base` by the decay
+    /// `coefs[w][0]`: `(a − 1)·base`, none when a = 1.
+    fn initial_scale(&self, w: usize, base: NodeId) -> Vec<(f64, Vec<NodeId>)> {
+        let a = self.coefs[w][0];
+        if a == 1.0 {
+            Vec::new()
+        } else {
+            vec![(a - 1.0, vec![base])]
+        }
     }
 
     /// `mult·U_t ξ` for an input matrix: `mult·U_0 ξ − κ Σ (ξ_b·ξ) dy_b`.
@@ -706,13 +793,11 @@ impl Builder<'_> {
         let base = self.initial_product(w, false, x, base_name, span)?;
         let xi = self.input_values(k, input, time);
         let kappa = self.kappa[w];
-        let terms: Vec<(f64, Vec<NodeId>)> = self.input_rank1[w]
-            .iter()
-            .map(|r| {
-                let dot: f64 = r.xi.iter().zip(&xi).map(|(a, b)| a * b).sum();
-                (-kappa * dot, vec![r.dy])
-            })
-            .collect();
+        let mut terms = self.initial_scale(w, base);
+        terms.extend(self.input_rank1[w].iter().map(|(s, r)| {
+            let dot: f64 = r.xi.iter().zip(&xi).map(|(a, b)| a * b).sum();
+            (kappa * self.coefs[w][s + 1] * dot, vec![r.dy])
+        }));
         Ok(self
             .combination(Some(base), &terms, false, name, span)?
             .unwrap_or(base))
@@ -865,19 +950,74 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// One step of the linear optimizer on parameter p's coefficients (module docs):
+    /// `b ← β b + e_s + λ w`, `w ← w − b`, with e_s step s's update `U_s`.
+    fn step_coefficients(&mut self, p: usize, s: usize) {
+        let (beta, lambda) = (self.beta, self.lambda[p]);
+        let w = &mut self.coefs[p];
+        let b = &mut self.bufs[p];
+        w.resize(s + 2, 0.0);
+        b.resize(s + 2, 0.0);
+        let last = s + 1;
+        for (i, bi) in b.iter_mut().enumerate() {
+            let e = if i == last { 1.0 } else { 0.0 };
+            *bi = beta * *bi + e + lambda * w[i];
+        }
+        for (wi, bi) in w.iter_mut().zip(b.iter()) {
+            *wi -= bi;
+        }
+    }
+
     /// Applies one step's gradients: rank-one terms for matrices, new values for
     /// vectors, readouts and scalars (named with the new step `t`).
     fn apply(&mut self, t: usize, pending: Pending) -> Result<(), UnrollError> {
         let g = self.g;
+        let s = t - 1;
         for (p, prm) in g.params.iter().enumerate() {
             let kappa = self.kappa[p];
             if kappa == 0.0 {
                 continue;
             }
+            let touched = !(pending.rank1[p].is_empty()
+                && pending.input[p].is_empty()
+                && pending.vector[p].is_empty()
+                && pending.readout[p].is_empty()
+                && pending.scalar[p].is_empty());
+            if !touched {
+                // The loss does not depend on it: left alone, as the dense engine does.
+                continue;
+            }
+            self.step_coefficients(p, s);
             let name = Some(format!("{}_{t}", prm.name));
+            if !self.simple && (!prm.shape.is_matrix() || prm.shape == Shape::Readout) {
+                let terms: Vec<(f64, Vec<NodeId>)> = match prm.shape {
+                    Shape::Vector => pending.vector[p].iter().map(|&d| (1.0, vec![d])).collect(),
+                    Shape::Readout => pending.readout[p]
+                        .iter()
+                        .map(|&(chi, coef, x)| (coef, vec![chi, x]))
+                        .collect(),
+                    _ => pending.scalar[p]
+                        .iter()
+                        .map(|&(chi, coef)| (coef, vec![chi]))
+                        .collect(),
+                };
+                self.step_terms[p].resize(s, Vec::new());
+                self.step_terms[p].push(terms);
+                let base = self.uparam[p];
+                let mut all = self.initial_scale(p, base);
+                for (s, ts) in self.step_terms[p].iter().enumerate() {
+                    let c = kappa * self.coefs[p][s + 1];
+                    all.extend(ts.iter().map(|(k, a)| (c * k, a.clone())));
+                }
+                let scalar = prm.shape == Shape::Scalar;
+                self.cur[p] = self.combination(Some(base), &all, scalar, name, prm.span)?;
+                continue;
+            }
             match prm.shape {
-                Shape::Hidden => self.rank1[p].extend(pending.rank1[p].iter().copied()),
-                Shape::Input(_) => self.input_rank1[p].extend(pending.input[p].iter().cloned()),
+                Shape::Hidden => self.rank1[p].extend(pending.rank1[p].iter().map(|&r| (s, r))),
+                Shape::Input(_) => {
+                    self.input_rank1[p].extend(pending.input[p].iter().map(|r| (s, r.clone())))
+                }
                 Shape::Vector => {
                     let terms: Vec<_> = pending.vector[p]
                         .iter()

@@ -269,6 +269,15 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0042", "a reduction (`sum`, `softmax`) over an empty range"),
     ("E0043", "a scalar is used where a width-n vector is required"),
     ("E0044", "a width-n vector is used where a scalar is required"),
+    (
+        "E0051",
+        "unknown optimizer, wrong number of arguments, or `weight_decay` with `adamw`",
+    ),
+    (
+        "E0052",
+        "an optimizer hyperparameter out of range: β outside [0, 1), ε ≤ 0, a negative weight decay, or not a monomial in the width",
+    ),
+    ("E0053", "`batch` is zero or larger than the training data"),
     ("W0001", "parameter is never used"),
     ("W0002", "value is computed but never used"),
     (
@@ -292,6 +301,10 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     ("N0101", "kernel regime: features do not move in the limit"),
     ("N0102", "feature learning"),
+    (
+        "N0103",
+        "training scaling not derived for an entrywise optimizer (Adam)",
+    ),
 ];
 
 /// `text` as a diagnostic shows it, with every byte offset unchanged: a CR not followed by

@@ -7,7 +7,7 @@ use super::draw::run_draw_with;
 use super::plan::{run_points, sample_non_hidden, with_mults, Plan};
 use super::stats::Moments;
 use super::types::{Engine, RunError, COORD_CHUNK};
-use crate::ir::{Op, Program, Shape};
+use crate::ir::{Op, Optimizer, Program, Shape};
 
 /// Bytes one dense draw needs at width `n` with `p` points: [`engine_bytes`].
 pub fn draw_bytes(prog: &Program, n: usize, p: usize) -> u128 {
@@ -46,6 +46,29 @@ pub fn engine_bytes(prog: &Program, n: usize, p: usize, engine: Engine) -> u128 
     }
     // A derivative block, a product's output and the sampler's scratch vectors.
     words += 2 * n * o * p + 4 * n;
+    // Dense training with another optimizer than plain SGD forms each gradient and
+    // keeps the optimizer's state beside every parameter (README, "Training:
+    // optimizers"): the gradient, plus a momentum buffer or Adam's two moments.
+    if let Some(t) = prog.train.as_ref().filter(|t| !t.is_plain_sgd()) {
+        if engine == Engine::Dense {
+            let copies: u128 = 1 + match t.optimizer {
+                Optimizer::Sgd => 0,
+                Optimizer::Momentum { .. } => 1,
+                Optimizer::Adam { .. } | Optimizer::AdamW { .. } => 2,
+            };
+            let stored: u128 = prog
+                .params
+                .iter()
+                .map(|prm| match prm.shape {
+                    Shape::Hidden => n * n,
+                    Shape::Input(d) => n * d as u128,
+                    Shape::Readout | Shape::Vector => n,
+                    Shape::Scalar => 1,
+                })
+                .sum();
+            words += copies * stored;
+        }
+    }
     8 * words
 }
 

@@ -11,7 +11,13 @@
 //! 3. backpropagate χ with the executor's reverse pass (`pass`), seeded with χ
 //!    rather than one cotangent per (output, point), so every cotangent is one N×B block;
 //! 4. update every trainable variable `w` (the N(0, var) variable of its law; the
-//!    parameter is `mult · w`) by `w ← w − lr · lr_mult(N) · ∂L/∂w`, all at once.
+//!    parameter is `mult · w`) by `w ← w − lr · lr_mult(N) · ∂L/∂w`, all at once — or,
+//!    with another `optimizer`, by that optimizer's step on g = ∂L/∂w with the rate
+//!    `lr · lr_mult(N)` (torch.optim's updates, [`crate::ir::Optimizer`]; see
+//!    `Trainer::apply`).
+//!
+//! With `batch = B < D`, step t's χ is nonzero only on its minibatch
+//! ([`crate::ir::Train::batch_at`]) and divided by B.
 //!
 //! The gradient of a matrix is a sum over its uses of outer products, `mult · δ xᵀ` for
 //! `W x` and `mult · x δᵀ` for `Wᵀ x`; they are accumulated straight into the N×N
@@ -33,7 +39,7 @@ use super::pass::{backward, forward};
 use super::plan::{col, sample_params, sampled_of, Plan, Sampled, Val};
 use super::types::{bug, describe_value, out_of_range, Estimate, RunConfig, RunError};
 use crate::diag::Diagnostic;
-use crate::ir::{Loss, NodeId, Op, OutTerm, Program, Shape, Train, Ty};
+use crate::ir::{Loss, NodeId, Op, Optimizer, OutTerm, Program, Shape, Train, Ty};
 
 /// Everything needed to train one draw, computed once per program and points.
 pub(super) struct Trainer<'a> {
@@ -58,6 +64,10 @@ pub struct TrainResult {
     pub loss: Loss,
     pub lr: f64,
     pub steps: usize,
+    /// The optimizer in words ([`Train::describe`]).
+    pub optimizer: String,
+    /// Plain full-batch SGD ([`Train::is_plain_sgd`]).
+    pub plain_sgd: bool,
     pub f_t: Estimate,
     /// `peak[t]`: the largest |f_t| over the draws and columns, for [`divergence`].
     pub peak: Vec<f64>,
@@ -160,6 +170,15 @@ enum Grad {
     Outer(DMatrix<f64>, DMatrix<f64>, Trans),
 }
 
+/// The optimizer's memory for one draw: per parameter, the momentum buffer (SGD with
+/// momentum) or Adam's first moment, and Adam's second moment; `steps` taken so far.
+#[derive(Default)]
+struct OptState {
+    steps: usize,
+    first: Vec<Option<DMatrix<f64>>>,
+    second: Vec<Option<DMatrix<f64>>>,
+}
+
 /// Relabels an error with the training step it happened at.
 fn at_step(what: String) -> impl Fn(RunError) -> RunError {
     move |e| e.in_training(&what)
@@ -233,6 +252,7 @@ impl<'a> Trainer<'a> {
         let o = self.prog.outputs.len();
         let pe = self.eval_p();
         let mut traj = DMatrix::zeros(steps + 1, o * pe);
+        let mut state = OptState::default();
         for t in 0..=steps {
             let after = || format!("after {t} training step(s)");
             let sampled = sampled_of(self.prog, n, ws)?;
@@ -254,22 +274,25 @@ impl<'a> Trainer<'a> {
             if t == steps {
                 break;
             }
-            let chi = self.chi(&ftr);
+            let chi = self.chi(&ftr, t);
             let grads = gradients(&self.tplan, n, &sampled, vals, &chi, draw).map_err(at_step(
                 format!("in training step {} (the gradient at f_{t})", t + 1),
             ))?;
             drop(sampled);
-            self.apply(n, ws, grads)
+            self.apply(n, ws, grads, &mut state)
                 .map_err(at_step(format!("in training step {}", t + 1)))?;
         }
         Ok(traj)
     }
 
-    /// χ = ∂L/∂f on the training plan's columns, O × P.
-    fn chi(&self, f: &DMatrix<f64>) -> DMatrix<f64> {
-        let b = self.train.data.len() as f64;
+    /// χ = ∂L/∂f of step t's minibatch loss on the training plan's columns, O × P
+    /// (zero outside the minibatch).
+    fn chi(&self, f: &DMatrix<f64>, t: usize) -> DMatrix<f64> {
+        let batch = self.train.batch_at(t);
+        let b = batch.len() as f64;
         let mut chi = DMatrix::zeros(f.nrows(), f.ncols());
-        for (s, &c) in self.train.data.iter().zip(&self.cols) {
+        for i in batch {
+            let (s, c) = (&self.train.data[i], self.cols[i]);
             for (oi, &y) in s.y.iter().enumerate() {
                 chi[(oi, c)] += dloss(self.train.loss, f[(oi, c)], y) / b;
             }
@@ -289,24 +312,92 @@ impl<'a> Trainer<'a> {
         l / b
     }
 
-    /// `w ← w − lr · lr_mult · ∂L/∂w` for every parameter; a non-finite result is an
-    /// error naming the parameter.
+    /// One optimizer step for every parameter with the rate `lr · lr_mult(n)`: for
+    /// full-batch SGD without weight decay `w ← w − rate · ∂L/∂w`, the gradient's
+    /// outer products added straight into `w`; otherwise the gradient g is formed and
+    /// (torch.optim's updates, [`Optimizer`]):
+    ///
+    /// * `weight_decay = λ` (SGD, momentum, Adam): `g ← g + λ w` (L2);
+    /// * momentum β: `b ← g` at the first step, `b ← β b + g` after; `w ← w − rate·b`;
+    /// * Adam: `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`, and with the step count
+    ///   k = 1, 2, … `w ← w − (rate/(1−β1^k)) · m / (sqrt(v)/sqrt(1−β2^k) + ε)`;
+    /// * AdamW: first `w ← w·(1 − rate·wd)`, then Adam's step without L2.
+    ///
+    /// A parameter the loss does not depend on is left alone (torch skips parameters
+    /// without a gradient). A non-finite result is an error naming the parameter.
     fn apply(
         &self,
         n: usize,
         ws: &mut [DMatrix<f64>],
         grads: Vec<Vec<Grad>>,
+        state: &mut OptState,
     ) -> Result<(), RunError> {
         let nf = n as f64;
-        for ((w, prm), gs) in ws.iter_mut().zip(&self.prog.params).zip(grads) {
+        let np = self.prog.params.len();
+        state.first.resize(np, None);
+        state.second.resize(np, None);
+        state.steps += 1;
+        let k = state.steps as i32;
+        let plain = self.train.optimizer == Optimizer::Sgd && self.train.weight_decay.coef == 0.0;
+        let l2 = self.train.weight_decay.at(nf);
+        for (pi, ((w, prm), gs)) in ws.iter_mut().zip(&self.prog.params).zip(grads).enumerate() {
             let rate = self.train.lr * prm.law.lr.at(nf);
             let mult = prm.law.mult.at(nf);
             let touched = !gs.is_empty();
-            for g in gs {
-                match g {
-                    Grad::Dense(d) => *w -= d * rate,
-                    Grad::Outer(a, b, tb) => gemm(w, -rate * mult, &a, Trans::No, &b, tb, 1.0)
-                        .map_err(|e| bug(Some(prm.node), format!("internal shape error: {e}")))?,
+            let shape_err = |e| bug(Some(prm.node), format!("internal shape error: {e}"));
+            if plain {
+                for g in gs {
+                    match g {
+                        Grad::Dense(d) => *w -= d * rate,
+                        Grad::Outer(a, b, tb) => {
+                            gemm(w, -rate * mult, &a, Trans::No, &b, tb, 1.0).map_err(shape_err)?
+                        }
+                    }
+                }
+            } else if touched {
+                let mut g = DMatrix::zeros(w.nrows(), w.ncols());
+                for gr in gs {
+                    match gr {
+                        Grad::Dense(d) => g += d,
+                        Grad::Outer(a, b, tb) => {
+                            gemm(&mut g, mult, &a, Trans::No, &b, tb, 1.0).map_err(shape_err)?
+                        }
+                    }
+                }
+                if l2 != 0.0 && !matches!(self.train.optimizer, Optimizer::AdamW { .. }) {
+                    axpy(&mut g, l2, w, 1.0);
+                }
+                match self.train.optimizer {
+                    Optimizer::Sgd => axpy(w, -rate, &g, 1.0),
+                    Optimizer::Momentum { beta } => {
+                        let b = match state.first[pi].take() {
+                            None => g,
+                            Some(mut b) => {
+                                axpy(&mut b, 1.0, &g, beta);
+                                b
+                            }
+                        };
+                        axpy(w, -rate, &b, 1.0);
+                        state.first[pi] = Some(b);
+                    }
+                    Optimizer::Adam { beta1, beta2, eps }
+                    | Optimizer::AdamW {
+                        beta1, beta2, eps, ..
+                    } => {
+                        if let Optimizer::AdamW { wd, .. } = self.train.optimizer {
+                            *w *= 1.0 - rate * wd.at(nf);
+                        }
+                        let m = state.first[pi].get_or_insert_with(|| g.map(|_| 0.0));
+                        axpy(m, 1.0 - beta1, &g, beta1);
+                        let v = state.second[pi].get_or_insert_with(|| g.map(|_| 0.0));
+                        v.zip_apply(&g, |v, g| *v = beta2 * *v + (1.0 - beta2) * g * g);
+                        let step = rate / (1.0 - beta1.powi(k));
+                        let bc2 = (1.0 - beta2.powi(k)).sqrt();
+                        let e = eps.at(nf);
+                        for ((w, m), v) in w.iter_mut().zip(m.iter()).zip(v.iter()) {
+                            *w -= step * m / (v.sqrt() / bc2 + e);
+                        }
+                    }
                 }
             }
             if let Some(bad) = out_of_range(w.iter().copied()).filter(|_| touched) {
@@ -325,6 +416,11 @@ impl<'a> Trainer<'a> {
         }
         Ok(())
     }
+}
+
+/// `y ← a·x + b·y`, entry by entry.
+fn axpy(y: &mut DMatrix<f64>, a: f64, x: &DMatrix<f64>, b: f64) {
+    y.zip_apply(x, |y, x| *y = a * x + b * *y);
 }
 
 /// One sample's loss.
@@ -492,16 +588,17 @@ pub fn loss_at(prog: &Program, n: usize, ws: &[DMatrix<f64>]) -> Result<f64, Run
 }
 
 /// One full-batch gradient-descent step on `ws` in place at width `n`:
-/// `w ← w − lr · lr_mult(n) · ∂L/∂w` for every parameter.
+/// `w ← w − lr · lr_mult(n) · ∂L/∂w` for every parameter (with another `optimizer`,
+/// its first step from a fresh state on step 0's minibatch).
 pub fn gd_step(prog: &Program, n: usize, ws: &mut [DMatrix<f64>]) -> Result<(), RunError> {
     let trainer = Trainer::new(prog, &[])?;
     let sampled = sampled_of(prog, n, ws)?;
     let vals = forward(&trainer.tplan, n, &sampled, 0)?;
     let f = outputs(&trainer.tplan, n, &sampled, &vals, 0)?;
-    let chi = trainer.chi(&f);
+    let chi = trainer.chi(&f, 0);
     let grads = gradients(&trainer.tplan, n, &sampled, vals, &chi, 0)?;
     drop(sampled);
-    trainer.apply(n, ws, grads)
+    trainer.apply(n, ws, grads, &mut OptState::default())
 }
 
 /// For a coordinate check: trains draw `draw` of `cfg.seed` at width `cfg.width`
@@ -607,6 +704,8 @@ pub(super) fn summarize(train: &Train, f_t: Estimate, peaks: Peaks) -> TrainResu
         loss: train.loss,
         lr: train.lr,
         steps: train.steps,
+        optimizer: train.describe(),
+        plain_sgd: train.is_plain_sgd(),
         f_t,
         peak: peaks.0,
     }

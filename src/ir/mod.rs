@@ -204,6 +204,58 @@ pub struct Sample {
     pub y: Vec<f64>,
 }
 
+/// The optimizer of a `train` block (README, "Training: optimizers"). Every one acts
+/// on the trainable variable `w` of a parameter (the N(0, var) draw; the parameter is
+/// `mult · w`) with the learning rate `lr · lr_mult(n)`, and follows the update of
+/// `torch.optim` of the same name step for step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    /// `w ← w − lr·g` (torch.optim.SGD).
+    Sgd,
+    /// torch.optim.SGD(momentum = β, dampening = 0): `b_0 = g_0`,
+    /// `b_t = β b_{t−1} + g_t`, `w ← w − lr·b_t`.
+    Momentum { beta: f64 },
+    /// torch.optim.Adam: `m = β1 m + (1−β1) g`, `v = β2 v + (1−β2) g²`,
+    /// `w ← w − lr · (m/(1−β1^t)) / (sqrt(v/(1−β2^t)) + ε)`, t = 1, 2, …
+    Adam {
+        beta1: f64,
+        beta2: f64,
+        eps: Monomial,
+    },
+    /// torch.optim.AdamW: Adam after the decoupled decay `w ← w·(1 − lr·wd)`.
+    AdamW {
+        beta1: f64,
+        beta2: f64,
+        eps: Monomial,
+        wd: Monomial,
+    },
+}
+
+impl Optimizer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Optimizer::Sgd => "sgd",
+            Optimizer::Momentum { .. } => "momentum",
+            Optimizer::Adam { .. } => "adam",
+            Optimizer::AdamW { .. } => "adamw",
+        }
+    }
+
+    /// The update is a fixed linear combination of past gradients (and, with weight
+    /// decay, of the initial value): SGD and momentum. Adam's is not.
+    pub fn is_linear(self) -> bool {
+        matches!(self, Optimizer::Sgd | Optimizer::Momentum { .. })
+    }
+
+    /// The momentum coefficient β of a linear optimizer (0 for SGD).
+    pub fn momentum(self) -> f64 {
+        match self {
+            Optimizer::Momentum { beta } => beta,
+            _ => 0.0,
+        }
+    }
+}
+
 /// The `train` block, recorded for autodiff.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Train {
@@ -213,6 +265,66 @@ pub struct Train {
     pub data: Vec<Sample>,
     pub span: Span,
     pub lr_span: Span,
+    /// `optimizer = …` (default SGD).
+    pub optimizer: Optimizer,
+    /// Where the optimizer was set (the block when it was not).
+    pub optimizer_span: Span,
+    /// `weight_decay = …`: an L2 term `wd · w` added to every gradient, as torch's
+    /// `weight_decay` for SGD, momentum and Adam (0 by default).
+    pub weight_decay: Monomial,
+    /// `batch = B` (default: the whole data, B = D): step t's minibatch is the samples
+    /// `(t·B + j) mod D`, j = 0..B, and its loss the mean over them ([`Train::batch_at`]).
+    pub batch: usize,
+}
+
+impl Train {
+    /// Indices into `data` of step t's minibatch: `(t·B + j) mod D` for j = 0..B —
+    /// consecutive samples in order, wrapping around the end of the data (B ≤ D, so no
+    /// sample appears twice in one batch). With B = D every step is the full batch in
+    /// data order.
+    pub fn batch_at(&self, t: usize) -> Vec<usize> {
+        let d = self.data.len().max(1);
+        let b = self.batch.min(d);
+        (0..b).map(|j| (t * b + j) % d).collect()
+    }
+
+    /// Full-batch SGD without weight decay: the training every engine computes.
+    pub fn is_plain_sgd(&self) -> bool {
+        self.optimizer == Optimizer::Sgd && self.weight_decay.coef == 0.0 && self.is_full_batch()
+    }
+
+    /// How the training steps, in words: `full-batch gradient descent` for plain SGD,
+    /// otherwise the optimizer with its arguments, the weight decay and the minibatch.
+    pub fn describe(&self) -> String {
+        if self.is_plain_sgd() {
+            return "full-batch gradient descent".to_string();
+        }
+        let mut s = match self.optimizer {
+            Optimizer::Sgd => "sgd".to_string(),
+            Optimizer::Momentum { beta } => format!("momentum({beta})"),
+            Optimizer::Adam { beta1, beta2, eps } => format!("adam({beta1}, {beta2}, {eps})"),
+            Optimizer::AdamW {
+                beta1,
+                beta2,
+                eps,
+                wd,
+            } => format!("adamw({beta1}, {beta2}, {eps}, {wd})"),
+        };
+        if self.weight_decay.coef != 0.0 {
+            s.push_str(&format!(", weight decay {}", self.weight_decay));
+        }
+        if self.is_full_batch() {
+            s.push_str(", full batch");
+        } else {
+            s.push_str(&format!(", minibatches of {}", self.batch));
+        }
+        s
+    }
+
+    /// Every step uses every sample.
+    pub fn is_full_batch(&self) -> bool {
+        self.batch >= self.data.len()
+    }
 }
 
 /// A compiled tensor program.

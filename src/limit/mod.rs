@@ -243,6 +243,9 @@ pub fn limit_with(
             )
         });
     }
+    if let Some(tr) = prog.train.as_ref().filter(|t| !t.optimizer.is_linear()) {
+        return Err(train::nonlinear_optimizer(tr));
+    }
     let mut r = kernels(prog, points)?;
     if let Some(tr) = &prog.train {
         r.train = Some(train::trajectory(

@@ -192,6 +192,17 @@ pub fn trajectory(
         r.points.clone()
     };
     let regime = crate::scaling::regime(prog);
+    // Momentum, weight decay and minibatches: the unrolled program carries them; the
+    // kernel recursion and the one-hidden-layer engine below are full-batch SGD only.
+    if !train.is_plain_sgd() && regime != Some(Regime::FeatureLearning) {
+        out.note = Some(format!(
+            "{} is computed in the feature-learning regime only (through the unrolled \
+             program); this program's regime is {}",
+            train.describe(),
+            regime.map_or("unknown", Regime::name)
+        ));
+        return out;
+    }
     match regime {
         Some(Regime::Kernel) | Some(Regime::Trivial) => {
             out.method = if regime == Some(Regime::Kernel) {
@@ -252,7 +263,14 @@ pub fn trajectory(
                     .to_string(),
             );
         }
-        Some(Regime::FeatureLearning) => match linear_trajectory(prog, train, &eval) {
+        Some(Regime::FeatureLearning) => match if train.is_plain_sgd() {
+            linear_trajectory(prog, train, &eval)
+        } else {
+            Err(format!(
+                "the one-hidden-layer engine computes full-batch SGD only, not {}",
+                train.describe()
+            ))
+        } {
             Ok(f) => {
                 out.method = LINEAR_METHOD.to_string();
                 out.f_t = Some(f);
@@ -298,7 +316,35 @@ pub fn trajectory(
             out.note = Some("no regime could be derived for this program".to_string());
         }
     }
+    if !train.is_plain_sgd() && out.f_t.is_some() {
+        // Say what was trained: the method names only the engine.
+        out.method = format!("{}: {}", train.describe(), out.method);
+    }
     out
+}
+
+/// E0030 for a `train` block whose optimizer is not linear (Adam, AdamW): its limit
+/// is not a sum of rank-one moment corrections but needs the nonlinear outer product of
+/// Tensor Programs IVb (an average over an independent copy of the β-side Z's inside
+/// the entrywise update), which no engine computes yet.
+pub fn nonlinear_optimizer(train: &Train) -> LimitError {
+    LimitError {
+        span: Some(train.optimizer_span),
+        note: Some(
+            "the update of an entrywise optimizer like Adam is Q(ĝ_0..ĝ_t) entry by entry, and \
+             its infinite-width limit needs the nonlinear outer product (Tensor Programs IVb): \
+             not in this version. `tpc run` trains it at finite width; `momentum` and `sgd` \
+             (with weight decay and minibatches) have limits"
+                .to_string(),
+        ),
+        ..LimitError::general(
+            "E0030",
+            format!(
+                "no infinite-width limit for `{}` training yet",
+                train.optimizer.name()
+            ),
+        )
+    }
 }
 
 /// The feature-learning trajectory by particles (module docs): the `train` block

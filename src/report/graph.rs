@@ -130,6 +130,9 @@ pub fn listing(prog: &Program) -> String {
             t.steps,
             t.data.len()
         ));
+        if !t.is_plain_sgd() {
+            out.push_str(&format!("optimizer: {}\n", t.describe()));
+        }
     }
     out.push('\n');
     out.push_str(&abc_table(prog));

@@ -100,7 +100,11 @@ pub fn save(dir: &Path, r: &RunResult) -> std::io::Result<Value> {
     if let Some(t) = &r.train {
         meta.insert(
             "train".into(),
-            json!({"loss": t.loss.name(), "lr": t.lr, "steps": t.steps}),
+            if t.plain_sgd {
+                json!({"loss": t.loss.name(), "lr": t.lr, "steps": t.steps})
+            } else {
+                json!({"loss": t.loss.name(), "lr": t.lr, "steps": t.steps, "optimizer": t.optimizer})
+            },
         );
     }
     meta.insert("width".into(), json!(r.width));
@@ -189,7 +193,8 @@ pub fn text(r: &RunResult) -> String {
     }
     if let Some(t) = &r.train {
         s.push_str(&format!(
-            "\n# training: f_t after t steps of full-batch gradient descent (loss {}, lr {}, {} step(s))\n",
+            "\n# training: f_t after t steps of {} (loss {}, lr {}, {} step(s))\n",
+            t.optimizer,
             t.loss.name(),
             t.lr,
             t.steps

@@ -63,7 +63,10 @@ fn project_copies_equal_the_shared_contract() {
         .filter(|p| p.extension().is_some_and(|x| x == "tp"))
         .filter(|p| {
             let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
-            !stem.is_some_and(|s| common::PROJECT_EXAMPLES.contains(&s.as_str()))
+            !stem.is_some_and(|s| {
+                common::PROJECT_EXAMPLES.contains(&s.as_str())
+                    || common::OPTIM_EXAMPLES.contains(&s.as_str())
+            })
         })
         .collect();
     assert_eq!(

@@ -37,6 +37,9 @@ pub fn upstream_shared() -> Option<PathBuf> {
 /// Examples of the project's own (Netsor+ scalars, issue 14), beside the contract's.
 pub const PROJECT_EXAMPLES: [&str; 3] = ["layernorm_mlp", "sp_attention", "transformer"];
 
+/// Examples of the project's own for optimizers (issue 15, README "Training: optimizers").
+pub const OPTIM_EXAMPLES: [&str; 3] = ["adam_mlp", "momentum_rnn", "sp_adam"];
+
 /// Every example (the contract's and the project's), sorted by name: (stem, source).
 pub fn examples() -> Vec<(String, String)> {
     let dir = examples_dir();
