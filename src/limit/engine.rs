@@ -19,7 +19,7 @@ use nalgebra::{DMatrix, DVector};
 
 use super::dual::{MeanKernel, PairKernel};
 use super::gauss;
-use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, ZForm};
+use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, PointScalar, ZForm};
 use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational};
 
 /// A block with an exponent of n: the quantity is `m * n^exp` to leading order.
@@ -309,6 +309,11 @@ impl<'a> Engine<'a> {
             return Ok(s.clone());
         }
         let sc = &self.der.scales[k];
+        if let Some(ps) = sc.netsor.clone() {
+            let out = self.point_scalar(&ps)?;
+            self.scales.insert(k, out.clone());
+            return Ok(out);
+        }
         let (d, s2, stein) = (sc.d.clone(), sc.sigma2, sc.stein.clone());
         let (mut m, mut e) = self.scoped(|s| s.zmean(&d))?;
         // Stein's lemma for atoms with a jump: E[f'(L)] = E[L f(L)] / Var(L).
@@ -338,6 +343,43 @@ impl<'a> Engine<'a> {
             ));
         }
         self.scales.insert(k, out.clone());
+        Ok(out)
+    }
+
+    /// A Netsor+ per-point scalar (theory.md §1.1, `limit::netsor`): a moment's limit
+    /// `E[Z(ξ_p)]` from the one-point law, or a function of such values, with its stated
+    /// absolute error (for a function, the largest change when every argument moves by
+    /// its own error).
+    fn point_scalar(&mut self, ps: &PointScalar) -> R<(DVector<f64>, f64)> {
+        let out = match ps {
+            PointScalar::Moment { z, .. } => self.scoped(|s| s.zmean(z))?,
+            PointScalar::Func { f, args } => {
+                let mut vals = Vec::with_capacity(args.len());
+                for &a in args {
+                    vals.push(self.scale(a)?);
+                }
+                let mut out = DVector::zeros(self.p);
+                let mut err: f64 = 0.0;
+                for i in 0..self.p {
+                    let x: Vec<f64> = vals.iter().map(|v| v.0[i]).collect();
+                    let y = f.eval(&x);
+                    for sign in [-1.0, 1.0] {
+                        let xe: Vec<f64> = vals.iter().map(|v| v.0[i] + sign * v.1).collect();
+                        err = err.max((f.eval(&xe) - y).abs());
+                    }
+                    out[i] = y;
+                }
+                (out, err)
+            }
+        };
+        if out.0.iter().any(|v| !v.is_finite()) || !out.1.is_finite() {
+            return Err(NumError(
+                "a per-point scalar (the limit of a moment, or a function of such limits) is not \
+                 finite at some point (overflow, NaN, or a function outside its domain such as \
+                 sqrt of a negative number)"
+                    .into(),
+            ));
+        }
         Ok(out)
     }
 
@@ -1125,6 +1167,43 @@ impl<'a> Engine<'a> {
         let (gj, gk) = (self.der.gauss[j].clone(), self.der.gauss[k].clone());
         if gj.family() != gk.family() {
             return Ok(None);
+        }
+        // Netsor+ coefficients (limit::netsor): T(s G, s' G') = s(ξ_p) s'(ξ_q) T(G, G'),
+        // and a point value has no tangent (a moment's rank-one gradient is O(1/n) in
+        // the tangent kernel).
+        let netsor = |s: usize| self.der.scales[s].netsor.is_some();
+        if let GaussKind::Point { scale } = gj.kind {
+            if netsor(scale) {
+                return Ok(None);
+            }
+        }
+        let split = |kind: &GaussKind| match kind {
+            GaussKind::Scaled { base, scale, .. } if netsor(*scale) => Some((*base, *scale)),
+            _ => None,
+        };
+        let (sj, sk) = (split(&gj.kind), split(&gk.kind));
+        if sj.is_some() || sk.is_some() {
+            let (bj, bk) = (sj.map_or(j, |x| x.0), sk.map_or(k, |x| x.0));
+            let Some(mut t) = self.tgauss(bj, bk)? else {
+                return Ok(None);
+            };
+            let one = (DVector::from_element(self.p, 1.0), 0.0);
+            let (vj, ej) = match sj {
+                Some((_, s)) => self.scale(s)?,
+                None => one.clone(),
+            };
+            let (vk, ek) = match sk {
+                Some((_, s)) => self.scale(s)?,
+                None => one,
+            };
+            let err = (ej * vk.amax() + vj.amax() * ek + ej * ek) * t.m.amax();
+            for q in 0..t.m.ncols() {
+                for r in 0..t.m.nrows() {
+                    t.m[(r, q)] *= vj[r] * vk[q];
+                }
+            }
+            self.note_err(err);
+            return Ok(Some(t));
         }
         if [&gj.kind, &gk.kind]
             .iter()

@@ -23,6 +23,7 @@ pub mod engine;
 pub mod fastmath;
 pub mod gauss;
 pub mod linear;
+pub mod netsor;
 pub mod particle;
 pub mod qmc;
 pub mod smooth;
@@ -536,17 +537,11 @@ fn compute(
         let Op::Moment(e) = &prog.node(m).op else {
             continue;
         };
-        let ops = prog.operands(m);
-        let zs: Vec<zform::ZForm> = ops
-            .iter()
-            .map(|o| {
-                der.zform(*o)
-                    .cloned()
-                    .ok_or_else(|| LimitError::at(prog, m, "E0030", "moment of a non-vector"))
-            })
-            .collect::<Result<_, _>>()?;
-        let z = zform::apply(e, &zs);
-        let v = eng.zmean(&z).map_err(at(m))?;
+        let _ = e;
+        let Some((_, z)) = der.moments[m.index()].as_ref() else {
+            return Err(LimitError::at(prog, m, "E0030", "moment without a limit"));
+        };
+        let v = eng.zmean(z).map_err(at(m))?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals
             .iter()
@@ -739,6 +734,14 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
     let names = prog.stable_names();
     let mut out = String::new();
     let z = |id: NodeId| Program::z_name(&names, id);
+    // Operands: a vector's Z, a moment's per-point limit.
+    let zm = |id: NodeId| {
+        if matches!(prog.node(id).op, Op::Moment(_)) {
+            format!("{}(ξ)", names[id.index()])
+        } else {
+            z(id)
+        }
+    };
     let mut seen = std::collections::HashSet::new();
     for id in prog.ids() {
         let ops = prog.operands(id);
@@ -824,11 +827,27 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                 }
             }
             Op::Nonlin(e) => {
-                let zs: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
                 format!("{} = {}", z(id), e.display(&|i| zs[i].clone()))
             }
+            Op::Moment(e) if !prog.users(id).is_empty() => {
+                // A Netsor+ scalar (theory.md §1.1): its limit at each point.
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
+                let body = e.display(&|i| zs[i].clone()).to_string();
+                match der.moments[id.index()].as_ref().map(|m| m.0) {
+                    Some(zform::MomentLimit::Const(c)) => format!(
+                        "{} → E[{body}] = {} at every point (the mean of a centered Gaussian part is 0)",
+                        names[id.index()],
+                        fmt(c)
+                    ),
+                    _ => format!(
+                        "{}(ξ) = E[{body}] at each point ξ (a deterministic limit, Netsor+)",
+                        names[id.index()]
+                    ),
+                }
+            }
             Op::Moment(e) => {
-                let zs: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
                 format!(
                     "{} -> E[{}]",
                     names[id.index()],

@@ -22,6 +22,7 @@ mod limit_linear;
 mod limit_refusals;
 mod limit_train;
 mod netsor;
+mod netsor_limit;
 mod outputs;
 mod particle;
 mod quadrature;
