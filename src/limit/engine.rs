@@ -19,7 +19,9 @@ use nalgebra::{DMatrix, DVector};
 
 use super::dual::{MeanKernel, PairKernel};
 use super::gauss;
-use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, PointScalar, ZForm};
+use super::zform::{
+    Atom, Derivation, GaussId, GaussKind, LinForm, MomentLimit, PointScalar, ZForm,
+};
 use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational};
 
 /// A block with an exponent of n: the quantity is `m * n^exp` to leading order.
@@ -372,15 +374,41 @@ impl<'a> Engine<'a> {
                 (out, err)
             }
         };
-        if out.0.iter().any(|v| !v.is_finite()) || !out.1.is_finite() {
-            return Err(NumError(
+        if let Some(i) = out.0.iter().position(|v| !v.is_finite()) {
+            return Err(NumError(format!(
                 "a per-point scalar (the limit of a moment, or a function of such limits) is not \
-                 finite at some point (overflow, NaN, or a function outside its domain such as \
-                 sqrt of a negative number)"
+                 finite at point {} ({}: overflow, NaN, or a function outside its domain such as \
+                 sqrt of a negative number)",
+                i + 1,
+                out.0[i]
+            )));
+        }
+        if !out.1.is_finite() {
+            return Err(NumError(
+                "the stated error of a per-point scalar (the limit of a moment) is not finite"
                     .into(),
             ));
         }
         Ok(out)
+    }
+
+    /// The limit of a moment node at every point (its stated error joins `max_error`).
+    pub fn moment_values(&mut self, m: NodeId) -> R<DVector<f64>> {
+        match self.der.moments.get(m.index()).and_then(|x| x.as_ref()) {
+            Some((MomentLimit::Const(c), _)) => Ok(DVector::from_element(self.p, *c)),
+            Some((MomentLimit::Point(g), _)) => {
+                let GaussKind::Point { scale } = self.der.gauss[*g].kind else {
+                    return Err(NumError("a moment's limit is not a point value".into()));
+                };
+                let (v, e) = self.scale(scale)?;
+                self.note_err(e);
+                Ok(v)
+            }
+            None => Err(NumError(format!(
+                "`{}` is not a moment with a limit",
+                self.prog.label(m)
+            ))),
+        }
     }
 
     /// `Cov(G_j(xi_p), G_k(xi_q))`, or None when independent.

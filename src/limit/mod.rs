@@ -534,14 +534,22 @@ fn compute(
 
     let mut observe = Vec::new();
     for &m in &prog.observes {
-        let Op::Moment(e) = &prog.node(m).op else {
-            continue;
+        let v = match &prog.node(m).op {
+            Op::Moment(_) => eng.moment_values(m).map_err(at(m))?,
+            // A function of moments, observed per point (Netsor+).
+            Op::Scalar(e) => {
+                let ops = prog.operands(m);
+                let mut vals = Vec::with_capacity(ops.len());
+                for &o in &ops {
+                    vals.push(eng.moment_values(o).map_err(at(o))?);
+                }
+                nalgebra::DVector::from_fn(p, |i, _| {
+                    let x: Vec<f64> = vals.iter().map(|v| v[i]).collect();
+                    e.eval(&x)
+                })
+            }
+            _ => continue,
         };
-        let _ = e;
-        let Some((_, z)) = der.moments[m.index()].as_ref() else {
-            return Err(LimitError::at(prog, m, "E0030", "moment without a limit"));
-        };
-        let v = eng.zmean(z).map_err(at(m))?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals
             .iter()
@@ -850,6 +858,15 @@ pub fn derivation_text(prog: &Program, der: &Derivation) -> String {
                 let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
                 format!(
                     "{} -> E[{}]",
+                    names[id.index()],
+                    e.display(&|i| zs[i].clone())
+                )
+            }
+            Op::Scalar(e) => {
+                // An observed function of moments (Netsor+): its value at each point.
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
+                format!(
+                    "{}(ξ) = {} at each point ξ",
                     names[id.index()],
                     e.display(&|i| zs[i].clone())
                 )

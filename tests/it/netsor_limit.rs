@@ -136,3 +136,92 @@ fn examples_have_kernels_and_moment_lines() {
         }
     }
 }
+
+/// Layernorm of a non-centered vector (after relu: `mean(h1)` has a per-point limit, the
+/// normalized vector is an atom shifted and scaled per point, integrated by quadrature
+/// with a stated error), observed moments per point, and the kernel-regime training
+/// trajectory (the NTK recursion of `limit::train`): all within 4 standard errors of
+/// the finite network at width 1024 (K = 16; the O(1/N) bias is below the SE).
+#[test]
+fn non_centered_layernorm_and_its_training_agree_with_finite_width() {
+    let src = std::fs::read_to_string(data().join("programs/ln_after_relu.tp")).unwrap();
+    let prog = tpc::compile(&src).unwrap();
+    let points = common::train_inputs(&prog);
+    let lim = tpc::limit_of(&src, &points).unwrap();
+    assert!(lim.max_error < 1e-3, "stated error {}", lim.max_error);
+    let cfg = tpc::RunConfig {
+        width: 1024,
+        seeds: 16,
+        seed: 3,
+    };
+    let fin = tpc::run(&src, &points, &cfg).unwrap();
+    let within = |what: &str, l: f64, m: f64, se: f64| {
+        assert!(
+            (m - l).abs() <= 4.0 * se + lim.max_error,
+            "{what}: finite {m} ± {se}, limit {l}"
+        );
+    };
+    for (what, l, f) in [
+        ("nngp", lim.nngp.as_ref().unwrap(), &fin.nngp),
+        ("ntk", lim.ntk.as_ref().unwrap(), &fin.ntk),
+    ] {
+        let se = f.se.as_ref().unwrap();
+        for i in 0..l.nrows() {
+            for j in 0..l.ncols() {
+                within(what, l[(i, j)], f.mean[(i, j)], se[(i, j)]);
+            }
+        }
+    }
+    let (_, lo) = &lim.observe[0];
+    let fo = &fin.observe[0].1;
+    assert_eq!(lo.len(), 2, "mean(h1) depends on the point");
+    for (k, l) in lo.iter().enumerate() {
+        within(
+            "observe",
+            *l,
+            fo.mean[(0, k)],
+            fo.se.as_ref().unwrap()[(0, k)],
+        );
+    }
+    let lt = lim.train.as_ref().unwrap().f_t.as_ref().unwrap();
+    let ft = fin.train.as_ref().unwrap();
+    let (m, se) = (&ft.f_t.mean, ft.f_t.se.as_ref().unwrap());
+    assert_eq!(lt.nrows(), 4);
+    for t in 1..lt.nrows() {
+        for c in 0..lt.ncols() {
+            within("f_t", lt[(t, c)], m[(t, c)], se[(t, c)]);
+        }
+    }
+}
+
+/// Scalars observed per point (`observe w1[s] = softmax(…)`, `observe sd =
+/// sqrt(mean(…))`): the limit is the function of the moments' limits, exact here
+/// (closed forms); the finite network at width 1024 (K = 16) agrees within 4 SE.
+#[test]
+fn observed_scalars_agree_with_finite_width() {
+    let src = std::fs::read_to_string(data().join("programs/attn_observe.tp")).unwrap();
+    let points = vec![vec![1.0, 0.0, 0.0, 1.0], vec![0.5, 0.5, -1.0, 0.3]];
+    let lim = tpc::limit_of(&src, &points).unwrap();
+    let names: Vec<&str> = lim.observe.iter().map(|o| o.0.as_str()).collect();
+    assert_eq!(names, ["w1[1]", "w1[2]", "sd", "m"]);
+    // softmax of the logits (0.5, 0) at the first point; sqrt(E[u[1]²]) = sqrt(0.5).
+    let e = 0.5f64.exp();
+    assert!((lim.observe[0].1[0] - e / (e + 1.0)).abs() < 1e-14);
+    assert!((lim.observe[2].1[0] - 0.5f64.sqrt()).abs() < 1e-14);
+    let cfg = tpc::RunConfig {
+        width: 1024,
+        seeds: 16,
+        seed: 5,
+    };
+    let fin = tpc::run(&src, &points, &cfg).unwrap();
+    for ((name, l), (_, f)) in lim.observe.iter().zip(&fin.observe) {
+        let se = f.se.as_ref().unwrap();
+        for (k, lv) in l.iter().enumerate() {
+            let (m, s) = (f.mean[(0, k)], se[(0, k)]);
+            assert!(
+                (m - lv).abs() <= 4.0 * s,
+                "{name} at point {k}: finite {m} ± {s}, limit {lv}"
+            );
+        }
+    }
+}
