@@ -278,8 +278,7 @@ impl<'a> Engine<'a> {
                     self.vv.warm((a, b), m);
                 }
             } else if !self.tv.has(&(a, b)) {
-                let (za, zb) = (self.zf(a).map_err(at)?, self.zf(b).map_err(at)?);
-                let t = self.tz(&za, &zb, a == b).map_err(at)?;
+                let t = self.tnode(a, b).map_err(at)?;
                 self.tv.warm((a, b), t);
             }
         }
@@ -1315,14 +1314,42 @@ impl<'a> Engine<'a> {
         Ok(out)
     }
 
+    /// Tangent kernel of two vector nodes from their Z forms, plus the gradient terms
+    /// of vector parameters that start at 0 (`Derivation::zero_params`):
+    /// `lr·mult²·E[∂φ/∂g(ξ_p) ∂φ'/∂g(ξ_q)]` for a parameter g both use.
+    fn tnode(&mut self, a: NodeId, b: NodeId) -> R<Scaled> {
+        let (za, zb) = (self.zf(a)?, self.zf(b)?);
+        let mut out = self.tz(&za, &zb, a == b)?;
+        let (ea, eb) = (
+            self.der.zero_params[a.index()].clone(),
+            self.der.zero_params[b.index()].clone(),
+        );
+        for (pa, da) in &ea {
+            for (pb, db) in &eb {
+                if pa != pb {
+                    continue;
+                }
+                let law = self.prog.params[*pa].law;
+                let m = self.zz(da, db, a == b && da == db)?;
+                out = out.add(
+                    Scaled {
+                        m,
+                        exp: Rational::ZERO,
+                    }
+                    .times(law.lr * law.mult.powi(2)),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Tangent kernel of two vectors (per coordinate, the diagonal of the n x n kernel).
     pub fn tvec(&mut self, x: NodeId, y: NodeId) -> R<Scaled> {
         let (a, b, flip) = if x <= y { (x, y, false) } else { (y, x, true) };
         let out = match self.tv.take(&(a, b)) {
             Some(s) => s,
             None => {
-                let (za, zb) = (self.zf(a)?, self.zf(b)?);
-                let out = self.tz(&za, &zb, a == b)?;
+                let out = self.tnode(a, b)?;
                 self.tv.put((a, b), &out);
                 out
             }

@@ -520,7 +520,16 @@ fn compute(
             }
         }
     }
-    let ntk = if !gia {
+    if let (Some(x), true) = (der.zero_param_fused, gia) {
+        ntk_note = Some(format!(
+            "not derived: `{}` depends on a vector parameter that starts at 0 (std = 0) and is \
+             used inside another coordinatewise function, so the gradient of that parameter \
+             (whose Z is 0) is not followed into the NTK; name the value in a matrix product or \
+             a readout, or give the parameter a nonzero std",
+            prog.label(x)
+        ));
+    }
+    let ntk = if !gia || der.zero_param_fused.is_some() {
         None
     } else if ntk_exp > Rational::ZERO {
         ntk_note = Some(format!(

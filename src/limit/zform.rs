@@ -228,6 +228,14 @@ pub struct Derivation {
     pub own: Vec<Option<GaussId>>,
     /// For each Moment node: its limit and the Z form of its integrand.
     pub moments: Vec<Option<(MomentLimit, ZForm)>>,
+    /// For each Nonlin node with an operand that is a vector parameter starting at 0
+    /// (`std = 0`, a layernorm gain): (parameter, Z of ∂φ/∂g at g = 0). The parameter
+    /// has no Gaussian (its Z is 0) but its gradient adds
+    /// `lr·mult²·E[∂φ/∂g(p) ∂φ/∂g(q)]` to the node's tangent kernel.
+    pub zero_params: Vec<Vec<(usize, ZForm)>>,
+    /// A node with such a term is fused into another coordinatewise function, whose
+    /// tangent kernel would miss it: the NTK is then not derived (its first such node).
+    pub zero_param_fused: Option<NodeId>,
 }
 
 /// The n -> infinity limit of a variance monomial, or why it has none.
@@ -252,6 +260,8 @@ impl Derivation {
             has_transpose: false,
             own: vec![None; prog.len()],
             moments: vec![None; prog.len()],
+            zero_params: vec![Vec::new(); prog.len()],
+            zero_param_fused: None,
         };
         for id in prog.ids() {
             let z = d.node(prog, id).map_err(|reason| Unsupported {
@@ -390,7 +400,21 @@ impl Derivation {
                     _ => return Err(format!("`{}` cannot multiply a vector", prm.name)),
                 }
             }
-            Op::Nonlin(e) => Some(self.compose(prog, id, e, &ops)?),
+            Op::Nonlin(e) => {
+                for (slot, &o) in ops.iter().enumerate() {
+                    if !self.zero_params[o.index()].is_empty() && self.zero_param_fused.is_none() {
+                        self.zero_param_fused = Some(o);
+                    }
+                    if let Op::Param(p) = prog.node(o).op {
+                        let prm = &prog.params[p];
+                        if prm.shape == Shape::Vector && prm.law.entry_var().limit() == Some(0.0) {
+                            let d = self.compose(prog, id, &e.diff(slot), &ops)?;
+                            self.zero_params[id.index()].push((p, d));
+                        }
+                    }
+                }
+                Some(self.compose(prog, id, e, &ops)?)
+            }
         })
     }
 
