@@ -395,6 +395,10 @@ impl<'a> Engine<'a> {
     pub fn moment_values(&mut self, m: NodeId) -> R<DVector<f64>> {
         match self.der.moments.get(m.index()).and_then(|x| x.as_ref()) {
             Some((MomentLimit::Const(c), _)) => Ok(DVector::from_element(self.p, *c)),
+            Some((MomentLimit::Observed, z)) => {
+                let z = z.clone();
+                self.zmean(&z)
+            }
             Some((MomentLimit::Point(g), _)) => {
                 let GaussKind::Point { scale } = self.der.gauss[*g].kind else {
                     return Err(NumError("a moment's limit is not a point value".into()));

@@ -93,7 +93,9 @@ impl Derivation {
                         lin: LinForm::single(g),
                         ..ZForm::default()
                     }),
-                    None => return Err(format!("moment `{}` without a limit", prog.label(o))),
+                    Some(MomentLimit::Observed) | None => {
+                        return Err(format!("moment `{}` without a limit", prog.label(o)))
+                    }
                 },
                 _ => return Err("operand is not a vector or a moment".into()),
             }

@@ -97,6 +97,9 @@ pub enum PointScalar {
 pub enum MomentLimit {
     Const(f64),
     Point(GaussId),
+    /// Used by no other node (an `observe`): its mean is taken when it is reported,
+    /// without a per-point value in the derivation.
+    Observed,
 }
 
 /// A base Gaussian and the family it belongs to (only same-family Gaussians correlate).
@@ -299,6 +302,8 @@ impl Derivation {
                 let lim = if z.atoms.is_empty() {
                     // lin is centered: the mean is the constant, at every point.
                     MomentLimit::Const(z.constant)
+                } else if prog.users(id).is_empty() {
+                    MomentLimit::Observed
                 } else {
                     let k = self.push_scale(
                         id,
