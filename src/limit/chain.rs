@@ -64,6 +64,13 @@ fn recognize(prog: &Program, der: &Derivation) -> Option<(Vec<Layer>, Readout)> 
     if prog.outputs.len() != 1 || !prog.observes.is_empty() || der.has_transpose {
         return None;
     }
+    // Netsor+ moments (layernorm, attention) take the general engine.
+    if prog
+        .ids()
+        .any(|id| matches!(prog.node(id).op, Op::Moment(_)))
+    {
+        return None;
+    }
     let out = prog.outputs[0];
     let ops = prog.operands(out);
     let Op::Output { terms, constant } = &prog.node(out).op else {

@@ -19,7 +19,9 @@ use nalgebra::{DMatrix, DVector};
 
 use super::dual::{MeanKernel, PairKernel};
 use super::gauss;
-use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, ZForm};
+use super::zform::{
+    Atom, Derivation, GaussId, GaussKind, LinForm, MomentLimit, PointScalar, ZForm,
+};
 use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational};
 
 /// A block with an exponent of n: the quantity is `m * n^exp` to leading order.
@@ -276,8 +278,7 @@ impl<'a> Engine<'a> {
                     self.vv.warm((a, b), m);
                 }
             } else if !self.tv.has(&(a, b)) {
-                let (za, zb) = (self.zf(a).map_err(at)?, self.zf(b).map_err(at)?);
-                let t = self.tz(&za, &zb, a == b).map_err(at)?;
+                let t = self.tnode(a, b).map_err(at)?;
                 self.tv.warm((a, b), t);
             }
         }
@@ -309,6 +310,11 @@ impl<'a> Engine<'a> {
             return Ok(s.clone());
         }
         let sc = &self.der.scales[k];
+        if let Some(ps) = sc.netsor.clone() {
+            let out = self.point_scalar(&ps)?;
+            self.scales.insert(k, out.clone());
+            return Ok(out);
+        }
         let (d, s2, stein) = (sc.d.clone(), sc.sigma2, sc.stein.clone());
         let (mut m, mut e) = self.scoped(|s| s.zmean(&d))?;
         // Stein's lemma for atoms with a jump: E[f'(L)] = E[L f(L)] / Var(L).
@@ -339,6 +345,73 @@ impl<'a> Engine<'a> {
         }
         self.scales.insert(k, out.clone());
         Ok(out)
+    }
+
+    /// A Netsor+ per-point scalar (theory.md §1.1, `limit::netsor`): a moment's limit
+    /// `E[Z(ξ_p)]` from the one-point law, or a function of such values, with its stated
+    /// absolute error (for a function, the largest change when every argument moves by
+    /// its own error).
+    fn point_scalar(&mut self, ps: &PointScalar) -> R<(DVector<f64>, f64)> {
+        let out = match ps {
+            PointScalar::Moment { z, .. } => self.scoped(|s| s.zmean(z))?,
+            PointScalar::Func { f, args } => {
+                let mut vals = Vec::with_capacity(args.len());
+                for &a in args {
+                    vals.push(self.scale(a)?);
+                }
+                let mut out = DVector::zeros(self.p);
+                let mut err: f64 = 0.0;
+                for i in 0..self.p {
+                    let x: Vec<f64> = vals.iter().map(|v| v.0[i]).collect();
+                    let y = f.eval(&x);
+                    for sign in [-1.0, 1.0] {
+                        let xe: Vec<f64> = vals.iter().map(|v| v.0[i] + sign * v.1).collect();
+                        err = err.max((f.eval(&xe) - y).abs());
+                    }
+                    out[i] = y;
+                }
+                (out, err)
+            }
+        };
+        if let Some(i) = out.0.iter().position(|v| !v.is_finite()) {
+            return Err(NumError(format!(
+                "a per-point scalar (the limit of a moment, or a function of such limits) is not \
+                 finite at point {} ({}: overflow, NaN, or a function outside its domain such as \
+                 sqrt of a negative number)",
+                i + 1,
+                out.0[i]
+            )));
+        }
+        if !out.1.is_finite() {
+            return Err(NumError(
+                "the stated error of a per-point scalar (the limit of a moment) is not finite"
+                    .into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The limit of a moment node at every point (its stated error joins `max_error`).
+    pub fn moment_values(&mut self, m: NodeId) -> R<DVector<f64>> {
+        match self.der.moments.get(m.index()).and_then(|x| x.as_ref()) {
+            Some((MomentLimit::Const(c), _)) => Ok(DVector::from_element(self.p, *c)),
+            Some((MomentLimit::Observed, z)) => {
+                let z = z.clone();
+                self.zmean(&z)
+            }
+            Some((MomentLimit::Point(g), _)) => {
+                let GaussKind::Point { scale } = self.der.gauss[*g].kind else {
+                    return Err(NumError("a moment's limit is not a point value".into()));
+                };
+                let (v, e) = self.scale(scale)?;
+                self.note_err(e);
+                Ok(v)
+            }
+            None => Err(NumError(format!(
+                "`{}` is not a moment with a limit",
+                self.prog.label(m)
+            ))),
+        }
     }
 
     /// `Cov(G_j(xi_p), G_k(xi_q))`, or None when independent.
@@ -1145,6 +1218,43 @@ impl<'a> Engine<'a> {
         if gj.family() != gk.family() {
             return Ok(None);
         }
+        // Netsor+ coefficients (limit::netsor): T(s G, s' G') = s(ξ_p) s'(ξ_q) T(G, G'),
+        // and a point value has no tangent (a moment's rank-one gradient is O(1/n) in
+        // the tangent kernel).
+        let netsor = |s: usize| self.der.scales[s].netsor.is_some();
+        if let GaussKind::Point { scale } = gj.kind {
+            if netsor(scale) {
+                return Ok(None);
+            }
+        }
+        let split = |kind: &GaussKind| match kind {
+            GaussKind::Scaled { base, scale, .. } if netsor(*scale) => Some((*base, *scale)),
+            _ => None,
+        };
+        let (sj, sk) = (split(&gj.kind), split(&gk.kind));
+        if sj.is_some() || sk.is_some() {
+            let (bj, bk) = (sj.map_or(j, |x| x.0), sk.map_or(k, |x| x.0));
+            let Some(mut t) = self.tgauss(bj, bk)? else {
+                return Ok(None);
+            };
+            let one = (DVector::from_element(self.p, 1.0), 0.0);
+            let (vj, ej) = match sj {
+                Some((_, s)) => self.scale(s)?,
+                None => one.clone(),
+            };
+            let (vk, ek) = match sk {
+                Some((_, s)) => self.scale(s)?,
+                None => one,
+            };
+            let err = (ej * vk.amax() + vj.amax() * ek + ej * ek) * t.m.amax();
+            for q in 0..t.m.ncols() {
+                for r in 0..t.m.nrows() {
+                    t.m[(r, q)] *= vj[r] * vk[q];
+                }
+            }
+            self.note_err(err);
+            return Ok(Some(t));
+        }
         if [&gj.kind, &gk.kind]
             .iter()
             .any(|k| matches!(k, GaussKind::Scaled { .. } | GaussKind::Point { .. }))
@@ -1227,14 +1337,42 @@ impl<'a> Engine<'a> {
         Ok(out)
     }
 
+    /// Tangent kernel of two vector nodes from their Z forms, plus the gradient terms
+    /// of vector parameters that start at 0 (`Derivation::zero_params`):
+    /// `lr·mult²·E[∂φ/∂g(ξ_p) ∂φ'/∂g(ξ_q)]` for a parameter g both use.
+    fn tnode(&mut self, a: NodeId, b: NodeId) -> R<Scaled> {
+        let (za, zb) = (self.zf(a)?, self.zf(b)?);
+        let mut out = self.tz(&za, &zb, a == b)?;
+        let (ea, eb) = (
+            self.der.zero_params[a.index()].clone(),
+            self.der.zero_params[b.index()].clone(),
+        );
+        for (pa, da) in &ea {
+            for (pb, db) in &eb {
+                if pa != pb {
+                    continue;
+                }
+                let law = self.prog.params[*pa].law;
+                let m = self.zz(da, db, a == b && da == db)?;
+                out = out.add(
+                    Scaled {
+                        m,
+                        exp: Rational::ZERO,
+                    }
+                    .times(law.lr * law.mult.powi(2)),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Tangent kernel of two vectors (per coordinate, the diagonal of the n x n kernel).
     pub fn tvec(&mut self, x: NodeId, y: NodeId) -> R<Scaled> {
         let (a, b, flip) = if x <= y { (x, y, false) } else { (y, x, true) };
         let out = match self.tv.take(&(a, b)) {
             Some(s) => s,
             None => {
-                let (za, zb) = (self.zf(a)?, self.zf(b)?);
-                let out = self.tz(&za, &zb, a == b)?;
+                let out = self.tnode(a, b)?;
                 self.tv.put((a, b), &out);
                 out
             }

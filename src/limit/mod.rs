@@ -25,6 +25,7 @@ pub mod fastmath;
 pub mod fused;
 pub mod gauss;
 pub mod linear;
+pub mod netsor;
 pub mod observe_particles;
 pub mod particle;
 pub mod qmc;
@@ -600,7 +601,16 @@ fn compute(
             }
         }
     }
-    let ntk = if !gia && tied.is_none() {
+    if let (Some(x), true) = (der.zero_param_fused, gia) {
+        ntk_note = Some(format!(
+            "not derived: `{}` depends on a vector parameter that starts at 0 (std = 0) and is \
+             used inside another coordinatewise function, so the gradient of that parameter \
+             (whose Z is 0) is not followed into the NTK; name the value in a matrix product or \
+             a readout, or give the parameter a nonzero std",
+            prog.label(x)
+        ));
+    }
+    let ntk = if (!gia && tied.is_none()) || der.zero_param_fused.is_some() {
         None
     } else if ntk_exp > Rational::ZERO {
         ntk_note = Some(format!(
@@ -614,20 +624,22 @@ fn compute(
 
     let mut observe = Vec::new();
     for &m in &prog.observes {
-        let Op::Moment(e) = &prog.node(m).op else {
-            continue;
+        let v = match &prog.node(m).op {
+            Op::Moment(_) => eng.moment_values(m).map_err(at(m))?,
+            // A function of moments, observed per point (Netsor+).
+            Op::Scalar(e) => {
+                let ops = prog.operands(m);
+                let mut vals = Vec::with_capacity(ops.len());
+                for &o in &ops {
+                    vals.push(eng.moment_values(o).map_err(at(o))?);
+                }
+                nalgebra::DVector::from_fn(p, |i, _| {
+                    let x: Vec<f64> = vals.iter().map(|v| v[i]).collect();
+                    e.eval(&x)
+                })
+            }
+            _ => continue,
         };
-        let ops = prog.operands(m);
-        let zs: Vec<zform::ZForm> = ops
-            .iter()
-            .map(|o| {
-                der.zform(*o)
-                    .cloned()
-                    .ok_or_else(|| LimitError::at(prog, m, "E0030", "moment of a non-vector"))
-            })
-            .collect::<Result<_, _>>()?;
-        let z = der.apply(e, &zs);
-        let v = eng.zmean(&z).map_err(at(m))?;
         let vals: Vec<f64> = v.iter().copied().collect();
         let constant = vals
             .iter()
@@ -822,6 +834,14 @@ fn derivation_lines(prog: &Program, der: &Derivation, from: usize) -> String {
     let names = prog.stable_names();
     let mut out = String::new();
     let z = |id: NodeId| Program::z_name(&names, id);
+    // Operands: a vector's Z, a moment's per-point limit.
+    let zm = |id: NodeId| {
+        if matches!(prog.node(id).op, Op::Moment(_)) {
+            format!("{}(ξ)", names[id.index()])
+        } else {
+            z(id)
+        }
+    };
     let mut seen = std::collections::HashSet::new();
     for id in prog.ids() {
         let ops = prog.operands(id);
@@ -907,13 +927,38 @@ fn derivation_lines(prog: &Program, der: &Derivation, from: usize) -> String {
                 }
             }
             Op::Nonlin(e) => {
-                let zs: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
                 format!("{} = {}", z(id), e.display(&|i| zs[i].clone()))
             }
+            Op::Moment(e) if !prog.users(id).is_empty() => {
+                // A Netsor+ scalar (theory.md §1.1): its limit at each point.
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
+                let body = e.display(&|i| zs[i].clone()).to_string();
+                match der.moments[id.index()].as_ref().map(|m| m.0) {
+                    Some(zform::MomentLimit::Const(c)) => format!(
+                        "{} → E[{body}] = {} at every point (the mean of a centered Gaussian part is 0)",
+                        names[id.index()],
+                        fmt(c)
+                    ),
+                    _ => format!(
+                        "{}(ξ) = E[{body}] at each point ξ (a deterministic limit, Netsor+)",
+                        names[id.index()]
+                    ),
+                }
+            }
             Op::Moment(e) => {
-                let zs: Vec<String> = ops.iter().map(|&o| z(o)).collect();
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
                 format!(
                     "{} -> E[{}]",
+                    names[id.index()],
+                    e.display(&|i| zs[i].clone())
+                )
+            }
+            Op::Scalar(e) => {
+                // An observed function of moments (Netsor+): its value at each point.
+                let zs: Vec<String> = ops.iter().map(|&o| zm(o)).collect();
+                format!(
+                    "{}(ξ) = {} at each point ξ",
                     names[id.index()],
                     e.display(&|i| zs[i].clone())
                 )

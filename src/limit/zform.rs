@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational, Shape, Ty};
+use crate::ir::{Expr, Monomial, NodeId, Op, Program, Rational, Shape};
 
 /// Index of a base Gaussian.
 pub type GaussId = usize;
@@ -72,6 +72,34 @@ pub struct Scale {
     /// The product node `x` multiplies (`Wᵀ x`), and the Gaussian `Ẑ^{W y}`.
     pub x: NodeId,
     pub wrt: GaussId,
+    /// A Netsor+ coefficient instead of a Ż one (then `sigma2`, `d` and `stein` are
+    /// unused, `x` is the node that introduced it): see [`PointScalar`].
+    pub netsor: Option<PointScalar>,
+}
+
+/// A deterministic per-point scalar of Netsor+ (theory.md §1.1): a moment's limit, or a
+/// function of such values. The Master Theorem makes every moment
+/// `(1/n) Σ_a ψ(x_a(ξ))` converge to `E[ψ(Z(ξ))]`, a number at each point ξ computed
+/// from the one-point law; a coordinatewise function of vectors and such scalars is then
+/// a function of Gaussians with point-dependent coefficients.
+#[derive(Clone, Debug)]
+pub enum PointScalar {
+    /// The limit `E[Z(ξ)]` of the moment `node`, with `z` the Z form of its integrand.
+    Moment { node: NodeId, z: ZForm },
+    /// `f(s_1(ξ), …, s_k(ξ))` of other scales (indices into `Derivation::scales`).
+    Func { f: Expr, args: Vec<usize> },
+}
+
+/// The limit of a moment node: a constant (its integrand's Z has no nonlinear atom, so
+/// its mean is the Z's constant at every point) or a per-point value, the `Point`
+/// Gaussian id of [`GaussKind::Point`] whose scale is a [`PointScalar::Moment`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MomentLimit {
+    Const(f64),
+    Point(GaussId),
+    /// Used by no other node (an `observe`): its mean is taken when it is reported,
+    /// without a per-point value in the derivation.
+    Observed,
 }
 
 /// A base Gaussian and the family it belongs to (only same-family Gaussians correlate).
@@ -147,7 +175,7 @@ impl ZForm {
     pub fn is_linear(&self) -> bool {
         self.atoms.is_empty()
     }
-    fn scaled_add(&mut self, c: f64, o: &ZForm) {
+    pub(crate) fn scaled_add(&mut self, c: f64, o: &ZForm) {
         self.lin.axpy(c, &o.lin);
         for (k, a) in &o.atoms {
             if let Some(slot) = self.atoms.iter_mut().find(|x| x.1 == *a) {
@@ -160,7 +188,7 @@ impl ZForm {
         self.constant += c * o.constant;
     }
     /// The form as an expression over a list of linear forms (extended as needed).
-    fn as_expr(&self, forms: &mut Vec<LinForm>) -> Expr {
+    pub(crate) fn as_expr(&self, forms: &mut Vec<LinForm>) -> Expr {
         let mut idx = |l: &LinForm| match forms.iter().position(|x| x == l) {
             Some(i) => i,
             None => {
@@ -209,6 +237,16 @@ pub struct Derivation {
     /// Nodes whose Z is odd in the readout seeds (cotangents of a backward pass built
     /// by [`super::backprop`]); empty for a forward program.
     pub odd: Vec<bool>,
+    /// For each Moment node: its limit and the Z form of its integrand.
+    pub moments: Vec<Option<(MomentLimit, ZForm)>>,
+    /// For each Nonlin node with an operand that is a vector parameter starting at 0
+    /// (`std = 0`, a layernorm gain): (parameter, Z of ∂φ/∂g at g = 0). The parameter
+    /// has no Gaussian (its Z is 0) but its gradient adds
+    /// `lr·mult²·E[∂φ/∂g(p) ∂φ/∂g(q)]` to the node's tangent kernel.
+    pub zero_params: Vec<Vec<(usize, ZForm)>>,
+    /// A node with such a term is fused into another coordinatewise function, whose
+    /// tangent kernel would miss it: the NTK is then not derived (its first such node).
+    pub zero_param_fused: Option<NodeId>,
 }
 
 /// The n -> infinity limit of a variance monomial, or why it has none.
@@ -241,6 +279,9 @@ impl Derivation {
             scales: Vec::new(),
             has_transpose: false,
             own: vec![None; prog.len()],
+            moments: vec![None; prog.len()],
+            zero_params: vec![Vec::new(); prog.len()],
+            zero_param_fused: None,
         };
         for id in prog.ids() {
             let z = d.node(prog, id).map_err(|reason| Unsupported {
@@ -291,7 +332,33 @@ impl Derivation {
     fn node(&mut self, prog: &Program, id: NodeId) -> Result<Option<ZForm>, String> {
         let ops = prog.operands(id);
         Ok(match &prog.node(id).op {
-            Op::Input { .. } | Op::Output { .. } | Op::Moment(_) | Op::Scalar(_) => None,
+            Op::Input { .. } | Op::Output { .. } | Op::Scalar(_) => None,
+            Op::Moment(e) => {
+                let z = self.compose(prog, id, e, &ops)?;
+                let lim = if z.atoms.is_empty() {
+                    // lin is centered: the mean is the constant, at every point.
+                    MomentLimit::Const(z.constant)
+                } else if prog.users(id).is_empty() {
+                    MomentLimit::Observed
+                } else {
+                    let k = self.push_scale(
+                        id,
+                        PointScalar::Moment {
+                            node: id,
+                            z: z.clone(),
+                        },
+                    );
+                    self.gauss.push(Gauss {
+                        kind: GaussKind::Point { scale: k },
+                        name: prog.label(id),
+                        // A moment of the forward program: even in the readouts.
+                        odd: false,
+                    });
+                    MomentLimit::Point(self.gauss.len() - 1)
+                };
+                self.moments[id.index()] = Some((lim, z));
+                None
+            }
             Op::Param(p) => {
                 let prm = &prog.params[*p];
                 if prm.shape != Shape::Vector {
@@ -378,20 +445,19 @@ impl Derivation {
                 }
             }
             Op::Nonlin(e) => {
-                let mut zs = Vec::with_capacity(ops.len());
-                for &o in &ops {
-                    match prog.ty(o) {
-                        Ty::Vector => zs.push(self.z[o.index()].clone().ok_or("operand without Z")?),
-                        Ty::Moment => {
-                            return Err(format!(
-                                "a moment (`{}`) inside a vector expression is not supported by the limit engine yet",
-                                prog.label(o)
-                            ))
+                for (slot, &o) in ops.iter().enumerate() {
+                    if !self.zero_params[o.index()].is_empty() && self.zero_param_fused.is_none() {
+                        self.zero_param_fused = Some(o);
+                    }
+                    if let Op::Param(p) = prog.node(o).op {
+                        let prm = &prog.params[p];
+                        if prm.shape == Shape::Vector && prm.law.entry_var().limit() == Some(0.0) {
+                            let d = self.compose(prog, id, &e.diff(slot), &ops)?;
+                            self.zero_params[id.index()].push((p, d));
                         }
-                        _ => return Err("operand is not a vector".into()),
                     }
                 }
-                Some(self.apply(e, &zs))
+                Some(self.compose(prog, id, e, &ops)?)
             }
         })
     }
@@ -527,6 +593,7 @@ impl Derivation {
                 stein,
                 x: arg,
                 wrt: g,
+                netsor: None,
             });
             for &(b, cb) in &zy.lin.0 {
                 let family = self.gauss[b].family();

@@ -77,18 +77,7 @@ impl<'a> Lowerer<'a> {
             syntax::ExprKind::Call { fun, args } if fun.name == "mean" && args.len() == 1 => {
                 &args[0]
             }
-            _ => {
-                self.err(
-                    Diagnostic::error(
-                        "E0026",
-                        "an `observe` must be `mean(expr)`",
-                        rhs.span,
-                        "not a mean over coordinates",
-                    )
-                    .with_help("write `observe m = mean(x * y)`: the moment (1/n) sum_a x_a y_a"),
-                );
-                return self.poison(&lhs.name, index);
-            }
+            _ => return self.observe_scalar(lhs, index, rhs, name, span),
         };
         let Some(p) = self.vector_expr(arg) else {
             return self.poison(&lhs.name, index);
@@ -99,6 +88,46 @@ impl<'a> Lowerer<'a> {
         match self.push(Op::Moment(p.expr), &p.ops, Some(name), span) {
             Some(id) => {
                 if self.define(&lhs.name, index.clone(), Binding::Moment(id), lhs.span) {
+                    let order = self.names.get(&lhs.name.name).map_or(0, |f| f.order);
+                    self.observes.push((order, index, id));
+                }
+            }
+            None => self.poison(&lhs.name, index),
+        }
+    }
+
+    /// `observe s = f(moments)`: a Netsor+ scalar observed per point (an `Op::Scalar`
+    /// over its moments; README "Scalars and reductions"). Anything depending on a
+    /// width-n vector is E0026.
+    fn observe_scalar(
+        &mut self,
+        lhs: &syntax::Lhs,
+        index: Vec<i64>,
+        rhs: &syntax::Expr,
+        name: String,
+        span: Span,
+    ) {
+        let Some(p) = self.vector_expr(rhs) else {
+            return self.poison(&lhs.name, index);
+        };
+        if !self.is_scalar(&p) {
+            self.err(
+                Diagnostic::error(
+                    "E0026",
+                    "an `observe` must be `mean(expr)`",
+                    rhs.span,
+                    "not a mean over coordinates",
+                )
+                .with_help(
+                    "write `observe m = mean(x * y)`: the moment (1/n) sum_a x_a y_a, \
+                     or a function of moments such as `sqrt(mean(h * h))`",
+                ),
+            );
+            return self.poison(&lhs.name, index);
+        }
+        match self.push(Op::Scalar(p.expr.clone()), &p.ops, Some(name), span) {
+            Some(id) => {
+                if self.define(&lhs.name, index.clone(), Binding::Scalar(p), lhs.span) {
                     let order = self.names.get(&lhs.name.name).map_or(0, |f| f.order);
                     self.observes.push((order, index, id));
                 }

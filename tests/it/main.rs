@@ -25,6 +25,7 @@ mod limit_linear;
 mod limit_refusals;
 mod limit_train;
 mod netsor;
+mod netsor_limit;
 mod optim;
 mod outputs;
 mod particle;

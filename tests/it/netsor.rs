@@ -1,8 +1,8 @@
 //! Netsor+ scalars (issue 14, first slice; README "Scalars and reductions"): moments
 //! anywhere, functions of scalars, `sum`/`softmax` over positions. The project's three
 //! examples run through every command: `check`, `graph`, `run` on both engines, and
-//! `limit`, which refuses them with E0030 until the limit engine evaluates moments
-//! inside vector expressions (a later step of issue 14).
+//! `limit` (the Netsor+ engine, `tests/it/netsor_limit.rs`; sp_attention's 1/√n logits
+//! have no limit and are refused with E0030).
 
 use crate::common;
 
@@ -68,8 +68,8 @@ fn inputs_for(name: &str) -> PathBuf {
 }
 
 /// check, graph, run (dense and conditional, text and JSON) succeed with finite numbers;
-/// `limit` refuses with E0030 — text and one JSON error object — because the limit of a
-/// moment inside a vector expression is not implemented yet (stated, not a bug).
+/// `limit` gives finite kernels (the Netsor+ engine), except on sp_attention, refused
+/// with E0030 — text and one JSON error object — because its logits have no limit.
 #[test]
 fn project_examples_through_every_command() {
     for name in common::PROJECT_EXAMPLES {
@@ -112,20 +112,38 @@ fn project_examples_through_every_command() {
                 "{name}/{engine}"
             );
         }
-        let out = tpc(&["limit", file, "--inputs", pts]);
-        assert_eq!(out.status.code(), Some(1), "{name}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        // sp_attention's 1/√n logits come from a query that blows up at initialization:
-        // that is refused first (the logits have no deterministic limit).
-        let why = if name == "sp_attention" {
-            "grows like n^1"
+        // The Netsor+ limit (tests/it/netsor_limit.rs); sp_attention's 1/√n logits come
+        // from a query that blows up at initialization: refused (the logits have no
+        // deterministic limit).
+        if name == "sp_attention" {
+            let out = tpc(&["limit", file, "--inputs", pts]);
+            assert_eq!(out.status.code(), Some(1), "{name}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("E0030") && err.contains("grows like n^1"),
+                "{name}: {err}"
+            );
+            let out = tpc(&["limit", file, "--inputs", pts, "--format", "json"]);
+            assert_eq!(out.status.code(), Some(1), "{name}");
+            assert_eq!(json(&out.stdout)["error"]["code"], "E0030", "{name}");
         } else {
-            "moment"
-        };
-        assert!(err.contains("E0030") && err.contains(why), "{name}: {err}");
-        let out = tpc(&["limit", file, "--inputs", pts, "--format", "json"]);
-        assert_eq!(out.status.code(), Some(1), "{name}");
-        assert_eq!(json(&out.stdout)["error"]["code"], "E0030", "{name}");
+            let v = json(&common::tpc_ok(
+                &[
+                    "limit",
+                    file,
+                    "--inputs",
+                    pts,
+                    "--particles",
+                    "4096",
+                    "--format",
+                    "json",
+                ],
+                None,
+            ));
+            let mut xs = Vec::new();
+            numbers(&v["ntk"], &mut xs);
+            assert!(!xs.is_empty() && xs.iter().all(|x| x.is_finite()), "{name}");
+        }
     }
 }
 
