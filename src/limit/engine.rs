@@ -523,36 +523,10 @@ impl<'a> Engine<'a> {
             .ok_or_else(|| NumError(format!("`{}` has no Z", self.prog.label(x))))
     }
 
-    /// The terms of a Z: (coefficient, atom); the linear part is the atom `id(L)` and the
-    /// constant is the atom `1`.
-    fn terms(z: &ZForm) -> Vec<(f64, Atom)> {
-        let mut t = Vec::new();
-        if !z.lin.is_zero() {
-            t.push((
-                1.0,
-                Atom {
-                    f: Expr::Arg(0),
-                    args: vec![z.lin.clone()],
-                },
-            ));
-        }
-        t.extend(z.atoms.iter().cloned());
-        if z.constant != 0.0 {
-            t.push((
-                z.constant,
-                Atom {
-                    f: Expr::Const(1.0),
-                    args: vec![],
-                },
-            ));
-        }
-        t
-    }
-
     /// `E[Z_a(xi_p) Z_b(xi_q)]` for two Z forms.
     pub fn zz(&mut self, za: &ZForm, zb: &ZForm, symmetric: bool) -> R<DMatrix<f64>> {
         let mut out: Option<DMatrix<f64>> = None;
-        let (ta, tb) = (Self::terms(za), Self::terms(zb));
+        let (ta, tb) = (za.terms(), zb.terms());
         for (ca, a) in &ta {
             for (cb, b) in &tb {
                 let blk = self.atom_pair(a, b, symmetric && ta == tb)? * (ca * cb);
@@ -570,7 +544,7 @@ impl<'a> Engine<'a> {
     /// Per-point mean `E[Z(xi_p)]`.
     pub fn zmean(&mut self, z: &ZForm) -> R<DVector<f64>> {
         let mut out = DVector::from_element(self.p, 0.0);
-        for (c, a) in Self::terms(z) {
+        for (c, a) in z.terms() {
             out += self.atom_mean(&a)? * c;
         }
         Ok(out)
@@ -1391,7 +1365,7 @@ impl<'a> Engine<'a> {
     /// `E[f'(L) g'(M)] * T(L, M)`; for several forms, the sum over pairs of partials.
     pub fn tz(&mut self, za: &ZForm, zb: &ZForm, symmetric: bool) -> R<Scaled> {
         let mut out = Scaled::zero(self.p);
-        let (ta, tb) = (Self::terms(za), Self::terms(zb));
+        let (ta, tb) = (za.terms(), zb.terms());
         for (ca, a) in &ta {
             for (cb, b) in &tb {
                 for i in 0..a.args.len() {

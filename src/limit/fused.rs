@@ -34,7 +34,7 @@ use super::fastmath;
 use super::gauss::TINY_VAR;
 use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, ZForm};
 use super::LimitResult;
-use crate::ir::{Expr, Monomial, NodeId, Op, OutTerm, Program, Rational, Shape};
+use crate::ir::{Expr, Monomial, NodeId, Program, Rational, Shape};
 
 /// `1/sqrt(2 pi)`
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -265,33 +265,8 @@ impl<'a> Builder<'a> {
         Ok(n)
     }
 
-    /// The engine's `Engine::terms`: the linear part as `id(L)`, the constant as `1`.
-    fn terms(z: &ZForm) -> Vec<(f64, Atom)> {
-        let mut t = Vec::new();
-        if !z.lin.is_zero() {
-            t.push((
-                1.0,
-                Atom {
-                    f: Expr::Arg(0),
-                    args: vec![z.lin.clone()],
-                },
-            ));
-        }
-        t.extend(z.atoms.iter().cloned());
-        if z.constant != 0.0 {
-            t.push((
-                z.constant,
-                Atom {
-                    f: Expr::Const(1.0),
-                    args: vec![],
-                },
-            ));
-        }
-        t
-    }
-
     fn zz(&mut self, za: &ZForm, zb: &ZForm) -> B<usize> {
-        let (ta, tb) = (Self::terms(za), Self::terms(zb));
+        let (ta, tb) = (za.terms(), zb.terms());
         let mut terms = Vec::new();
         for (ca, a) in &ta {
             for (cb, b) in &tb {
@@ -574,7 +549,7 @@ impl<'a> Builder<'a> {
     }
 
     fn tz(&mut self, za: &ZForm, zb: &ZForm) -> B<Tan> {
-        let (ta, tb) = (Self::terms(za), Self::terms(zb));
+        let (ta, tb) = (za.terms(), zb.terms());
         let mut out = None;
         for (ca, a) in &ta {
             for (cb, b) in &tb {
@@ -607,23 +582,7 @@ impl<'a> Builder<'a> {
     /// NNGP and (with `gia`) NTK node of the output pair, both at exponent 0.
     fn output_pair(&mut self, oa: NodeId, ob: NodeId, gia: bool) -> B<(usize, Option<usize>)> {
         let prog = self.prog;
-        let terms = |o: NodeId| -> Vec<(f64, NodeId, Option<NodeId>)> {
-            let ops = prog.operands(o);
-            match &prog.node(o).op {
-                Op::Output { terms, .. } => terms
-                    .iter()
-                    .map(|t| match t {
-                        OutTerm::Readout {
-                            coef,
-                            readout,
-                            vector,
-                        } => (*coef, ops[*readout], Some(ops[*vector])),
-                        OutTerm::Scalar { coef, param } => (*coef, ops[*param], None),
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            }
-        };
+        let terms = |o: NodeId| prog.output_terms(o);
         let (ta, tb) = (terms(oa), terms(ob));
         let (mut k, mut t): (Tan, Tan) = (None, None);
         let n = Monomial::n_pow(Rational::ONE);

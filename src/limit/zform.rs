@@ -172,6 +172,32 @@ pub struct ZForm {
 }
 
 impl ZForm {
+    /// The terms of a Z: (coefficient, atom); the linear part is the atom `id(L)` and the
+    /// constant is the atom `1` — the one list every engine sums over.
+    pub fn terms(&self) -> Vec<(f64, Atom)> {
+        let mut t = Vec::new();
+        if !self.lin.is_zero() {
+            t.push((
+                1.0,
+                Atom {
+                    f: Expr::Arg(0),
+                    args: vec![self.lin.clone()],
+                },
+            ));
+        }
+        t.extend(self.atoms.iter().cloned());
+        if self.constant != 0.0 {
+            t.push((
+                self.constant,
+                Atom {
+                    f: Expr::Const(1.0),
+                    args: vec![],
+                },
+            ));
+        }
+        t
+    }
+
     pub fn is_linear(&self) -> bool {
         self.atoms.is_empty()
     }
