@@ -1050,54 +1050,6 @@ impl<'a> Engine<'a> {
     // split first (linearity of E). Stated errors propagate as
     // |Δ(ab)| ≤ |a||Δb| + |b||Δa| + |Δa||Δb| and |Δ(Σ c_i a_i)| ≤ Σ |c_i||Δa_i|.
 
-    /// The families a factor's forms draw on.
-    fn families(&self, e: &Expr, args: &[LinForm]) -> Families {
-        let mut out = BTreeSet::new();
-        e.visit_args(&mut |j| {
-            for &(g, _) in &args[j].0 {
-                // Odd and even Gaussians of one family are independent (zform::Gauss::odd).
-                let (param, kind) = self.der.gauss[g].family();
-                out.insert((param, kind + 16 * u8::from(self.der.gauss[g].odd)));
-            }
-        });
-        out
-    }
-
-    /// Groups of factors (side, expression) with no family in common between groups,
-    /// and the product of the constant factors.
-    fn independent_groups(&self, a: &Atom, b: Option<&Atom>) -> (f64, Vec<[Vec<Expr>; 2]>) {
-        let mut konst = 1.0;
-        let mut groups: Vec<(Families, [Vec<Expr>; 2])> = Vec::new();
-        let sides = std::iter::once(a).chain(b).enumerate();
-        for (side, atom) in sides {
-            let mut fs = Vec::new();
-            factors(&atom.f, &mut fs);
-            for f in fs {
-                if f.is_constant() {
-                    konst *= f.eval(&[]);
-                    continue;
-                }
-                let mut fam = self.families(&f, &atom.args);
-                let mut item: [Vec<Expr>; 2] = [Vec::new(), Vec::new()];
-                item[side].push(f);
-                // Merge every group sharing a family with this factor.
-                let mut k = 0;
-                while k < groups.len() {
-                    if groups[k].0.is_disjoint(&fam) {
-                        k += 1;
-                    } else {
-                        let (gf, [ga, gb]) = groups.swap_remove(k);
-                        fam.extend(gf);
-                        item[0].extend(ga);
-                        item[1].extend(gb);
-                    }
-                }
-                groups.push((fam, item));
-            }
-        }
-        (konst, groups.into_iter().map(|g| g.1).collect())
-    }
-
     /// `E[(Σ c_i f_i)(Σ d_j g_j)] = Σ c_i d_j E[f_i g_j]` when either atom is a sum of
     /// terms (errors added with the same weights), or None when neither is.
     fn sum_pair(&mut self, a: &Atom, b: &Atom, symmetric: bool) -> R<Option<DMatrix<f64>>> {
@@ -1126,7 +1078,7 @@ impl<'a> Engine<'a> {
         if let Some(out) = self.sum_pair(a, b, symmetric)? {
             return Ok(Some(out));
         }
-        let (konst, groups) = self.independent_groups(a, Some(b));
+        let (konst, groups) = independent_groups(self.der, a, Some(b));
         if groups.len() < 2 {
             return Ok(None);
         }
@@ -1168,7 +1120,7 @@ impl<'a> Engine<'a> {
         if let Some(out) = self.sum_mean(a)? {
             return Ok(Some(out));
         }
-        let (konst, groups) = self.independent_groups(a, None);
+        let (konst, groups) = independent_groups(self.der, a, None);
         if groups.len() < 2 {
             return Ok(None);
         }
@@ -1411,6 +1363,58 @@ type Valued = (DVector<f64>, f64);
 
 /// A set of Gaussian families (zform::Gauss::family).
 type Families = BTreeSet<(usize, u8)>;
+
+/// The families a factor's forms draw on.
+fn families(der: &Derivation, e: &Expr, args: &[LinForm]) -> Families {
+    let mut out = BTreeSet::new();
+    e.visit_args(&mut |j| {
+        for &(g, _) in &args[j].0 {
+            // Odd and even Gaussians of one family are independent (zform::Gauss::odd).
+            let (param, kind) = der.gauss[g].family();
+            out.insert((param, kind + 16 * u8::from(der.gauss[g].odd)));
+        }
+    });
+    out
+}
+
+/// Groups of factors (side, expression) of the atoms `a` (side 0) and `b` (side 1) with no family in common between groups,
+/// and the product of the constant factors.
+pub(crate) fn independent_groups(
+    der: &Derivation,
+    a: &Atom,
+    b: Option<&Atom>,
+) -> (f64, Vec<[Vec<Expr>; 2]>) {
+    let mut konst = 1.0;
+    let mut groups: Vec<(Families, [Vec<Expr>; 2])> = Vec::new();
+    let sides = std::iter::once(a).chain(b).enumerate();
+    for (side, atom) in sides {
+        let mut fs = Vec::new();
+        factors(&atom.f, &mut fs);
+        for f in fs {
+            if f.is_constant() {
+                konst *= f.eval(&[]);
+                continue;
+            }
+            let mut fam = families(der, &f, &atom.args);
+            let mut item: [Vec<Expr>; 2] = [Vec::new(), Vec::new()];
+            item[side].push(f);
+            // Merge every group sharing a family with this factor.
+            let mut k = 0;
+            while k < groups.len() {
+                if groups[k].0.is_disjoint(&fam) {
+                    k += 1;
+                } else {
+                    let (gf, [ga, gb]) = groups.swap_remove(k);
+                    fam.extend(gf);
+                    item[0].extend(ga);
+                    item[1].extend(gb);
+                }
+            }
+            groups.push((fam, item));
+        }
+    }
+    (konst, groups.into_iter().map(|g| g.1).collect())
+}
 
 /// The factors of a product: `f = Π_k f_k` through `*`, unary minus and `a / b`.
 pub(super) fn factors(e: &Expr, out: &mut Vec<Expr>) {

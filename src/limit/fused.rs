@@ -23,13 +23,13 @@
 //! the engine's: the same [`PairKernel`] / [`MeanKernel`] constructors at the same
 //! largest variances. `tests/it/fused.rs` compares the two entry by entry.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 
 use super::dual::{arccos_terms, MeanKernel, PairKernel};
-use super::engine::{factors, product, restrict, sum_terms_of, TOL};
+use super::engine::{independent_groups, product, restrict, sum_terms_of, TOL};
 use super::fastmath;
 use super::gauss::TINY_VAR;
 use super::zform::{Atom, Derivation, GaussId, GaussKind, LinForm, ZForm};
@@ -295,45 +295,6 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// `Engine::independent_groups`: factors grouped so that no two groups share a
-    /// family of Gaussians, and the product of the constant factors.
-    #[allow(clippy::type_complexity)]
-    fn groups(&self, a: &Atom, b: Option<&Atom>) -> (f64, Vec<[Vec<Expr>; 2]>) {
-        let mut konst = 1.0;
-        let mut groups: Vec<(BTreeSet<(usize, u8)>, [Vec<Expr>; 2])> = Vec::new();
-        for (side, atom) in std::iter::once(a).chain(b).enumerate() {
-            let mut fs = Vec::new();
-            factors(&atom.f, &mut fs);
-            for f in fs {
-                if f.is_constant() {
-                    konst *= f.eval(&[]);
-                    continue;
-                }
-                let mut fam = BTreeSet::new();
-                f.visit_args(&mut |j| {
-                    for &(g, _) in &atom.args[j].0 {
-                        fam.insert(self.der.gauss[g].family());
-                    }
-                });
-                let mut item: [Vec<Expr>; 2] = [Vec::new(), Vec::new()];
-                item[side].push(f);
-                let mut k = 0;
-                while k < groups.len() {
-                    if groups[k].0.is_disjoint(&fam) {
-                        k += 1;
-                    } else {
-                        let (gf, [ga, gb]) = groups.swap_remove(k);
-                        fam.extend(gf);
-                        item[0].extend(ga);
-                        item[1].extend(gb);
-                    }
-                }
-                groups.push((fam, item));
-            }
-        }
-        (konst, groups.into_iter().map(|g| g.1).collect())
-    }
-
     /// `Engine::split_pair`: linearity, then independence; None where the engine would
     /// integrate several correlated forms numerically.
     fn split_pair(&mut self, a: &Atom, b: &Atom) -> B<usize> {
@@ -355,7 +316,7 @@ impl<'a> Builder<'a> {
             self.weight = w;
             return Ok(self.lin(&terms, 0.0));
         }
-        let (konst, groups) = self.groups(a, Some(b));
+        let (konst, groups) = independent_groups(self.der, a, Some(b));
         if groups.len() < 2 {
             return Err(No);
         }
@@ -383,7 +344,7 @@ impl<'a> Builder<'a> {
             self.weight = w;
             return Ok(self.lin(&terms, 0.0));
         }
-        let (konst, groups) = self.groups(a, None);
+        let (konst, groups) = independent_groups(self.der, a, None);
         if groups.len() < 2 {
             return Err(No);
         }
