@@ -198,6 +198,9 @@ pub struct Engine<'a> {
     /// The point-dependent Ż coefficients `s(ξ)` ([`zform::Scale`]) with their stated
     /// errors, computed once per run (cleared by [`Engine::arm`]).
     scales: HashMap<usize, (DVector<f64>, f64)>,
+    /// The values of the 1/√n logits (random in the limit) at every point, for one
+    /// sample of them ([`super::random_logits`]); None in programs without them.
+    pub logit_values: Option<Vec<DVector<f64>>>,
 }
 
 /// An error in evaluating the limit (non-finite numbers).
@@ -239,6 +242,7 @@ impl<'a> Engine<'a> {
             qmc: std::collections::BTreeMap::new(),
             seed: 0x7bc_2024,
             scales: HashMap::new(),
+            logit_values: None,
         }
     }
 
@@ -354,6 +358,21 @@ impl<'a> Engine<'a> {
     fn point_scalar(&mut self, ps: &PointScalar) -> R<(DVector<f64>, f64)> {
         let out = match ps {
             PointScalar::Moment { z, .. } => self.scoped(|s| s.zmean(z))?,
+            PointScalar::Logit { slot, .. } => match &self.logit_values {
+                Some(v) if self.p == 0 => (DVector::zeros(0), 0.0 * v.len() as f64),
+                Some(v) => (
+                    v.get(*slot)
+                        .cloned()
+                        .ok_or_else(|| NumError("a random logit without a value".into()))?,
+                    0.0,
+                ),
+                None => {
+                    return Err(NumError(
+                        "a 1/√n logit is random in the limit; its value is given per sample                          (limit::random_logits)"
+                            .into(),
+                    ))
+                }
+            },
             PointScalar::Func { f, args } => {
                 let mut vals = Vec::with_capacity(args.len());
                 for &a in args {

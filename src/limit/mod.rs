@@ -29,6 +29,7 @@ pub mod netsor;
 pub mod observe_particles;
 pub mod particle;
 pub mod qmc;
+pub mod random_logits;
 pub mod smooth;
 pub mod train;
 pub mod zform;
@@ -248,7 +249,7 @@ pub fn limit_with(
         return Err(train::nonlinear_optimizer(tr));
     }
     let mut r = kernels(prog, points)?;
-    if let Some(tr) = &prog.train {
+    if let (Some(tr), None) = (&prog.train, &r.train) {
         r.train = Some(train::trajectory(
             prog,
             tr,
@@ -411,6 +412,9 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
                 ),
             ));
         }
+    }
+    if !der.logits.is_empty() {
+        return random_logits::limit_mixture(prog, &der, points);
     }
     if let Some((nngp, ntk, methods, max_error)) =
         chain::chain_kernels(prog, &der, &input_values(prog, &points))
@@ -845,7 +849,10 @@ fn derivation_lines(prog: &Program, der: &Derivation, from: usize) -> String {
     let mut seen = std::collections::HashSet::new();
     for id in prog.ids() {
         let ops = prog.operands(id);
+        let special = random_logits::clt_line(prog, der, &names, id)
+            .or_else(|| random_logits::logit_line(prog, der, &names, id));
         let line = match &prog.node(id).op {
+            _ if special.is_some() => special.unwrap_or_default(),
             Op::Param(pi) if prog.params[*pi].shape == Shape::Vector => match der.own[id.index()] {
                 Some(g) => match der.gauss[g].kind {
                     GaussKind::Initial { var, .. } => format!("{} ~ N(0, {})", z(id), fmt(var)),
@@ -985,10 +992,17 @@ fn derivation_lines(prog: &Program, der: &Derivation, from: usize) -> String {
                         }
                     })
                     .collect();
-                format!(
+                let mut s = format!(
                     "{f} ~ Gaussian process over points, Cov({f}(p), {f}(q)) = {}",
                     parts.join(" + ")
-                )
+                );
+                if let Some(m) = random_logits::mixture_line(der, f) {
+                    s = format!(
+                        "{f} | G ~ Gaussian process over points, Cov({f}(p), {f}(q) | G) = {}\n{m}",
+                        parts.join(" + ")
+                    );
+                }
+                s
             }
             _ => continue,
         };

@@ -88,6 +88,10 @@ pub enum PointScalar {
     Moment { node: NodeId, z: ZForm },
     /// `f(s_1(ξ), …, s_k(ξ))` of other scales (indices into `Derivation::scales`).
     Func { f: Expr, args: Vec<usize> },
+    /// A 1/√n attention logit ([`super::random_logits`]): not deterministic but a
+    /// Gaussian scalar, entry `slot` of `Derivation::logits`; the engine reads its value
+    /// from the sample it is given (the limit averages over the samples).
+    Logit { node: NodeId, slot: usize },
 }
 
 /// The limit of a moment node: a constant (its integrand's Z has no nonlinear atom, so
@@ -273,6 +277,11 @@ pub struct Derivation {
     /// A node with such a term is fused into another coordinatewise function, whose
     /// tangent kernel would miss it: the NTK is then not derived (its first such node).
     pub zero_param_fused: Option<NodeId>,
+    /// Products `q = W x` whose coordinates are Θ(n^(1/2)) (`n·Var(W_ij) = c·n`), used
+    /// only in 1/√n logits: the Z of `q/√n` ([`super::random_logits`]).
+    pub clt: Vec<Option<ZForm>>,
+    /// The 1/√n logits, random Gaussian scalars in the limit ([`super::random_logits`]).
+    pub logits: Vec<super::random_logits::Logit>,
 }
 
 /// The n -> infinity limit of a variance monomial, or why it has none.
@@ -308,6 +317,8 @@ impl Derivation {
             moments: vec![None; prog.len()],
             zero_params: vec![Vec::new(); prog.len()],
             zero_param_fused: None,
+            clt: vec![None; prog.len()],
+            logits: Vec::new(),
         };
         for id in prog.ids() {
             let z = d.node(prog, id).map_err(|reason| Unsupported {
@@ -319,7 +330,7 @@ impl Derivation {
         Ok(d)
     }
 
-    fn push(&mut self, kind: GaussKind, name: String) -> GaussId {
+    pub(crate) fn push(&mut self, kind: GaussKind, name: String) -> GaussId {
         let node = match kind {
             GaussKind::Hat { node, .. } => Some(node),
             _ => None,
@@ -359,6 +370,10 @@ impl Derivation {
         let ops = prog.operands(id);
         Ok(match &prog.node(id).op {
             Op::Input { .. } | Op::Output { .. } | Op::Scalar(_) => None,
+            Op::Moment(e) if ops.iter().any(|o| self.clt[o.index()].is_some()) => {
+                self.random_logit(prog, id, e, &ops)?;
+                None
+            }
             Op::Moment(e) => {
                 let z = self.compose(prog, id, e, &ops)?;
                 let lim = if z.atoms.is_empty() {
@@ -438,6 +453,9 @@ impl Derivation {
                     Shape::Hidden => {
                         // sigma^2 = n * Var(entry): Z^{Wh} has variance sigma^2 E[(Z^h)^2].
                         let s2 = Monomial::n_pow(Rational::ONE) * prm.law.entry_var();
+                        if self.clt_product(prog, p, *transpose, arg, id, s2) {
+                            return Ok(None);
+                        }
                         let sigma2 = limit_var(
                             s2,
                             &format!("n times the entry variance of `{}`", prm.name),

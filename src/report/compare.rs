@@ -367,6 +367,17 @@ pub fn compare(
     }
     let mut notes = Vec::new();
     let tg = targets(prog, lim, &mut notes);
+    // Random 1/√n logits: each draw against the limit given its own logits.
+    let cond = crate::limit::random_logits::Conditioner::new(prog);
+    if cond.is_some() {
+        notes.push(
+            "random 1/√n logits: the limit is a Gaussian mixture over the logits G; each draw is compared \
+             with the limit given its own (measured) logits, K(·|G_N), shown as draw − K(·|G_N) + E_G K \
+             (its mean still estimates E_G K)"
+                .to_string(),
+        );
+    }
+    let run_prog = cond.as_ref().map_or(prog, |c| &c.run);
     let p = points.len().max(1);
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); tg.len()];
     // sq[g][i][k]: draw k's mean square deviation in group g at the i-th width.
@@ -381,11 +392,18 @@ pub fn compare(
         // vals[g][k] = draw k's entries of group g.
         let mut vals: Vec<Vec<Vec<f64>>> = vec![Vec::with_capacity(cfg.seeds); tg.len()];
         let per_draw = memory.draws(n, cfg.seeds, |k| {
-            let d = run_one_engine(prog, points, n, cfg.seed, k, cfg.engine).map(|d| {
-                tg.iter()
-                    .map(|t| draw_values(t.key, &d, lim))
-                    .collect::<Vec<_>>()
-            });
+            let d = run_one_engine(run_prog, points, n, cfg.seed, k, cfg.engine)
+                .and_then(|d| match &cond {
+                    Some(c) => c
+                        .shift(prog, points, &d, lim)
+                        .map_err(|e| RunError::new(None, e.message)),
+                    None => Ok(d),
+                })
+                .map(|d| {
+                    tg.iter()
+                        .map(|t| draw_values(t.key, &d, lim))
+                        .collect::<Vec<_>>()
+                });
             progress();
             d
         })?;

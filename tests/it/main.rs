@@ -31,6 +31,7 @@ mod outputs;
 mod particle;
 mod predict;
 mod quadrature;
+mod random_logits;
 mod readme_codes;
 mod scaling;
 mod scaling_logits;
