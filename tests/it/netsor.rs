@@ -405,3 +405,34 @@ fn moment_spread_falls_like_n_to_the_minus_half() {
         );
     }
 }
+
+/// `compare` and `coord-check` run on the project's examples and report finite numbers
+/// (small widths: this checks that they work, the slopes are tested elsewhere:
+/// `compare_moments.rs`, `random_logits.rs`, `scaling_logits.rs`). `transformer.tp`'s
+/// `compare` computes its limit trajectory by particles (about two minutes on two
+/// cores) and is left to `coord-check` here.
+#[test]
+fn project_examples_in_compare_and_coord_check() {
+    for name in common::PROJECT_EXAMPLES {
+        let path = common::example_path(name);
+        let file = path.to_str().unwrap();
+        let mut cmds = vec!["coord-check"];
+        if name != "transformer" {
+            cmds.push("compare");
+        }
+        for cmd in cmds {
+            let v = json(&common::tpc_ok(
+                &[
+                    cmd, file, "--widths", "32,64", "--seeds", "2", "--no-svg", "--format", "json",
+                ],
+                None,
+            ));
+            let mut xs = Vec::new();
+            numbers(&v, &mut xs);
+            assert!(
+                xs.len() > 4 && xs.iter().all(|x| x.is_finite()),
+                "{name} {cmd}: {v}"
+            );
+        }
+    }
+}
