@@ -626,13 +626,13 @@ enum TOp {
         a: usize,
         b: usize,
     },
-    /// Several kernels on one covariance `cc * cross`: `outs` are (register, tf, tg).
+    /// Several kernels on one covariance `cc * cross`.
     Kern {
         cc: f64,
         cross: usize,
         du: usize,
         dv: usize,
-        outs: Vec<(usize, [f64; 4], [f64; 4])>,
+        outs: Vec<KOut>,
         acos: bool,
     },
     /// A per-point array read at the row point or the column point.
@@ -641,6 +641,16 @@ enum TOp {
         arr: usize,
         col: bool,
     },
+}
+
+/// One kernel of a [`TOp::Kern`]: its register, its atoms' coefficients, and the
+/// nonzero products `tf_i tg_j` as `(i, j, tf_i tg_j)` (in the order `kern_scalar` sums).
+#[derive(Clone, Debug)]
+struct KOut {
+    dst: usize,
+    tf: [f64; 4],
+    tg: [f64; 4],
+    terms: Vec<(usize, usize, f64)>,
 }
 
 /// The compiled program: operations, register count, output registers per ordered
@@ -795,7 +805,16 @@ fn compile(
                     let d = alloc(&mut free);
                     reg[m] = d;
                     acos |= (tf[2] != 0.0 || tf[3] != 0.0) && (tg[2] != 0.0 || tg[3] != 0.0);
-                    outs_k.push((d, tf, tg));
+                    let terms = (0..4)
+                        .flat_map(|i| (0..4).map(move |j| (i, j, tf[i] * tg[j])))
+                        .filter(|t| t.2 != 0.0)
+                        .collect();
+                    outs_k.push(KOut {
+                        dst: d,
+                        tf,
+                        tg,
+                        terms,
+                    });
                 }
                 TOp::Kern {
                     cc: alias[*cross].0,
@@ -855,6 +874,82 @@ fn basis(i: usize, j: usize, sd1: f64, sd2: f64, s12: f64, rho: f64, pt: f64, jv
         (3, 2) => sd1 * (1.0 + rho) * 0.5 * INV_SQRT_2PI,
         _ => sd1 * sd2 * jv * INV_2PI,
     }
+}
+
+/// The per-row quantities [`basis`] reads, over the rows of one strip column.
+struct Arcs<'a> {
+    sd1: &'a [f64],
+    sd2: f64,
+    s12: &'a [f64],
+    rho: &'a [f64],
+    pt: &'a [f64],
+    jv: &'a [f64],
+}
+
+/// `o[r] = k basis(i, j)` (`SET`) or `o[r] += k basis(i, j)` over the rows, with the
+/// choice of `(i, j)` made once outside the loop (so that the loop vectorizes).
+#[inline(always)]
+fn basis_rows<const SET: bool>(o: &mut [f64], k: f64, i: usize, j: usize, a: &Arcs<'_>) {
+    #[inline(always)]
+    fn run<const SET: bool>(
+        o: &mut [f64],
+        k: f64,
+        a: &Arcs<'_>,
+        f: impl Fn(&Arcs<'_>, usize) -> f64,
+    ) {
+        let n = o.len();
+        let (sd1, s12, rho, pt, jv) = (
+            &a.sd1[..n],
+            &a.s12[..n],
+            &a.rho[..n],
+            &a.pt[..n],
+            &a.jv[..n],
+        );
+        let b = Arcs {
+            sd1,
+            sd2: a.sd2,
+            s12,
+            rho,
+            pt,
+            jv,
+        };
+        for (r, o) in o.iter_mut().enumerate() {
+            let v = k * f(&b, r);
+            if SET {
+                *o = v;
+            } else {
+                *o += v;
+            }
+        }
+    }
+    macro_rules! arms {
+        ($(($x:literal, $y:literal)),*) => {
+            match (i, j) {
+                $(($x, $y) => run::<SET>(o, k, a, |b, r| {
+                    basis($x, $y, b.sd1[r], b.sd2, b.s12[r], b.rho[r], b.pt[r], b.jv[r])
+                }),)*
+                _ => unreachable!("atom index out of range"),
+            }
+        };
+    }
+    arms!(
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 0),
+        (2, 1),
+        (2, 2),
+        (2, 3),
+        (3, 0),
+        (3, 1),
+        (3, 2),
+        (3, 3)
+    );
 }
 
 /// `E[f(u)]` over the atoms at `sd = sqrt(Var u)` (dual.rs `atom_mean`).
@@ -928,133 +1023,214 @@ struct Problem<'a> {
     means: &'a [Vec<f64>],
 }
 
-/// Side of a tile and of a strip.
+/// Side of a tile.
 const TILE: usize = 32;
 
+/// Columns of a tile per strip: every tape operation runs over `NC` columns at once, so
+/// that its dispatch (the match, operand slices, loop set-up) is paid once per
+/// `NC * TILE` entries instead of per column — with a dozen operations per layer and a
+/// few flops each, that overhead was a third of the evaluator's time. A register is
+/// `NC * TILE` long, column `c` at offset `c * TILE`.
+const NC: usize = 4;
+
+/// The entries a strip covers: rows `i0..`, columns `j0..j0 + nc`, and the rows of each
+/// column (`ni`, or on a diagonal tile those on or above the diagonal).
+#[derive(Clone, Copy)]
+struct Span {
+    i0: usize,
+    j0: usize,
+    nc: usize,
+    rows: [usize; NC],
+    /// Every column has `TILE` rows: elementwise operations run over whole registers.
+    full: bool,
+}
+
+impl Span {
+    fn new(i0: usize, j0: usize, nc: usize, ni: usize, diag_from: Option<usize>) -> Span {
+        let mut rows = [0usize; NC];
+        for (c, r) in rows.iter_mut().enumerate().take(nc) {
+            *r = match diag_from {
+                Some(jj) => (jj + c + 1).min(ni),
+                None => ni,
+            };
+        }
+        let full = nc == NC && rows.iter().all(|&r| r == TILE);
+        Span {
+            i0,
+            j0,
+            nc,
+            rows,
+            full,
+        }
+    }
+}
+
+/// `o = f(x...)` elementwise over the entries of a span: whole registers when every
+/// column is full (one loop over `NC * TILE`), else column by column.
+macro_rules! elementwise {
+    ($sp:expr, $regs:expr, |$o:ident $(, $x:ident = [$rx:expr])*| $body:expr, $dst:expr) => {{
+        let base = $regs.as_mut_ptr();
+        let run = |off: usize, len: usize| {
+            // SAFETY: registers are disjoint `NC * TILE`-long ranges of `regs`, `off + len`
+            // stays inside one, and `dst` is never among the registers read (compile
+            // allocates it before freeing the operands).
+            let $o = unsafe {
+                std::slice::from_raw_parts_mut(base.add($dst * NC * TILE + off), len)
+            };
+            $(let $x = unsafe {
+                std::slice::from_raw_parts(base.add($rx * NC * TILE + off), len) as &[f64]
+            };)*
+            $body
+        };
+        if $sp.full {
+            run(0, NC * TILE);
+        } else {
+            for c in 0..$sp.nc {
+                run(c * TILE, $sp.rows[c]);
+            }
+        }
+    }};
+}
+
 fastmath::simd_fn! {
-    /// Runs the tape on rows `i0..i0+rows` of column `j`: registers `regs[r * TILE ..]`.
+    /// Runs the tape on the entries of `sp`: registers `regs[r * NC * TILE ..]`.
     #[allow(clippy::needless_range_loop)]
-    fn strip(regs: &mut [f64], i0: usize, rows: usize, j: usize, pb: &Problem<'_>) {
-        let reg = |r: usize| r * TILE..r * TILE + rows;
+    fn strip(regs: &mut [f64], sp: Span, pb: &Problem<'_>) {
         let p = pb.p;
+        let i0 = sp.i0;
         for op in &pb.tape.ops {
             match op {
-                TOp::Const { dst, c } => regs[reg(*dst)].fill(*c),
+                TOp::Const { dst, c } => elementwise!(sp, regs, |o| o.fill(*c), *dst),
                 TOp::Gram { dst, a, b } => {
                     let (xa, d) = pb.inputs[*a];
                     let xb = pb.inputs[*b].0;
-                    let o = &mut regs[reg(*dst)];
-                    o.fill(0.0);
-                    for k in 0..d {
-                        let xj = xb[k * p + j];
-                        for (o, &xi) in o.iter_mut().zip(&xa[k * p + i0..k * p + i0 + rows]) {
-                            *o += xi * xj;
+                    for c in 0..sp.nc {
+                        let (rows, j) = (sp.rows[c], sp.j0 + c);
+                        let o = &mut regs[(dst * NC + c) * TILE..][..rows];
+                        o.fill(0.0);
+                        for k in 0..d {
+                            let xj = xb[k * p + j];
+                            for (o, &xi) in o.iter_mut().zip(&xa[k * p + i0..k * p + i0 + rows]) {
+                                *o += xi * xj;
+                            }
                         }
                     }
                 }
-                TOp::Lin { dst, k, terms } => {
-                    let base = regs.as_mut_ptr();
-                    // SAFETY: registers are disjoint TILE-long ranges of `regs`, and `dst`
-                    // is never among the registers it reads (compile allocates it first).
-                    let (o, x) = unsafe {
-                        let o = std::slice::from_raw_parts_mut(base.add(dst * TILE), rows);
-                        let x = |r: usize| std::slice::from_raw_parts(base.add(r * TILE), rows) as &[f64];
-                        (o, x)
-                    };
-                    match terms.as_slice() {
-                        [(c0, r0)] => {
-                            for (o, &a) in o.iter_mut().zip(x(*r0)) {
-                                *o = k + c0 * a;
-                            }
-                        }
-                        [(c0, r0), (c1, r1)] => {
-                            for ((o, &a), &b) in o.iter_mut().zip(x(*r0)).zip(x(*r1)) {
-                                *o = k + c0 * a + c1 * b;
-                            }
-                        }
-                        _ => {
+                TOp::Lin { dst, k, terms } => match terms.as_slice() {
+                    [(c0, r0)] => elementwise!(
+                        sp,
+                        regs,
+                        |o, x = [*r0]| for (o, &a) in o.iter_mut().zip(x) {
+                            *o = k + c0 * a;
+                        },
+                        *dst
+                    ),
+                    [(c0, r0), (c1, r1)] => elementwise!(
+                        sp,
+                        regs,
+                        |o, x = [*r0], y = [*r1]| for ((o, &a), &b) in o.iter_mut().zip(x).zip(y) {
+                            *o = k + c0 * a + c1 * b;
+                        },
+                        *dst
+                    ),
+                    _ => {
+                        let base = regs.as_mut_ptr();
+                        let run = |off: usize, len: usize| {
+                            // SAFETY: as in `elementwise!`.
+                            let o = unsafe {
+                                std::slice::from_raw_parts_mut(base.add(dst * NC * TILE + off), len)
+                            };
                             o.fill(*k);
-                            for &(c, r) in terms {
-                                for (o, &a) in o.iter_mut().zip(x(r)) {
+                            for &(c, r) in terms.iter() {
+                                // SAFETY: as in `elementwise!`.
+                                let x = unsafe {
+                                    std::slice::from_raw_parts(base.add(r * NC * TILE + off), len)
+                                };
+                                for (o, &a) in o.iter_mut().zip(x) {
                                     *o += c * a;
                                 }
                             }
+                        };
+                        if sp.full {
+                            run(0, NC * TILE);
+                        } else {
+                            for c in 0..sp.nc {
+                                run(c * TILE, sp.rows[c]);
+                            }
                         }
                     }
-                }
-                TOp::Mul { dst, c, a, b } => {
-                    let base = regs.as_mut_ptr();
-                    // SAFETY: as for Lin (`a` may equal `b`; both differ from `dst`).
-                    let (o, x, y) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(base.add(dst * TILE), rows),
-                            std::slice::from_raw_parts(base.add(a * TILE), rows) as &[f64],
-                            std::slice::from_raw_parts(base.add(b * TILE), rows) as &[f64],
-                        )
-                    };
-                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                },
+                TOp::Mul { dst, c, a, b } => elementwise!(
+                    sp,
+                    regs,
+                    |o, x = [*a], y = [*b]| for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
                         *o = c * x * y;
-                    }
-                }
+                    },
+                    *dst
+                ),
                 TOp::Point { dst, arr, col } => {
                     let a = &pb.means[*arr];
-                    let o = &mut regs[reg(*dst)];
-                    if *col {
-                        o.fill(a[j]);
-                    } else {
-                        o.copy_from_slice(&a[i0..i0 + rows]);
+                    for c in 0..sp.nc {
+                        let rows = sp.rows[c];
+                        let o = &mut regs[(dst * NC + c) * TILE..][..rows];
+                        if *col {
+                            o.fill(a[sp.j0 + c]);
+                        } else {
+                            o.copy_from_slice(&a[i0..i0 + rows]);
+                        }
                     }
                 }
                 TOp::Kern { cc, cross, du, dv, outs, acos } => {
-                    let mut s12 = [0.0f64; TILE];
-                    let mut rho = [0.0f64; TILE];
-                    let mut pt = [0.0f64; TILE];
-                    let mut jv = [0.0f64; TILE];
-                    let s12 = &mut s12[..rows];
-                    let (rho, pt, jv) = (&mut rho[..rows], &mut pt[..rows], &mut jv[..rows]);
-                    for (s, &x) in s12.iter_mut().zip(&regs[reg(*cross)]) {
-                        *s = cc * x;
-                    }
-                    let sd1 = &pb.dsq[*du][i0..i0 + rows];
-                    let d1 = &pb.dval[*du][i0..i0 + rows];
-                    let sd2 = pb.dsq[*dv][j];
-                    let d2 = pb.dval[*dv][j];
-                    let z2 = d2 <= TINY_VAR;
-                    if *acos {
-                        for r in 0..rows {
-                            let (c, ro, a, b) = arc(s12[r], sd1[r] * sd2);
-                            s12[r] = c;
-                            rho[r] = ro;
-                            pt[r] = a;
-                            jv[r] = b;
+                    for c in 0..sp.nc {
+                        let (rows, j) = (sp.rows[c], sp.j0 + c);
+                        let mut s12 = [0.0f64; TILE];
+                        let mut rho = [0.0f64; TILE];
+                        let mut pt = [0.0f64; TILE];
+                        let mut jv = [0.0f64; TILE];
+                        let s12 = &mut s12[..rows];
+                        let (rho, pt, jv) = (&mut rho[..rows], &mut pt[..rows], &mut jv[..rows]);
+                        for (s, &x) in s12.iter_mut().zip(&regs[(cross * NC + c) * TILE..][..rows]) {
+                            *s = cc * x;
                         }
-                    } else {
-                        for r in 0..rows {
-                            let n = sd1[r] * sd2;
-                            let c = s12[r].max(-n).min(n);
-                            rho[r] = s12[r] / n;
-                            s12[r] = c;
-                        }
-                    }
-                    for (dst, tf, tg) in outs {
-                        let o = &mut regs[reg(*dst)];
-                        o.fill(0.0);
-                        for i in 0..4 {
-                            for jj in 0..4 {
-                                let c = tf[i] * tg[jj];
-                                if c == 0.0 {
-                                    continue;
-                                }
-                                for r in 0..rows {
-                                    o[r] += c * basis(i, jj, sd1[r], sd2, s12[r], rho[r], pt[r], jv[r]);
-                                }
+                        let sd1 = &pb.dsq[*du][i0..i0 + rows];
+                        let d1 = &pb.dval[*du][i0..i0 + rows];
+                        let sd2 = pb.dsq[*dv][j];
+                        let d2 = pb.dval[*dv][j];
+                        let z2 = d2 <= TINY_VAR;
+                        if *acos {
+                            for r in 0..rows {
+                                let (cl, ro, a, b) = arc(s12[r], sd1[r] * sd2);
+                                s12[r] = cl;
+                                rho[r] = ro;
+                                pt[r] = a;
+                                jv[r] = b;
+                            }
+                        } else {
+                            for r in 0..rows {
+                                let n = sd1[r] * sd2;
+                                let cl = s12[r].max(-n).min(n);
+                                rho[r] = s12[r] / n;
+                                s12[r] = cl;
                             }
                         }
-                        if z2 || pb.dzero[*du] {
-                            for r in 0..rows {
-                                let z1 = d1[r] <= TINY_VAR;
-                                if z1 || z2 {
-                                    o[r] = zero_var(tf, tg, z1, z2, sd1[r], sd2);
+                        for out in outs {
+                            let o = &mut regs[(out.dst * NC + c) * TILE..][..rows];
+                            let a = Arcs { sd1, sd2, s12, rho, pt, jv };
+                            match out.terms.as_slice() {
+                                &[(i, jj, k)] => basis_rows::<true>(o, k, i, jj, &a),
+                                terms => {
+                                    o.fill(0.0);
+                                    for &(i, jj, k) in terms {
+                                        basis_rows::<false>(o, k, i, jj, &a);
+                                    }
+                                }
+                            }
+                            if z2 || pb.dzero[*du] {
+                                for r in 0..rows {
+                                    let z1 = d1[r] <= TINY_VAR;
+                                    if z1 || z2 {
+                                        o[r] = zero_var(&out.tf, &out.tg, z1, z2, sd1[r], sd2);
+                                    }
                                 }
                             }
                         }
@@ -1092,7 +1268,7 @@ fn tiles(nngp: &mut [f64], ntk: Option<&mut [f64]>, o: usize, pb: &Problem<'_>) 
     // Scratch (registers, the tile's results) allocated once per rayon job, not per tile.
     let init = || {
         (
-            vec![0.0f64; pb.tape.nreg.max(1) * TILE],
+            vec![0.0f64; pb.tape.nreg.max(1) * NC * TILE],
             vec![0.0f64; pairs * TILE * TILE],
             vec![0.0f64; if tp.is_some() { pairs * TILE * TILE } else { 0 }],
         )
@@ -1103,18 +1279,21 @@ fn tiles(nngp: &mut [f64], ntk: Option<&mut [f64]>, o: usize, pb: &Problem<'_>) 
             let (ni, nj) = ((p - i0).min(TILE), (p - j0).min(TILE));
             let diag = bi == bj;
             let mut ok = true;
-            for jj in 0..nj {
-                let rows = if diag { jj + 1 } else { ni };
-                strip(regs, i0, rows, j0 + jj, pb);
-                for k in 0..pairs {
-                    let src = &regs[pb.tape.nngp[k] * TILE..pb.tape.nngp[k] * TILE + rows];
-                    ok &= src.iter().all(|v| v.is_finite());
-                    kb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
-                    if let Some(r) = pb.tape.ntk[k] {
-                        if tp.is_some() {
-                            let src = &regs[r * TILE..r * TILE + rows];
-                            ok &= src.iter().all(|v| v.is_finite());
-                            tb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
+            for jc in (0..nj).step_by(NC) {
+                let sp = Span::new(i0, j0 + jc, NC.min(nj - jc), ni, diag.then_some(jc));
+                strip(regs, sp, pb);
+                for c in 0..sp.nc {
+                    let (jj, rows) = (jc + c, sp.rows[c]);
+                    for k in 0..pairs {
+                        let src = &regs[(pb.tape.nngp[k] * NC + c) * TILE..][..rows];
+                        ok &= src.iter().all(|v| v.is_finite());
+                        kb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
+                        if let Some(r) = pb.tape.ntk[k] {
+                            if tp.is_some() {
+                                let src = &regs[(r * NC + c) * TILE..][..rows];
+                                ok &= src.iter().all(|v| v.is_finite());
+                                tb[k * TILE * TILE + jj * TILE..][..rows].copy_from_slice(src);
+                            }
                         }
                     }
                 }
