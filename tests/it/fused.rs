@@ -1,4 +1,4 @@
-//! Per-entry fusion of the general engine (src/limit/fused.rs) against the block engine
+//! Per-entry fusion of the general engine (src/limit/fused/) against the block engine
 //! (`limit_unfused`), entry by entry, on programs that are not layer chains: a ReLU RNN
 //! with shared weights and a pooled output, a skip connection, two outputs (their cross
 //! blocks are not symmetric), and a mix of relu, step, identity and leaky combinations
