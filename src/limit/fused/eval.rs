@@ -345,7 +345,47 @@ fastmath::simd_fn! {
                         }
                     }
                 }
-                TOp::Kern { cc, cross, du, dv, outs, acos } => {
+                TOp::Kern { cc, cross, du, dv, outs, acos, relu_step } => {
+                    if let Some([(rd, kr), (sd, ks)]) = *relu_step {
+                        // One loop: covariance, acos, both outputs (the same arithmetic
+                        // as the general branch below, without its intermediate arrays).
+                        for c in 0..sp.nc {
+                            let (rows, j) = (sp.rows[c], sp.j0 + c);
+                            let base = regs.as_mut_ptr();
+                            // SAFETY: `rd`, `sd` and `cross` are distinct registers (compile
+                            // allocates the outputs before freeing the operands), each
+                            // `NC * TILE` long; column c's `rows <= TILE` entries are in it.
+                            let (x, o1, o2) = unsafe {
+                                (
+                                    std::slice::from_raw_parts(base.add((cross * NC + c) * TILE), rows)
+                                        as &[f64],
+                                    std::slice::from_raw_parts_mut(base.add((rd * NC + c) * TILE), rows),
+                                    std::slice::from_raw_parts_mut(base.add((sd * NC + c) * TILE), rows),
+                                )
+                            };
+                            let sd1 = &pb.dsq[*du][i0..i0 + rows];
+                            let sd2 = pb.dsq[*dv][j];
+                            for r in 0..rows {
+                                let (cl, ro, a, b) = arc(cc * x[r], sd1[r] * sd2);
+                                o1[r] = kr * basis(3, 3, sd1[r], sd2, cl, ro, a, b);
+                                o2[r] = ks * basis(2, 2, sd1[r], sd2, cl, ro, a, b);
+                            }
+                            let d1 = &pb.dval[*du][i0..i0 + rows];
+                            let z2 = pb.dval[*dv][j] <= TINY_VAR;
+                            if z2 || pb.dzero[*du] {
+                                for out in outs {
+                                    let o = if out.dst == rd { &mut *o1 } else { &mut *o2 };
+                                    for r in 0..rows {
+                                        let z1 = d1[r] <= TINY_VAR;
+                                        if z1 || z2 {
+                                            o[r] = zero_var(&out.tf, &out.tg, z1, z2, sd1[r], sd2);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     for c in 0..sp.nc {
                         let (rows, j) = (sp.rows[c], sp.j0 + c);
                         let mut s12 = [0.0f64; TILE];

@@ -41,6 +41,10 @@ pub(super) enum TOp {
         dv: usize,
         outs: Vec<KOut>,
         acos: bool,
+        /// The outputs are exactly `k_r E[relu relu]` and `k_s E[step step]` (a ReLU
+        /// layer and its tangent factor): `[(register, k_r), (register, k_s)]`, computed
+        /// in the `acos` loop itself.
+        relu_step: Option<[(usize, f64); 2]>,
     },
     /// A per-point array read at the row point or the column point.
     Point {
@@ -223,7 +227,19 @@ pub(super) fn compile(
                         terms,
                     });
                 }
+                let one = |o: &KOut, t: (usize, usize)| match o.terms.as_slice() {
+                    &[(i, j, k)] if (i, j) == t => Some((o.dst, k)),
+                    _ => None,
+                };
+                let relu_step = match outs_k.as_slice() {
+                    [x, y] if acos => match (one(x, (3, 3)), one(y, (2, 2))) {
+                        (Some(r), Some(s)) => Some([r, s]),
+                        _ => one(y, (3, 3)).zip(one(x, (2, 2))).map(|(r, s)| [r, s]),
+                    },
+                    _ => None,
+                };
                 TOp::Kern {
+                    relu_step,
                     cc: alias[*cross].0,
                     cross: reg[alias[*cross].1],
                     du: diag_slot[du],
