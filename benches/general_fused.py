@@ -6,7 +6,7 @@
 * mlp10 (benches/mlp10.tp: depth-10 relu, d = 32, NNGP+NTK) on M seeded N(0, 1) points
   (benches/points.py): benches/floor.c (gcc -O3 -march=native, OpenMP; the fused
   recursion in plain C), `tpc bench limit --general` (the general engine, fused per entry,
-  src/limit/fused.rs) and `tpc bench limit --general --unfused` (the block engine, one
+  src/limit/fused/) and `tpc bench limit --general --unfused` (the block engine, one
   P x P pass per block: the baseline) up to --unfused-max;
 * the relu RNN benches/rnn20_relu.tp (T = 20, shared weights, mean-pooled output) on
   benches/seq100_T20.csv (M = 100) and on M seeded N(0, 1) sequences for larger M:

@@ -1,4 +1,4 @@
-//! Per-entry fusion of the general engine (src/limit/fused.rs) against the block engine
+//! Per-entry fusion of the general engine (src/limit/fused/) against the block engine
 //! (`limit_unfused`), entry by entry, on programs that are not layer chains: a ReLU RNN
 //! with shared weights and a pooled output, a skip connection, two outputs (their cross
 //! blocks are not symmetric), and a mix of relu, step, identity and leaky combinations
@@ -23,8 +23,12 @@ fn points(m: usize, d: usize) -> Vec<Vec<f64>> {
 }
 
 fn check(name: &str, src: &str, m: usize, d: usize) {
+    check_at(name, src, points(m, d));
+}
+
+fn check_at(name: &str, src: &str, pts: Vec<Vec<f64>>) {
+    let m = pts.len();
     let prog = tpc::compile(src).unwrap();
-    let pts = points(m, d);
     let der = tpc::limit::derivation(&prog).unwrap();
     let fused = tpc::limit::fused::limit_fused(&prog, &der, &pts)
         .unwrap_or_else(|| panic!("{name}: not fused"));
@@ -86,4 +90,14 @@ fn fused_general_engine_equals_the_block_engine() {
         x1 = relu(U @ x + b1)\nx2 = step(W2 @ x1)\nx3 = id(W3 @ x2) + 0.5 * x1\n\
         x4 = relu(W4 @ x3 + b4) - 0.2 * relu(0 - W4 @ x3 - b4)\noutput f = v @ (x4 + x2)\n";
     check("mixed relu/step/identity/leaky", mixed, 35, 3);
+    // Zero input points and no biases: those points have zero variance at every layer,
+    // so their rows and columns take the kernels' zero-variance forms (in the fused
+    // relu/step loop too); 70 points give full and partial strips of tile columns.
+    let mlp = "width n\ninput x : 3\nparameterization ntk\n\
+        param W1 : n x 3 { std = 1.4 }\nparam W2 : n x n { std = 1.4 }\nparam v : 1 x n\n\
+        x1 = relu(W1 @ x)\nx2 = relu(W2 @ x1)\noutput f = v @ x2\n";
+    let mut pts = points(70, 3);
+    pts[5] = vec![0.0; 3];
+    pts[40] = vec![0.0; 3];
+    check_at("relu MLP with zero inputs", mlp, pts);
 }
