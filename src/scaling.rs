@@ -41,6 +41,7 @@ mod ex;
 mod flat;
 mod laws;
 mod moments;
+mod optim;
 mod table;
 
 pub use analysis::*;
@@ -50,4 +51,5 @@ pub use ex::*;
 use flat::*;
 pub use laws::*;
 pub use moments::is_cross_moment;
+pub use optim::{adam_mup_law, is_adam_mup_law};
 pub use table::*;

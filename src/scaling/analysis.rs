@@ -28,11 +28,11 @@ pub(super) fn kappa(law: &Law, base_lr: f64) -> Ex {
 /// One use of a matrix: `out = W @ arg` or `out = W.T @ arg`.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Use {
-    out: NodeId,
-    arg: NodeId,
-    transpose: bool,
+    pub(super) out: NodeId,
+    pub(super) arg: NodeId,
+    pub(super) transpose: bool,
     /// the argument is a finite input point (an `n x d` matrix)
-    input: bool,
+    pub(super) input: bool,
 }
 
 /// The one-step analysis of a program with `train`.
@@ -72,9 +72,9 @@ pub struct Exponents {
 }
 
 pub(super) struct Ctx<'a> {
-    prog: &'a Program,
-    flats: Vec<Option<FlatExpr>>,
-    ops: Vec<Vec<NodeId>>,
+    pub(super) prog: &'a Program,
+    pub(super) flats: Vec<Option<FlatExpr>>,
+    pub(super) ops: Vec<Vec<NodeId>>,
     /// Entry size of each parameter as the step sees it (at initialization for the
     /// first step; readouts include their first update for later steps).
     entries: Vec<Ex>,
@@ -84,6 +84,8 @@ pub(super) struct Ctx<'a> {
     /// (`n^(1/2)`), or an LLN sum for a later step's correlated part
     /// ([`moments::later_reduction`]).
     reduce: Ex,
+    /// The entrywise optimizer whose steps [`optim`] sizes (None: SGD's rules).
+    pub(super) entrywise: Option<optim::Entrywise>,
 }
 
 impl<'a> Ctx<'a> {
@@ -105,6 +107,7 @@ impl<'a> Ctx<'a> {
             entries,
             cross: moments::cross_moments(prog),
             reduce: Ex::half(),
+            entrywise: optim::Entrywise::of(prog),
         }
     }
 
@@ -289,6 +292,9 @@ impl<'a> Ctx<'a> {
         chi: &[Ex],
         lr: f64,
     ) -> Vec<(NodeId, Ex)> {
+        if let Some(o) = self.entrywise {
+            return optim::direct(self, o, p, init, grad, chi, lr);
+        }
         let prog = self.prog;
         let param = &prog.params[p];
         let k = kappa(&param.law, lr);
@@ -464,8 +470,10 @@ pub(super) fn one_step(cx: &Ctx, base: &[Ex], chi: Vec<Ex>, lr: f64, also: Optio
         for (t, x) in delta.iter_mut().zip(&d) {
             *t = (*t).max(*x);
         }
-        update.push(match prog.params[p].role() {
-            Role::Output => {
+        update.push(match (prog.params[p].role(), cx.entrywise) {
+            // an entrywise optimizer: the readout's entries move by Θ(lr · mult)
+            (Role::Output, Some(o)) => optim::update_entry(cx, o, p, base, &grad, &chi, lr),
+            (Role::Output, None) => {
                 let k = kappa(&prog.params[p].law, lr);
                 let mut dv = Ex::Zero;
                 for &(o, _, v, x) in &terms {
@@ -479,6 +487,9 @@ pub(super) fn one_step(cx: &Ctx, base: &[Ex], chi: Vec<Ex>, lr: f64, also: Optio
         });
         by_param.push(d);
         direct.push(dir);
+    }
+    if cx.entrywise.is_some() {
+        optim::joint_outputs(cx, base, &mut delta, &by_param);
     }
     let mut readout_init_term = vec![Ex::Zero; prog.params.len()];
     for &(_, _, v, x) in &terms {
@@ -503,7 +514,18 @@ pub(super) fn one_step(cx: &Ctx, base: &[Ex], chi: Vec<Ex>, lr: f64, also: Optio
 
 /// The exponents of every node at initialization and, with `train`, after one step.
 pub fn exponents(prog: &Program) -> Exponents {
-    let cx = Ctx::new(prog);
+    exponents_with(prog, optim::Entrywise::of(prog))
+}
+
+/// [`exponents`] with the entrywise optimizer's ε read as given (W0109 compares ε
+/// strictly asymptotic and ε → 0).
+pub(super) fn exponents_with(prog: &Program, entrywise: Option<optim::Entrywise>) -> Exponents {
+    let new = |prog| {
+        let mut c = Ctx::new(prog);
+        c.entrywise = entrywise;
+        c
+    };
+    let cx = new(prog);
     let init = cx.init();
     let mut later = None;
     let step = prog.train.as_ref().map(|train| {
@@ -512,7 +534,7 @@ pub fn exponents(prog: &Program) -> Exponents {
             // From the second update on, the gradient reaching the features also flows
             // through the updated readouts (theory.md §5.2, "First step vs later steps":
             // TP4's min(a+b, 2a+c)), and the loss derivative is chi_1.
-            let mut cx2 = Ctx::new(prog);
+            let mut cx2 = new(prog);
             for (p, par) in prog.params.iter().enumerate() {
                 if par.role() == Role::Output {
                     cx2.entries[p] = cx2.entries[p].max(first.update[p]);
@@ -527,7 +549,7 @@ pub fn exponents(prog: &Program) -> Exponents {
             // with the features, so it sums into scalar operands at the LLN rate
             // ([`moments::later_reduction`]).
             let corr = moments::has_scalar_operands(prog).then(|| {
-                let mut c = Ctx::new(prog);
+                let mut c = new(prog);
                 for (p, par) in prog.params.iter().enumerate() {
                     if par.role() == Role::Output {
                         c.entries[p] = first.update[p];

@@ -162,6 +162,11 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
     if init_blowup {
         return out;
     }
+    // an entrywise optimizer (Adam): its own exponents and warnings ([`optim`])
+    if let Some(o) = optim::Entrywise::of(prog) {
+        out.extend(optim::diagnostics(prog, src, &ex, &cls, o));
+        return out;
+    }
     let lr_label = |p: usize| -> Span {
         let par = &prog.params[p];
         lr_span(src, par.law_span).unwrap_or(par.law_span)
