@@ -235,3 +235,90 @@ fn coord_check_confirms_sp_adam_wide() {
     let file = common::example_path("sp_adam");
     assert_all_agree(&coord(&file, "512,1024,2048,4096", "8", &dir));
 }
+
+/// `lr = c * n^p` (README, "Training: optimizers"): the power of the width joins every
+/// parameter's lr multiplier, so it trains exactly as the per-parameter form.
+#[test]
+fn global_lr_as_a_monomial_in_the_width() {
+    let per_param = common::example("adam_mlp");
+    let global = per_param
+        .replace(
+            "param U : n x 2 ~ N(0, 1/2)",
+            "param U : n x 2 ~ N(0, 1/2)   lr n",
+        )
+        .replace("lr n^(-1)", "lr 1")
+        .replace("lr        = 0.05", "lr        = 0.05 * n^(-1)");
+    assert_ne!(per_param, global);
+    let dir = scratch("lr_mono");
+    let run = |name: &str, src: &str| {
+        let f = dir.join(name);
+        std::fs::write(&f, src).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
+            .args([
+                "run",
+                &f.display().to_string(),
+                "--width",
+                "64",
+                "--seeds",
+                "2",
+            ])
+            .args(["--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(run("a.tp", &per_param), run("b.tp", &global));
+    assert_eq!(codes(&global), ["N0102"]);
+    let prog = compile(&global);
+    assert!(prog
+        .params
+        .iter()
+        .all(|p| scaling::is_adam_mup_law(p.role(), &p.law)));
+    // a non-monomial is refused with E0052, a non-positive rate with E0021
+    for (bad, code) in [("0.05 + n", "E0052"), ("-0.05 * n^(-1)", "E0021")] {
+        let src = global.replace("0.05 * n^(-1)", bad);
+        let (prog, diags) = tpc::check_source(&src);
+        assert!(prog.is_none());
+        assert!(diags.iter().any(|d| d.code == code), "{bad}: {diags:?}");
+    }
+}
+
+/// `tpc run --format json` names the optimizer and its hyperparameters beside
+/// cli.md's `f_t`, `f_t_se` (which stay as they are).
+#[test]
+fn run_json_names_the_optimizer() {
+    let json = |name: &str| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
+            .args(["run", &common::example_path(name).display().to_string()])
+            .args(["--width", "32", "--seeds", "2", "--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let a = json("adam_mlp");
+    let t = &a["train"];
+    assert!(t["f_t"].is_array() && t["f_t_se"].is_array());
+    assert_eq!(t["optimizer"]["name"], "adam");
+    assert_eq!(t["optimizer"]["beta1"], 0.9);
+    assert_eq!(t["optimizer"]["beta2"], 0.999);
+    assert_eq!(t["optimizer"]["eps"]["law"], "1e-8 * n^(-1)");
+    assert_eq!(t["optimizer"]["eps"]["value"], 1e-8 / 32.0);
+    assert_eq!(t["weight_decay"], 0.0);
+    assert_eq!(t["batch"], 3);
+    let m = json("momentum_rnn");
+    assert_eq!(m["train"]["optimizer"]["name"], "momentum");
+    assert_eq!(m["train"]["optimizer"]["beta"], 0.9);
+    assert_eq!(m["train"]["batch"], 2);
+    let s = json("sgd_mlp");
+    assert_eq!(s["train"]["optimizer"], serde_json::json!({"name": "sgd"}));
+}
