@@ -1,4 +1,5 @@
 //! abcd exponents of an entrywise optimizer (Adam, AdamW): why a separate module.
+//! (theory.md §5.2 for the SGD step this replaces, §5.5 for muP's Adam column.)
 //!
 //! The rest of the analysis reads an SGD step, `ΔP = -lr · mult² · ∂L/∂P`, whose size
 //! is the gradient's times the learning rate (TP4; momentum and weight decay keep its
@@ -262,10 +263,11 @@ pub(super) fn joint_outputs(cx: &Ctx, base: &[Ex], delta: &mut [Ex], by_param: &
 // muP for Adam (the muP paper's Table 3, Adam column; Table 8)
 // ---------------------------------------------------------------------------------
 
-/// The muP paper's Adam exponents `(a + b, a + c)` for a role: input weights and
-/// biases `var 1/fan_in, lr Θ(1)`; hidden `var 1/n, lr 1/n`; readout `var 1/n², lr 1/n`
-/// (multiplier 1). Invariant under Adam's symmetry `(a, b, c) ~ (a + t, b − t, c − t)`
-/// (an Adam step is `lr · mult`, not `lr · mult²`).
+/// The muP paper's Adam exponents `(a + b, a + c)` for a role (theory.md §5.5, TP5
+/// Table 3): input weights and biases `var 1/fan_in, lr Θ(1)`; hidden `var 1/n, lr 1/n`;
+/// readout `var 1/n², lr 1/n` (multiplier 1). Invariant under Adam's symmetry
+/// `(a, b, c) ~ (a + t, b − t, c − t)` (an Adam step is `lr · mult`, not `lr · mult²`;
+/// §5.5's conversion rule "Adam LR by sqrt(k)"), so Tables 8 and 9 give the same sums.
 fn adam_mup_sums(role: Role) -> (Rational, Rational) {
     match role {
         Role::Input | Role::Bias | Role::OutputBias => (Rational::ZERO, Rational::ZERO),
