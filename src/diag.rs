@@ -302,8 +302,16 @@ pub const CODES: &[(&str, &str)] = &[
     ("N0101", "kernel regime: features do not move in the limit"),
     ("N0102", "feature learning"),
     (
-        "N0103",
-        "training scaling not derived for an entrywise optimizer (Adam)",
+        "W0107",
+        "training blows up under an entrywise optimizer (Adam moves every entry by Θ(lr) whatever the gradient's size)",
+    ),
+    (
+        "W0108",
+        "muP's learning rate for SGD used with Adam (muP for Adam: hidden and readout lr Θ(1/n))",
+    ),
+    (
+        "W0109",
+        "Adam's ε is larger than the gradient entries it is added to and freezes a layer as n grows",
     ),
 ];
 

@@ -102,7 +102,7 @@ pub fn check_source(src: &str) -> (Option<ir::Program>, Vec<Diagnostic>) {
             // Scaling warnings and notes (theory.md §5) once the program is valid.
             if let Some(p) = &prog {
                 if !diags.iter().any(Diagnostic::is_error) {
-                    diags.extend(entrywise_scaling(p, scaling::diagnostics(p, &owned)));
+                    diags.extend(scaling::diagnostics(p, &owned));
                     // Expectations that do not exist: the limit refuses them; at finite
                     // width the mean over seeds has nothing to converge to.
                     diags.extend(
@@ -288,37 +288,6 @@ pub fn check_points(
         }
     }
     Ok(points.to_vec())
-}
-
-/// The training-scaling diagnostics (W0103, W0104, N0101, N0102) are TP4's exponents
-/// of an SGD step, which momentum and weight decay keep; an entrywise optimizer (Adam)
-/// moves every entry by Θ(lr) whatever the gradient's size, so for it they would be
-/// wrong: they are replaced by N0103 saying so (README, "Training: optimizers").
-fn entrywise_scaling(prog: &ir::Program, diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
-    let Some(t) = prog.train.as_ref().filter(|t| !t.optimizer.is_linear()) else {
-        return diags;
-    };
-    let mut out: Vec<Diagnostic> = diags
-        .into_iter()
-        .filter(|d| !matches!(d.code, "W0103" | "W0104" | "N0101" | "N0102"))
-        .collect();
-    out.push(
-        Diagnostic::note_diag(
-            "N0103",
-            format!(
-                "training scaling not derived for `{}`: the abcd exponents of an entrywise \
-                 optimizer are not in this version",
-                t.optimizer.name()
-            ),
-            t.optimizer_span,
-            "an entrywise optimizer",
-        )
-        .with_help(
-            "an Adam step moves every entry by Θ(lr) whatever the gradient's size (muP's Adam \
-             column: hidden and readout lr Θ(1/n)); `tpc coord-check` measures the sizes",
-        ),
-    );
-    out
 }
 
 /// The Z derivation of a program (theory.md §1–2), one line per vector: what

@@ -68,6 +68,11 @@ pub struct TrainResult {
     pub optimizer: String,
     /// Plain full-batch SGD ([`Train::is_plain_sgd`]).
     pub plain_sgd: bool,
+    /// The optimizer with its hyperparameters, the weight decay and the minibatch size,
+    /// as the `train` block sets them (`tpc run --format json`'s `train.optimizer`).
+    pub optim: crate::ir::Optimizer,
+    pub weight_decay: crate::ir::Monomial,
+    pub batch: usize,
     pub f_t: Estimate,
     /// `peak[t]`: the largest |f_t| over the draws and columns, for [`divergence`].
     pub peak: Vec<f64>,
@@ -706,6 +711,9 @@ pub(super) fn summarize(train: &Train, f_t: Estimate, peaks: Peaks) -> TrainResu
         steps: train.steps,
         optimizer: train.describe(),
         plain_sgd: train.is_plain_sgd(),
+        optim: train.optimizer,
+        weight_decay: train.weight_decay,
+        batch: train.batch.min(train.data.len()),
         f_t,
         peak: peaks.0,
     }

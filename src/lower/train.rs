@@ -14,6 +14,7 @@ impl<'a> Lowerer<'a> {
     pub(super) fn train(&mut self, t: &syntax::TrainBlock) {
         let mut loss = None;
         let mut lr = None;
+        let mut lr_exp = Rational::ZERO;
         let mut steps = None;
         let mut data = None;
         let mut optimizer = None;
@@ -62,10 +63,14 @@ impl<'a> Lowerer<'a> {
                         .with_help("write `loss = mse`"),
                     ),
                 },
+                // a number, or a monomial in the width (`0.1 * n^(-1)`, README "Training:
+                // optimizers"): the power of n joins every parameter's lr multiplier
                 ("lr", TrainValue::Expr(ex)) => {
-                    if let Some(v) = self.eval_num(ex) {
+                    if let Some(m) = self.mono_of(ex) {
+                        let v = m.coef;
                         if v > 0.0 && v.is_finite() {
                             lr = Some((v, ex.span));
+                            lr_exp = m.exp;
                         } else {
                             self.err(
                                 Diagnostic::error(
@@ -74,7 +79,7 @@ impl<'a> Lowerer<'a> {
                                     ex.span,
                                     "not positive",
                                 )
-                                .with_help("write e.g. `lr = 0.1`"),
+                                .with_help("write e.g. `lr = 0.1` or `lr = 0.1 * n^(-1)`"),
                             );
                         }
                     }
@@ -292,6 +297,13 @@ impl<'a> Lowerer<'a> {
             }
         }
         if ok {
+            // `lr = c * n^p`: the base rate is c, and n^p multiplies every parameter's
+            // own lr (the update is lr_base · lr_mult(w) · …, language.md "Training")
+            if !lr_exp.is_zero() {
+                for p in &mut self.prog.params {
+                    p.law.lr.exp = p.law.lr.exp + lr_exp;
+                }
+            }
             self.prog.train = Some(Train {
                 loss,
                 lr,

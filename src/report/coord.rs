@@ -174,6 +174,9 @@ pub struct CoordResult {
     pub steps: usize,
     pub loss: &'static str,
     pub lr: f64,
+    /// How the training steps ([`crate::ir::Train::describe`]): `full-batch gradient
+    /// descent`, or the optimizer with its hyperparameters.
+    pub training: String,
     /// The training inputs.
     pub points: usize,
     /// The quantities: every vector of the program (in node order), then the outputs.
@@ -375,6 +378,7 @@ pub fn coord_check(
     if let Some(s) = cfg.steps {
         train.steps = s;
     }
+    let training = train.describe();
     let (steps, loss, lr, points) = (
         train.steps,
         match train.loss {
@@ -608,6 +612,7 @@ pub fn coord_check(
         steps,
         loss,
         lr,
+        training,
         points,
         quantities,
         curves,
@@ -632,13 +637,14 @@ fn signed(x: f64) -> String {
 pub fn text(r: &CoordResult) -> String {
     let mut s = format!(
         "# tpc coord-check {}: coordinate sizes against width, predicted vs measured exponents\n\
-         # {} step(s) of full-batch gradient descent (loss {}, lr {}) on {} training input(s);\n\
+         # {} step(s) of {} (loss {}, lr {}) on {} training input(s);\n\
          #   {} draws per width from seed {} (draw k is `tpc run --seed {}`'s draw k), widths {}\n\
          # size: RMS over coordinates and training inputs of x_t; change: of x_t − x_0; f: over\n\
          #   outputs and inputs. measured: least-squares slope of ln RMS (over draws) on ln width,\n\
          #   ± its standard error over the paired draws; flagged when |measured − predicted| > {}\n",
         r.program,
         r.steps,
+        r.training,
         r.loss,
         r.lr,
         r.points,

@@ -54,9 +54,45 @@ pub fn tree(r: &RunResult) -> Node<'_> {
         let mut tr = Node::object();
         tr.push("f_t", &t.f_t.mean);
         tr.push("f_t_se", t.f_t.se.as_ref());
+        tr.push("optimizer", optimizer_json(t, r.width));
+        tr.push("weight_decay", monomial_json(t.weight_decay, r.width));
+        tr.push("batch", json!(t.batch));
         v.push("train", tr);
     }
     v
+}
+
+/// A width-dependent hyperparameter: its value at this width and, when it depends on
+/// the width, its law (`{"value": 1.5625e-10, "law": "1e-8 * n^(-1)"}` at n = 64); a plain
+/// number otherwise.
+fn monomial_json(m: crate::ir::Monomial, width: usize) -> Value {
+    if m.exp.is_zero() {
+        json!(m.coef)
+    } else {
+        json!({"value": m.at(width as f64), "law": m.to_string()})
+    }
+}
+
+/// `train.optimizer` in `tpc run --format json` (README, "Training: optimizers"): the
+/// name and the hyperparameters, keys added beside cli.md's `f_t` and `f_t_se`.
+fn optimizer_json(t: &crate::finite::train::TrainResult, width: usize) -> Value {
+    use crate::ir::Optimizer;
+    match t.optim {
+        Optimizer::Sgd => json!({"name": "sgd"}),
+        Optimizer::Momentum { beta } => json!({"name": "momentum", "beta": beta}),
+        Optimizer::Adam { beta1, beta2, eps } => json!({
+            "name": "adam", "beta1": beta1, "beta2": beta2, "eps": monomial_json(eps, width)
+        }),
+        Optimizer::AdamW {
+            beta1,
+            beta2,
+            eps,
+            wd,
+        } => json!({
+            "name": "adamw", "beta1": beta1, "beta2": beta2,
+            "eps": monomial_json(eps, width), "wd": monomial_json(wd, width)
+        }),
+    }
 }
 
 /// cli.md's `run` JSON: the `limit` keys estimated, each with its standard error

@@ -354,12 +354,16 @@ fn optimizer_examples_through_every_command() {
     }
 }
 
-/// `tpc check` does not apply SGD's exponents to Adam: N0103 instead of W0103/N0101.
+/// `tpc check` applies Adam's own exponents (tests/it/adam_scaling.rs), never SGD's
+/// W0103/N0101.
 #[test]
-fn adam_programs_get_n0103_instead_of_sgd_scaling() {
-    for name in ["adam_mlp", "sp_adam"] {
+fn adam_programs_get_adam_scaling() {
+    for (name, want) in [
+        ("adam_mlp", vec!["N0102"]),
+        ("sp_adam", vec!["W0107", "W0107", "W0109"]),
+    ] {
         let (_, diags) = tpc::check_source(&common::example(name));
         let codes: Vec<&str> = diags.iter().map(|d| d.code).collect();
-        assert_eq!(codes, ["N0103"], "{name}");
+        assert_eq!(codes, want, "{name}");
     }
 }
