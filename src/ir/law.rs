@@ -357,8 +357,19 @@ impl Preset {
     }
 
     /// The exact explicit law of the preset table for a parameter of `shape` with
-    /// constant `std` = s and constant learning-rate factor `lr`.
+    /// constant `std` = s and constant learning-rate factor `lr`, under SGD-like
+    /// optimizers (language.md, Presets).
     pub fn law(self, shape: Shape, s: f64, lr: f64) -> Law {
+        self.law_for(shape, s, lr, false)
+    }
+
+    /// The preset's law when the `train` block's optimizer is entrywise (`adam`,
+    /// `adamw`) if `entrywise`. Only muP changes: an Adam step moves every entry by
+    /// Θ(lr) whatever the gradient's size, so muP's learning rates become Tensor
+    /// Programs V's Adam column (Table 3): input weights and biases Θ(1), hidden and
+    /// readout matrices Θ(1/n), with the same initialization (theory.md §5.2 for the
+    /// SGD column).
+    pub fn law_for(self, shape: Shape, s: f64, lr: f64, entrywise: bool) -> Law {
         let n = |p: i64, q: i64| Monomial::n_pow(Rational::new(p, q).unwrap_or(Rational::ZERO));
         let c = Monomial::constant;
         let fan_in = |d: usize| c(1.0 / d as f64);
@@ -369,6 +380,9 @@ impl Preset {
             (Preset::Sp, Shape::Input(d)) => (c(s * s) * fan_in(d), c(1.0), c(1.0)),
             (Preset::Sp, Shape::Hidden | Shape::Readout) => (c(s * s) * n(-1, 1), c(1.0), c(1.0)),
             (Preset::Sp, Shape::Vector | Shape::Scalar) => (c(s * s), c(1.0), c(1.0)),
+            (Preset::Mup, Shape::Input(d)) if entrywise => (c(s * s) * fan_in(d), c(1.0), c(1.0)),
+            (Preset::Mup, Shape::Hidden) if entrywise => (c(s * s) * n(-1, 1), c(1.0), n(-1, 1)),
+            (Preset::Mup, Shape::Vector) if entrywise => (c(s * s), c(1.0), c(1.0)),
             (Preset::Mup, Shape::Input(d)) => (c(s * s) * fan_in(d), c(1.0), n(1, 1)),
             (Preset::Mup, Shape::Hidden) => (c(s * s) * n(-1, 1), c(1.0), c(1.0)),
             (Preset::Mup, Shape::Readout) => (c(s * s) * n(-2, 1), c(1.0), n(-1, 1)),

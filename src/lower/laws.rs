@@ -43,7 +43,11 @@ impl Lowerer<'_> {
     ) -> Option<(Law, Option<Preset>, Span)> {
         let preset = self.prog.preset;
         match &p.law {
-            None => Some((preset.law(shape, 1.0, 1.0), Some(preset), p.span)),
+            None => Some((
+                preset.law_for(shape, 1.0, 1.0, self.entrywise_optimizer),
+                Some(preset),
+                p.span,
+            )),
             Some(LawSyntax::Preset { entries, span }) => {
                 let (mut std, mut lr) = (1.0, 1.0);
                 let mut ok = true;
@@ -90,7 +94,10 @@ impl Lowerer<'_> {
                         }
                     }
                 }
-                ok.then(|| (preset.law(shape, std, lr), Some(preset), *span))
+                ok.then(|| {
+                    let law = preset.law_for(shape, std, lr, self.entrywise_optimizer);
+                    (law, Some(preset), *span)
+                })
             }
             Some(LawSyntax::Explicit {
                 dist,

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 use crate::diag::{nearest, Diagnostic};
 use crate::ir::{InputDecl, NodeId, Op, Preset, Program, Span};
-use crate::syntax::{File, Ident, Item, Stmt, StmtKind};
+use crate::syntax::{self, File, Ident, Item, Stmt, StmtKind};
 
 /// The most instructions a program may have after unrolling.
 pub const MAX_INSTRUCTIONS: usize = 100_000;
@@ -84,6 +84,10 @@ pub(crate) struct Lowerer<'a> {
     /// Every `mean(..)` lowered so far, by its integrand over operand ids: a moment
     /// written twice is one node (`scalar.rs`).
     pub(crate) moments: HashMap<String, NodeId>,
+    /// The `train` block's optimizer is entrywise (`adam`, `adamw`): the `mup` preset
+    /// then takes Adam's learning rates (`Preset::law_for`). Read from the syntax before
+    /// any parameter is declared, since `train` comes last in a file.
+    pub(crate) entrywise_optimizer: bool,
 }
 
 /// Lowers a parsed file. Returns the program when there was no error, and every
@@ -104,6 +108,7 @@ pub fn lower(file: &File, src: &str) -> (Option<Program>, Vec<Diagnostic>) {
         budget_error: false,
         next_order: 0,
         moments: HashMap::new(),
+        entrywise_optimizer: entrywise_optimizer(file),
     };
     l.globals(file);
     collect_assigned(
@@ -528,4 +533,19 @@ pub(crate) fn show_name(name: &str, index: &[i64]) -> String {
         let ix: Vec<String> = index.iter().map(|i| i.to_string()).collect();
         format!("{name}[{}]", ix.join(", "))
     }
+}
+
+/// Whether a `train` block names an entrywise optimizer (`optimizer = adam(…)` or
+/// `adamw(…)`); the block itself is checked later, in `train.rs`.
+fn entrywise_optimizer(file: &File) -> bool {
+    file.items.iter().any(|i| match i {
+        Item::Train(t) => t.entries.iter().any(|e| {
+            e.key.name == "optimizer"
+                && matches!(&e.value, syntax::TrainValue::Expr(ex) if matches!(
+                    &ex.kind,
+                    syntax::ExprKind::Call { fun, .. } if fun.name == "adam" || fun.name == "adamw"
+                ))
+        }),
+        _ => false,
+    })
 }

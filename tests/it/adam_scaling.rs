@@ -7,8 +7,9 @@
 //! * adam_mlp.tp (muP for Adam, ε ∝ 1/n): no warning, feature learning, muP;
 //! * the same with ε = 1e-8 fixed: W0109 at the ε argument, with the exponent the
 //!   fix needs (Θ(n^(-1))), still feature learning at practical widths;
-//! * the `mup` preset (SGD's muP) under Adam: W0108 on `U` and `W` with the Adam lrs;
-//!   not on `v`, whose SGD and Adam muP laws coincide;
+//! * SGD's muP learning rates written out under Adam: W0108 on `U` and `W` with the Adam
+//!   lrs; not on `v`, whose SGD and Adam muP laws coincide; the `mup` preset under Adam
+//!   takes Adam's column itself (same laws as adam_mlp.tp, no warning);
 //! * coord-check on sp_adam.tp measures every predicted exponent of the first step
 //!   within ±0.15 (CI size: N = 256..2048, 8 draws; `#[ignore]`d: N = 512..4096).
 
@@ -44,14 +45,14 @@ fn eps_fixed() -> String {
     common::example("adam_mlp").replace("1e-8 * n^(-1)", "1e-8")
 }
 
-const MUP_SGD_UNDER_ADAM: &str = "# muP's SGD learning rates (the `mup` preset) trained with Adam.
+const MUP_SGD_UNDER_ADAM: &str =
+    "# muP's SGD learning rates (language.md's `mup` table) trained with Adam.
 width n
-parameterization mup
 input x : 2
 
-param U : n x 2
-param W : n x n
-param v : 1 x n
+param U : n x 2 ~ N(0, 1/2)   lr n
+param W : n x n ~ N(0, 1/n)
+param v : 1 x n ~ N(0, 1/n^2) lr n^(-1)
 
 h1 = tanh(U @ x)
 h2 = tanh(W @ h1)
@@ -386,4 +387,30 @@ fn coord_check_confirms_mup_adam() {
         };
         assert_eq!(c["predicted"], want, "{c}");
     }
+}
+
+/// `parameterization mup` under `adam` is Tensor Programs V's Adam column (Table 3):
+/// the laws of adam_mlp.tp, no warning, feature learning.
+#[test]
+fn mup_preset_under_adam_is_the_adam_column() {
+    let preset = MUP_SGD_UNDER_ADAM
+        .replace("input x : 2\n", "parameterization mup\ninput x : 2\n")
+        .replace(" ~ N(0, 1/2)   lr n\n", "\n")
+        .replace(" ~ N(0, 1/n)\n", "\n")
+        .replace(" ~ N(0, 1/n^2) lr n^(-1)\n", "\n");
+    assert!(preset.contains("param W : n x n\n"), "{preset}");
+    assert_eq!(codes(&preset), ["N0102"], "feature learning, no warning");
+    let laws = |p: &tpc::ir::Program| -> Vec<String> {
+        p.params
+            .iter()
+            .map(|q| format!("{}: {:?}", q.name, q.law))
+            .collect()
+    };
+    let explicit = MUP_SGD_UNDER_ADAM
+        .replace(" ~ N(0, 1/2)   lr n\n", " ~ N(0, 1/2)\n")
+        .replace(" ~ N(0, 1/n)\n", " ~ N(0, 1/n) lr n^(-1)\n");
+    assert_eq!(laws(&compile(&preset)), laws(&compile(&explicit)));
+    // Under SGD the same preset keeps SGD's column.
+    let sgd = preset.replace("    optimizer = adam(0.9, 0.999, 1e-8 * n^(-1))\n", "");
+    assert_ne!(laws(&compile(&sgd)), laws(&compile(&explicit)));
 }
