@@ -271,3 +271,32 @@ fn the_budgets_hold_in_cpu_time() {
     eprintln!("CPU: gated unit {:.1} ms, nested program {n:.2} s", g * 1e3);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---- what is left ------------------------------------------------------------------
+
+/// A Ż coefficient through `step` of several Gaussians (`step(relu(a) + b)`, whose jump
+/// is not along one Gaussian) is refused with E0030 at the transposed product, with a
+/// help line (and, under `--format json`, as JSON: tests/it/json_errors.rs); `step` of
+/// one sum of Gaussians (`step(a + b)`) is derived by Stein's lemma.
+#[test]
+fn a_step_of_several_gaussians_is_a_diagnostic() {
+    let head = "width n\nparam W : n x n ~ N(0, 1/n)\nparam V : n x n ~ N(0, 1/n)\n\
+                param v : n ~ N(0, 1)\na = W @ v\nb = V @ v\n";
+    let refused = format!("{head}u = W.T @ step(relu(a) + b)\nobserve m = mean(u * v)\n");
+    let e = tpc::limit_of(&refused, &[]).expect_err("refused");
+    assert_eq!(e.diagnostics.len(), 1, "{}", e.render());
+    let d = &e.diagnostics[0];
+    assert_eq!(d.code, "E0030");
+    assert!(d.help.is_some());
+    assert_eq!(
+        &refused[d.span.start..d.span.end],
+        "W.T @ step(relu(a) + b)"
+    );
+    insta::assert_snapshot!("step_of_several_gaussians", e.render());
+    let derived = format!("{head}u = W.T @ step(a + b)\nobserve m = mean(u * v)\n");
+    let r = tpc::limit_of(&derived, &[]).unwrap();
+    // E[u v] = E[∂ step(a + b)/∂a] = E[δ(a + b)] = 1/√(2π·2) (a + b ~ N(0, 2)).
+    let want = 1.0 / (4.0 * PI).sqrt();
+    let got = r.observe[0].1[0];
+    assert!((got - want).abs() <= r.max_error + 1e-12, "{got} vs {want}");
+}
