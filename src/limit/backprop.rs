@@ -347,7 +347,7 @@ impl Backward {
 pub fn unsupported_note(reason: &str) -> String {
     format!(
         "not derived: the backward pass of this program (which multiplies by a matrix and its \
-         transpose, so its cotangents have Ż terms, theory.md §2.1) {reason}; the NNGP and the \
+         transpose, so its cotangents have Ż terms, theory.md §2.1): {reason}; the NNGP and the \
          observes above are exact limits"
     )
 }

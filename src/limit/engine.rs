@@ -624,9 +624,7 @@ impl<'a> Engine<'a> {
                 let blocks = self.joint_blocks(&a.args, &[])?;
                 for i in 0..p {
                     let cov = joint_cov(&blocks, a.args.len(), a.args.len(), i, i);
-                    let f = a.f.clone();
-                    let est =
-                        gauss::expect_multi(&move |x: &[f64]| f.eval(x), &cov, TOL, self.seed);
+                    let est = self.expect(&a.f, &cov);
                     self.note(est.method.to_string(), est.error);
                     out[i] = est.value;
                 }
@@ -757,6 +755,7 @@ impl<'a> Engine<'a> {
                 let mut out = DMatrix::zeros(p, p);
                 let m = a.args.len();
                 let blocks = self.joint_blocks(&a.args, &b.args)?;
+                let fab = Expr::mul(a.f.clone(), b.f.substitute(&|j| Expr::Arg(j + m)));
                 for i in 0..p {
                     for j in 0..p {
                         if symmetric && j < i {
@@ -764,9 +763,7 @@ impl<'a> Engine<'a> {
                             continue;
                         }
                         let cov = joint_cov(&blocks, m, m + b.args.len(), i, j);
-                        let (fa, fb) = (a.f.clone(), b.f.clone());
-                        let f = move |x: &[f64]| fa.eval(&x[..m]) * fb.eval(&x[m..]);
-                        let est = gauss::expect_multi(&f, &cov, TOL, self.seed);
+                        let est = self.expect(&fab, &cov);
                         self.note(est.method.to_string(), est.error);
                         out[(i, j)] = est.value;
                     }
@@ -774,6 +771,17 @@ impl<'a> Engine<'a> {
                 Ok(out)
             }
         }
+    }
+
+    /// `E[f(x)]`, `x ~ N(0, cov)`, by a multidimensional rule: nested over independent
+    /// Gaussian families when the covariance has several blocks (`nested.rs`), else
+    /// tensor Gauss–Hermite or, past three dimensions, QMC (`gauss::expect_multi`).
+    fn expect(&self, f: &Expr, cov: &DMatrix<f64>) -> gauss::Estimate {
+        if let Some(e) = super::nested::expect(f, cov, TOL) {
+            return e;
+        }
+        let g = f.clone();
+        gauss::expect_multi(&move |x: &[f64]| g.eval(x), cov, TOL, self.seed)
     }
 
     /// Prepares (once) the pair kernel of two functions; returns its cache key.
@@ -978,15 +986,11 @@ impl<'a> Engine<'a> {
                 .iter()
                 .map(|v| v.as_ref().map_or(0.0, |v| v.0[i]))
                 .collect();
-            let (f, gi2) = (a.f.clone(), gi.clone());
-            let g = move |x: &[f64]| {
-                let mut y = fixed.clone();
-                for (k, &j) in gi2.iter().enumerate() {
-                    y[j] = x[k];
-                }
-                f.eval(&y)
-            };
-            let est = gauss::expect_multi(&g, &cov, TOL, self.seed);
+            let g = a.f.substitute(&|j| match gi.iter().position(|&k| k == j) {
+                Some(k) => Expr::Arg(k),
+                None => Expr::Const(fixed[j]),
+            });
+            let est = self.expect(&g, &cov);
             self.note(est.method.to_string(), est.error);
             out[i] = est.value;
         }
@@ -1037,18 +1041,17 @@ impl<'a> Engine<'a> {
                     .iter()
                     .map(|v| v.as_ref().map_or(0.0, |v| v.0[j]))
                     .collect();
-                let (f, g, ga2, gb2) = (a.f.clone(), b.f.clone(), ga.clone(), gb.clone());
-                let h = move |x: &[f64]| {
-                    let (mut ya, mut yb) = (xa.clone(), xb.clone());
-                    for (k, &jj) in ga2.iter().enumerate() {
-                        ya[jj] = x[k];
-                    }
-                    for (k, &jj) in gb2.iter().enumerate() {
-                        yb[jj] = x[ma + k];
-                    }
-                    f.eval(&ya) * g.eval(&yb)
-                };
-                let est = gauss::expect_multi(&h, &cov, TOL, self.seed);
+                let fa =
+                    a.f.substitute(&|jj| match ga.iter().position(|&k| k == jj) {
+                        Some(k) => Expr::Arg(k),
+                        None => Expr::Const(xa[jj]),
+                    });
+                let fb =
+                    b.f.substitute(&|jj| match gb.iter().position(|&k| k == jj) {
+                        Some(k) => Expr::Arg(ma + k),
+                        None => Expr::Const(xb[jj]),
+                    });
+                let est = self.expect(&Expr::mul(fa, fb), &cov);
                 self.note(est.method.to_string(), est.error);
                 out[(i, j)] = est.value;
             }

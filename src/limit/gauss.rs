@@ -276,6 +276,10 @@ pub enum Method {
     /// `degree`-node trapezoid rule, with a conditional 1-D rule near `|rho| = 1`
     /// (smooth integrands; `smooth.rs`).
     HermiteSeries { degree: usize },
+    /// Independent Gaussian families integrated one inside the other (`nested.rs`):
+    /// conditional 1-D Gauss–Legendre rules of `degree` nodes per panel, panels split at
+    /// the integrand's kinks, over `dims` standard variables.
+    Nested { degree: usize, dims: usize },
 }
 
 impl fmt::Display for Method {
@@ -300,6 +304,11 @@ impl fmt::Display for Method {
             Method::HermiteSeries { degree } => write!(
                 f,
                 "Hermite (Mehler) series, coefficients by a {degree}-node trapezoid rule"
+            ),
+            Method::Nested { degree, dims } => write!(
+                f,
+                "nested over independent families: Gauss–Legendre, {degree} nodes per panel, \
+                 split at kinks, in {dims} dimensions"
             ),
         }
     }

@@ -25,6 +25,7 @@ pub mod fastmath;
 pub mod fused;
 pub mod gauss;
 pub mod linear;
+pub mod nested;
 pub mod netsor;
 pub mod observe_particles;
 pub mod particle;

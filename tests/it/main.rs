@@ -25,6 +25,7 @@ mod limit;
 mod limit_linear;
 mod limit_refusals;
 mod limit_train;
+mod nested;
 mod netsor;
 mod netsor_limit;
 mod optim;
