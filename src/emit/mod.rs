@@ -7,7 +7,7 @@
 //! and Training; theory.md §5.1 for the abc reading of the laws). This module walks the
 //! IR once ([`walk`]: which nodes get a line, which are inlined into their one user,
 //! the Python name of every value, each right-hand side as text) and hands the result
-//! to a target ([`torch`]) that writes the module around it. It never sees
+//! to a target ([`torch`], [`jax`]) that writes the module around it. It never sees
 //! syntax: names come from the IR's source names ([`Program::stable_names`] for the
 //! naming convention of unnamed values).
 //!
@@ -19,6 +19,7 @@
 //! trainable `w` (language.md, Training), and training steps `w` with the rate
 //! `lr · lr_mult(n)` — one optimizer parameter group per parameter.
 
+pub mod jax;
 pub mod npz;
 pub mod torch;
 
@@ -46,6 +47,7 @@ pub struct EmitArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
     Torch,
+    Jax,
 }
 
 /// What differs between the targets inside an expression: function names, the
@@ -60,8 +62,9 @@ pub trait Dialect {
     fn readout(&self, w: &str, h: &str) -> String;
     /// The mean over the width (last) axis, keeping it.
     fn mean(&self, e: &str) -> String;
-    /// How the trainable value of parameter `name` is read inside the forward pass.
-    fn param(&self, name: &str) -> String;
+    /// How the trainable value of a parameter is read inside the forward pass, given
+    /// its Python identifier and its `.tp` name.
+    fn param(&self, py: &str, tp: &str) -> String;
     /// How the multiplier of parameter `name` is read inside the forward pass.
     fn mult(&self, name: &str) -> String;
     /// A width-n vector of ones (a coordinatewise value of scalars only).
@@ -368,7 +371,7 @@ pub fn walk(prog: &Program, d: &dyn Dialect) -> Walk {
             },
             Op::Param(p) => {
                 let prm = &prog.params[*p];
-                let w = d.param(&params[*p]);
+                let w = d.param(&params[*p], &prm.name);
                 val[id.index()] = if unit(prm.law.mult) || prm.shape.is_matrix() {
                     (w, ATOM)
                 } else {
@@ -386,7 +389,7 @@ pub fn walk(prog: &Program, d: &dyn Dialect) -> Walk {
                 };
                 let (x, xp) = arg(1);
                 let x = if xp < ATOM { format!("({x})") } else { x };
-                let prod = d.matmul(&d.param(&params[pi]), &x, *transpose);
+                let prod = d.matmul(&d.param(&params[pi], &p.name), &x, *transpose);
                 if unit(p.law.mult) {
                     (prod, MUL)
                 } else {
@@ -440,7 +443,7 @@ pub fn walk(prog: &Program, d: &dyn Dialect) -> Walk {
                                 Op::Param(pi) => pi,
                                 _ => continue,
                             };
-                            let prod = d.readout(&d.param(&params[pi]), &h);
+                            let prod = d.readout(&d.param(&params[pi], &prog.params[pi].name), &h);
                             (*coef, pi, prod)
                         }
                         OutTerm::Scalar { coef, param } => {
@@ -448,7 +451,7 @@ pub fn walk(prog: &Program, d: &dyn Dialect) -> Walk {
                                 Op::Param(pi) => pi,
                                 _ => continue,
                             };
-                            (*coef, pi, d.param(&params[pi]))
+                            (*coef, pi, d.param(&params[pi], &prog.params[pi].name))
                         }
                     };
                     let mut term = String::new();
@@ -552,6 +555,7 @@ pub fn declared_shape(shape: Shape, n: usize) -> Vec<usize> {
 pub fn emit(prog: &Program, target: Target, file: &str, width: Option<usize>) -> String {
     match target {
         Target::Torch => torch::module(prog, file, width.unwrap_or(DEFAULT_WIDTH)),
+        Target::Jax => jax::module(prog, file, width.unwrap_or(DEFAULT_WIDTH)),
     }
 }
 
@@ -578,4 +582,21 @@ pub fn py_rows(rows: &[Vec<f64>]) -> String {
 /// A Python string literal.
 pub fn py_str(s: &str) -> String {
     format!("{s:?}")
+}
+
+/// Which parameters the outputs depend on (the ones training moves: torch skips a
+/// parameter without a gradient, and so does `finite::train`).
+pub fn reaches_outputs(prog: &Program) -> Vec<bool> {
+    let mut live = vec![false; prog.len()];
+    for &o in &prog.outputs {
+        live[o.index()] = true;
+    }
+    for id in prog.ids().collect::<Vec<_>>().into_iter().rev() {
+        if live[id.index()] {
+            for a in prog.operands(id) {
+                live[a.index()] = true;
+            }
+        }
+    }
+    prog.params.iter().map(|p| live[p.node.index()]).collect()
 }

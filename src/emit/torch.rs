@@ -45,8 +45,8 @@ impl Dialect for Torch {
     fn mean(&self, e: &str) -> String {
         format!("({e}).mean(-1, keepdim=True)")
     }
-    fn param(&self, name: &str) -> String {
-        format!("self.{name}")
+    fn param(&self, py: &str, _tp: &str) -> String {
+        format!("self.{py}")
     }
     fn mult(&self, name: &str) -> String {
         format!("self.mult[{}]", py_str(name))
@@ -181,10 +181,10 @@ pub fn module(prog: &Program, file: &str, width: usize) -> String {
     } else {
         format!("self, {args}")
     };
-    let _ = writeln!(s, "\n    def run({sig}):");
+    let _ = writeln!(s, "\n    def run({sig}, trace=None):");
     let _ = writeln!(
         s,
-        "        \"\"\"Outputs (B, len(OUTPUTS)) and the observes by name.\"\"\""
+        "        \"\"\"Outputs (B, len(OUTPUTS)) and the observes by name; every value into `trace`.\"\"\""
     );
     for l in &w.lines {
         let comment = match &l.source {
@@ -215,6 +215,11 @@ pub fn module(prog: &Program, file: &str, width: usize) -> String {
             .map(|(n, e)| format!("{}: {e}.reshape(-1)", py_str(n)))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    let _ = writeln!(s, "        if trace is not None:");
+    let _ = writeln!(
+        s,
+        "            trace.update({{k: v for k, v in locals().items() if torch.is_tensor(v)}})"
     );
     let _ = writeln!(s, "        return outputs, observes");
     let _ = writeln!(s, "\n    def forward({sig}):");

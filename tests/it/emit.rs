@@ -28,11 +28,15 @@ const TOL: f64 = 1e-10;
 fn python() -> Option<PathBuf> {
     let candidates: Vec<PathBuf> = match std::env::var_os("TPC_EMIT_PYTHON") {
         Some(p) if !p.is_empty() => vec![PathBuf::from(p)],
+        // tests/emit/venv.sh's default place
         _ => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
+            let cache = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| common::manifest().join("target"));
-            vec![target.join("emit-venv").join("bin").join("python")]
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+            cache
+                .map(|c| c.join("tpc/emit-venv/bin/python"))
+                .into_iter()
+                .collect()
         }
     };
     if let Some(p) = candidates.into_iter().find(|p| p.exists()) {
@@ -138,18 +142,41 @@ fn scratch(tag: &str) -> PathBuf {
 /// outputs, observes, the NTK Gram and f_t to 1e-10 relative; py_compile and ruff pass.
 #[test]
 fn emitted_torch_modules_match_tpc_on_saved_parameters() {
+    if let Some(py) = python() {
+        check_target(&py, Target::Torch, "check.py");
+    }
+}
+
+/// The same for `--target jax` (params pytree, `jax.grad` training, the NTK by
+/// `jax.jacrev`), when the venv has JAX.
+#[test]
+fn emitted_jax_modules_match_tpc_on_saved_parameters() {
     let Some(py) = python() else { return };
-    let dir = scratch("torch");
+    let has_jax = Command::new(&py)
+        .args(["-c", "import jax"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_jax {
+        let msg = "SKIP emit jax: the venv has no jax (tests/emit/venv.sh installs it)";
+        assert!(
+            std::env::var("TPC_EMIT_REQUIRE").ok().as_deref() != Some("1"),
+            "{msg}"
+        );
+        eprintln!("{msg}");
+        return;
+    }
+    check_target(&py, Target::Jax, "check_jax.py");
+}
+
+fn check_target(py: &Path, target: Target, checker: &str) {
+    let py = py.to_path_buf();
+    let dir = scratch(&format!("{target:?}"));
     let mut manifest = Vec::new();
     let mut refs = Vec::new();
     let mut modules = Vec::new();
     for (name, prog) in cases() {
         let module = dir.join(format!("{name}.py"));
-        std::fs::write(
-            &module,
-            emit(&prog, Target::Torch, &format!("{name}.tp"), None),
-        )
-        .unwrap();
+        std::fs::write(&module, emit(&prog, target, &format!("{name}.tp"), None)).unwrap();
         let npz = dir.join(format!("{name}.npz"));
         std::fs::write(&npz, params_npz(&prog, WIDTH, SEED, 0).unwrap()).unwrap();
         let rows = rows(&prog);
@@ -171,7 +198,7 @@ fn emitted_torch_modules_match_tpc_on_saved_parameters() {
     }
     let mpath = dir.join("manifest.json");
     std::fs::write(&mpath, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let script = common::manifest().join("tests/emit/check.py");
+    let script = common::manifest().join("tests/emit").join(checker);
     let out = run_python(&py, &[script.to_str().unwrap(), mpath.to_str().unwrap()]);
     let got: Vec<serde_json::Value> = serde_json::from_slice(&out).unwrap();
     let mut worst = 0.0f64;
@@ -204,7 +231,7 @@ fn emitted_torch_modules_match_tpc_on_saved_parameters() {
         }
     }
     eprintln!(
-        "emit: {} programs, worst relative difference {worst:.2e}",
+        "emit {target:?}: {} programs, worst relative difference {worst:.2e}",
         refs.len()
     );
     let mut args = vec!["-m", "py_compile"];
