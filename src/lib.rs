@@ -40,6 +40,7 @@
 pub mod autodiff;
 pub mod data;
 pub mod diag;
+pub mod emit;
 pub mod finite;
 pub mod ir;
 pub mod limit;

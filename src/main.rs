@@ -125,7 +125,13 @@ enum Cmd {
         /// and `meta.json` into DIR; stdout then shows the metadata (docs/cli.md)
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Also write the parameters of draw 0 of seed S (the N(0, var) draws, without
+        /// multipliers) as float64 arrays named by the .tp names, for `tpc emit` modules
+        #[arg(long, value_name = "FILE.npz")]
+        save_params: Option<PathBuf>,
     },
+    /// Emit the network as a Python module (PyTorch) with its laws, optimizer and training
+    Emit(tpc::emit::EmitArgs),
     /// Finite width against the limit: error per width, fitted convergence slope, SVG plot
     ///
     /// Computes the limit once, then at each width runs K draws (draw k of seed S is
@@ -307,7 +313,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
         | Cmd::Bench {
             what: BenchCmd::Limit { format, .. },
         } => *format == Format::Json,
-        Cmd::Check { .. } | Cmd::Explain { .. } => false,
+        Cmd::Check { .. } | Cmd::Explain { .. } | Cmd::Emit(_) => false,
     };
     JSON_ERRORS.store(json, Ordering::Relaxed);
     match cli.cmd {
@@ -463,9 +469,17 @@ fn run(cli: Cli) -> Result<(), Reported> {
             engine,
             format,
             out,
+            save_params,
         } => {
             let prog = compile_file(&file)?;
             let points = load_points(&prog, inputs.as_deref())?;
+            if let Some(path) = &save_params {
+                let n = usize::try_from(width).map_err(|_| fail("the width is too large"))?;
+                let bytes = tpc::emit::npz::params_npz(&prog, n, seed, 0)
+                    .map_err(|e| run_fail(&file, &prog, &e))?;
+                std::fs::write(path, bytes)
+                    .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display())))?;
+            }
             let cfg = tpc::finite::exec::RunConfig {
                 width: usize::try_from(width)
                     .map_err(|_| fail("the width is too large for this machine"))?,
@@ -590,6 +604,16 @@ fn run(cli: Cli) -> Result<(), Reported> {
             )
         }
         Cmd::Predict(args) => predict(args),
+        Cmd::Emit(a) => {
+            let prog = compile_file(&a.file)?;
+            let width = a.width.map(|w| w as usize);
+            let text = tpc::emit::emit(&prog, a.target, &a.file.display().to_string(), width);
+            match &a.output {
+                Some(path) => std::fs::write(path, text)
+                    .map_err(|e| fail(&format!("cannot write `{}`: {e}", path.display()))),
+                None => print_out(&text),
+            }
+        }
         Cmd::Explain { code } => match CODES.iter().find(|c| c.0.eq_ignore_ascii_case(&code)) {
             Some((c, m)) => print_out(&format!("{c}: {m}\n")),
             None => Err(fail(&format!("unknown diagnostic code `{code}`"))),

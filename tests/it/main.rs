@@ -10,6 +10,7 @@ mod compare_moments;
 mod contract;
 mod coord_check;
 mod diagnostics;
+mod emit;
 mod examples;
 mod factor;
 mod finite;
