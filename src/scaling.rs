@@ -496,6 +496,8 @@ impl<'a> Ctx<'a> {
                 Op::Nonlin(_) | Op::Moment(_) => self.flats[id.index()]
                     .as_ref()
                     .map_or(Ex::Zero, |f| f.value(&self.args(id, &e))),
+                // Only unrolled limit programs hold one (never analyzed here).
+                Op::Outer { .. } => Ex::Zero,
                 Op::Output { terms, constant } => {
                     let mut s = if *constant != 0.0 { Ex::ONE } else { Ex::Zero };
                     for t in terms {
@@ -580,7 +582,7 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 }
-                Op::Input { .. } | Op::Param(_) | Op::Scalar(_) => {}
+                Op::Input { .. } | Op::Param(_) | Op::Scalar(_) | Op::Outer { .. } => {}
             }
         }
         g
@@ -743,7 +745,7 @@ impl<'a> Ctx<'a> {
                     }
                     s
                 }
-                Op::Scalar(_) => Ex::Zero,
+                Op::Scalar(_) | Op::Outer { .. } => Ex::Zero,
             };
             d[i] = d[i].max(prop);
         }

@@ -191,6 +191,12 @@ pub fn trajectory(
     } else {
         r.points.clone()
     };
+    if !train.optimizer.is_linear() {
+        // Adam, AdamW: the unrolled program with nonlinear outer products, by particles
+        // (super::outer), whatever the regime.
+        adam_trajectory(prog, train, &r.points, particles, &mut out);
+        return out;
+    }
     let regime = crate::scaling::regime(prog);
     // Momentum, weight decay and minibatches: the unrolled program carries them; the
     // kernel recursion and the one-hidden-layer engine below are full-batch SGD only.
@@ -323,27 +329,52 @@ pub fn trajectory(
     out
 }
 
-/// E0030 for a `train` block whose optimizer is not linear (Adam, AdamW): its limit
-/// is not a sum of rank-one moment corrections but needs the nonlinear outer product of
-/// Tensor Programs IVb (an average over an independent copy of the β-side Z's inside
-/// the entrywise update), which no engine computes yet.
-pub fn nonlinear_optimizer(train: &Train) -> LimitError {
-    LimitError {
-        span: Some(train.optimizer_span),
-        note: Some(
-            "the update of an entrywise optimizer like Adam is Q(ĝ_0..ĝ_t) entry by entry, and \
-             its infinite-width limit needs the nonlinear outer product (Tensor Programs IVb): \
-             not in this version. `tpc run` trains it at finite width; `momentum` and `sgd` \
-             (with weight decay and minibatches) have limits"
-                .to_string(),
-        ),
-        ..LimitError::general(
-            "E0030",
-            format!(
-                "no infinite-width limit for `{}` training yet",
-                train.optimizer.name()
-            ),
-        )
+/// Adam's and AdamW's trajectory ([`super::outer`]): the unrolled program in the
+/// limit's coefficients through the particle engine; why not, in the note.
+fn adam_trajectory(
+    prog: &Program,
+    train: &Train,
+    eval: &[Vec<f64>],
+    cfg: &ParticleConfig,
+    out: &mut LimitTrain,
+) {
+    match particle_trajectory(prog, eval, cfg) {
+        Ok((f, se, method)) => {
+            out.method = format!(
+                "{}: {method}; each hidden matrix's update a nonlinear outer product over {} \
+                 β-particles",
+                train.describe(),
+                cfg.outer_samples
+            );
+            out.f_t = Some(f);
+            out.f_t_se = Some(se);
+            let eval0: &[Vec<f64>] = if prog.inputs.is_empty() { &[] } else { eval };
+            let frozen = crate::autodiff::unroll(prog, eval0, crate::autodiff::Width::Limit)
+                .map(|u| u.frozen)
+                .unwrap_or_default();
+            let mut note =
+                "f_t is deterministic in the limit; Adam's entrywise update of a hidden \
+                            matrix acts as E_β[Q(ĝ(α, β))·Z_β] over an independent copy of the \
+                            β-side Z's (Tensor Programs IVb), sampled with the rest"
+                    .to_string();
+            if !frozen.is_empty() {
+                note.push_str(&format!(
+                    "; frozen in the limit (ε outgrows the gradient: the update vanishes): {}",
+                    frozen
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            out.note = Some(note);
+        }
+        Err(e) => {
+            out.note = Some(format!(
+                "{}: the particle engine could not compute the limit: {e}",
+                train.describe()
+            ));
+        }
     }
 }
 

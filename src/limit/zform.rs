@@ -359,6 +359,9 @@ impl Derivation {
         let ops = prog.operands(id);
         Ok(match &prog.node(id).op {
             Op::Input { .. } | Op::Output { .. } | Op::Scalar(_) => None,
+            Op::Outer { .. } => {
+                return Err("a nonlinear outer product is read by the particle engine only".into())
+            }
             Op::Moment(e) => {
                 let z = self.compose(prog, id, e, &ops)?;
                 let lim = if z.atoms.is_empty() {

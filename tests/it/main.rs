@@ -1,6 +1,7 @@
 //! The integration tests, one binary (one link in CI instead of one per file).
 //! Run one file's tests with e.g. `cargo test --release --test it limit::`.
 
+mod adam_limit;
 mod adversarial;
 mod api;
 mod common;
