@@ -57,7 +57,7 @@ impl Default for ParticleConfig {
             particles: 1 << 20,
             replicas: 16,
             seed: 0,
-            outer_samples: 1024,
+            outer_samples: 256,
         }
     }
 }

@@ -21,6 +21,7 @@ mod fused;
 mod fused_relu;
 mod fuzz_frontend;
 mod json_errors;
+mod kernel_optim;
 mod limit;
 mod limit_linear;
 mod limit_refusals;
