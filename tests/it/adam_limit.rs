@@ -5,7 +5,8 @@
 //! * `adam_mlp.tp`: the finite-width gap shrinks with N (CI-sized: N = 32, 128, 512);
 //!   and, `#[ignore]`d (minutes), the default `tpc limit` against `tpc run` at
 //!   N = 1024 … 8192 (K = 32) within 4 combined standard errors at every step and point:
-//!   `cargo test --release --test it adam_limit:: -- --ignored`.
+//!   `cargo test --release --test it adam_limit:: -- --ignored`;
+//! * a width-independent ε under muP: the input and hidden layers are frozen in the limit.
 
 use crate::common;
 
@@ -153,4 +154,29 @@ fn adam_mlp_limit_agrees_with_finite_width_up_to_8192() {
             );
         }
     }
+}
+
+/// A width-independent ε under muP outgrows the Θ(1/n) gradient entries of the input
+/// and hidden layers: in the limit their updates vanish. The trajectory is still
+/// computed (only the readout trains) and the note names the frozen parameters.
+#[test]
+fn a_constant_eps_freezes_the_hidden_layers_in_the_limit() {
+    let src = common::example("adam_mlp").replace("1e-8 * n^(-1)", "1e-8");
+    let prog = compile(&src);
+    let u = tpc::autodiff::unroll(&prog, &[], tpc::autodiff::Width::Limit).unwrap();
+    assert_eq!(u.frozen, ["U", "W"]);
+    let cfg = ParticleConfig {
+        particles: 1 << 14,
+        replicas: 16,
+        seed: 1,
+        outer_samples: 64,
+    };
+    let (frozen, fse, _) = particle_trajectory(&prog, &[], &cfg).unwrap();
+    let (moving, mse, _) = particle_trajectory(&example("adam_mlp"), &[], &cfg).unwrap();
+    // After 4 steps the frozen network has moved much less at the first point.
+    let (a, b) = (frozen[(4, 0)], moving[(4, 0)]);
+    assert!(
+        b - a > 4.0 * (fse[(4, 0)].powi(2) + mse[(4, 0)].powi(2)).sqrt(),
+        "{a} vs {b}"
+    );
 }
