@@ -73,6 +73,8 @@
 
 use crate::ir::{NodeId, Program};
 
+mod adam;
+
 /// Which meaning the coefficients of the unrolled program are taken in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Width {
@@ -102,6 +104,9 @@ pub struct Unrolled {
     /// steps (with the 1/B of the batch mean), t = 0..steps.
     pub chi: Vec<Vec<NodeId>>,
     pub width: Width,
+    /// Parameters Adam does not move in the limit: ε/(gradient scale) → ∞ with the
+    /// step κ/ε' → 0 (a width-independent ε under muP freezes hidden layers).
+    pub frozen: Vec<String>,
 }
 
 impl Unrolled {
@@ -160,13 +165,25 @@ pub fn unroll(prog: &Program, eval: &[Vec<f64>], width: Width) -> Result<Unrolle
             return Err(err(None, "a training target needs one number per output"));
         }
     }
-    if !train.optimizer.is_linear() {
+    if !train.optimizer.is_linear() && train.weight_decay.coef != 0.0 {
+        return Err(err(
+            None,
+            format!(
+                "`{}` with `weight_decay` (L2: λ·w inside the entrywise update) has no unrolled \
+                 program: the initial weights' entries would enter Adam's division; use \
+                 `adamw(…, wd)` (decoupled decay)",
+                train.optimizer.name()
+            ),
+        ));
+    }
+    if !train.optimizer.is_linear() && matches!(width, Width::Finite(_)) {
         return Err(err(
             None,
             format!(
                 "`{}` is not a linear optimizer: its update divides by the running root mean \
                  square of the gradient entry by entry, which is not a sum of low-rank terms in \
-                 the initial weights, so it has no unrolled program (the dense engine trains it)",
+                 the initial weights, so it has no unrolled program at finite width (the dense \
+                 engine trains it; the limit's program uses nonlinear outer products)",
                 train.optimizer.name()
             ),
         ));
@@ -233,7 +250,7 @@ struct InputRank1 {
 }
 
 /// The gradients of one training step, applied after every sample's backward pass.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Pending {
     rank1: Vec<Vec<Rank1>>,
     input: Vec<Vec<InputRank1>>,
@@ -293,6 +310,12 @@ struct Builder<'a> {
     products: HashMap<(usize, bool, NodeId), NodeId>,
     f: Vec<Vec<NodeId>>,
     chi: Vec<Vec<NodeId>>,
+    /// Adam or AdamW ([`adam`]): its constants, every parameter's κ and ε', and
+    /// every step's gradient terms so far.
+    adam: Option<adam::Adam>,
+    adam_p: Vec<adam::AdamParam>,
+    hist: Vec<Pending>,
+    frozen: Vec<String>,
 }
 
 impl<'a> Builder<'a> {
@@ -340,6 +363,9 @@ impl<'a> Builder<'a> {
         // values): a readout becomes the vector r = n·mult·w.
         let mut uparam = Vec::new();
         let mut kappa = Vec::new();
+        let adam = adam::Adam::of(train);
+        let mut adam_p = Vec::new();
+        let mut frozen = Vec::new();
         let mut lambda = Vec::new();
         let n1 = Monomial::n_pow(Rational::ONE);
         let eta = Monomial::constant(train.lr);
@@ -362,14 +388,35 @@ impl<'a> Builder<'a> {
                 Shape::Readout => k * n1,
             };
             let what = format!("the learning rate of `{}`", prm.name);
-            kappa.push(coefficient(width, k, &what, prm.node)?);
-            let what = format!("the weight decay per step of `{}`", prm.name);
-            let l = eta * prm.law.lr * train.weight_decay;
-            lambda.push(if train.weight_decay.coef == 0.0 {
-                0.0
+            if let Some(ad) = adam {
+                // Adam's own step sizes (module `adam`); AdamW's decay is λ = η·lr·wd.
+                let a = ad
+                    .param(eta, prm.law.lr, prm.law.mult, prm.shape, &prm.name)
+                    .map_err(|m| err(Some(prm.node), m))?;
+                if matches!(a, adam::AdamParam::Frozen) {
+                    frozen.push(prm.name.clone());
+                }
+                adam_p.push(a);
+                kappa.push(0.0);
+                let what = format!("AdamW's decay per step of `{}`", prm.name);
+                lambda.push(coefficient(
+                    width,
+                    eta * prm.law.lr * ad.wd,
+                    &what,
+                    prm.node,
+                )?);
             } else {
-                coefficient(width, l, &what, prm.node)?
-            });
+                kappa.push(coefficient(width, k, &what, prm.node)?);
+            }
+            if adam.is_none() {
+                let what = format!("the weight decay per step of `{}`", prm.name);
+                let l = eta * prm.law.lr * train.weight_decay;
+                lambda.push(if train.weight_decay.coef == 0.0 {
+                    0.0
+                } else {
+                    coefficient(width, l, &what, prm.node)?
+                });
+            }
             let node = u.push(Op::Param(i), &[], Some(prm.name.clone()), prm.span);
             u.params.push(Param {
                 shape,
@@ -420,6 +467,10 @@ impl<'a> Builder<'a> {
             products: HashMap::new(),
             f: Vec::new(),
             chi: Vec::new(),
+            adam,
+            adam_p,
+            hist: Vec::new(),
+            frozen,
         })
     }
 
@@ -432,6 +483,7 @@ impl<'a> Builder<'a> {
             f: self.f,
             chi: self.chi,
             width: self.width,
+            frozen: self.frozen,
         }
     }
 
@@ -695,10 +747,10 @@ impl Builder<'_> {
                     }
                     Some(self.push(Op::Scalar(e), &a, name, span)?)
                 }
-                Op::Scalar(_) => {
+                Op::Scalar(_) | Op::Outer { .. } => {
                     return Err(err(
                         Some(id),
-                        "a front-end program holds no scalar functions",
+                        "a front-end program holds no scalar functions or outer products",
                     ))
                 }
             };
@@ -737,9 +789,12 @@ impl Builder<'_> {
         span: Span,
     ) -> Result<NodeId, UnrollError> {
         // The name goes to the corrected value when there is a correction.
-        let corrected = !self.rank1[w].is_empty();
+        let corrected = !self.rank1[w].is_empty() || !self.hist.is_empty();
         let base_name = if corrected { None } else { name.clone() };
         let base = self.initial_product(w, transpose, z, base_name, span)?;
+        if self.adam.is_some() {
+            return self.adam_product(w, transpose, z, base, name, span);
+        }
         let kappa = self.kappa[w];
         let mut terms = self.initial_scale(w, base);
         for (s, r) in self.rank1[w].clone() {
@@ -788,10 +843,13 @@ impl Builder<'_> {
         span: Span,
     ) -> Result<NodeId, UnrollError> {
         let x = self.input_node(k, input, time, span);
-        let corrected = !self.input_rank1[w].is_empty();
+        let corrected = !self.input_rank1[w].is_empty() || !self.hist.is_empty();
         let base_name = if corrected { None } else { name.clone() };
         let base = self.initial_product(w, false, x, base_name, span)?;
         let xi = self.input_values(k, input, time);
+        if self.adam.is_some() {
+            return self.adam_input_product(w, &xi, base, name, span);
+        }
         let kappa = self.kappa[w];
         let mut terms = self.initial_scale(w, base);
         terms.extend(self.input_rank1[w].iter().map(|(s, r)| {
@@ -944,7 +1002,7 @@ impl Builder<'_> {
                         dv[a.index()].push(d);
                     }
                 }
-                Op::Input { .. } | Op::Output { .. } | Op::Scalar(_) => {}
+                Op::Input { .. } | Op::Output { .. } | Op::Scalar(_) | Op::Outer { .. } => {}
             }
         }
         Ok(())
@@ -971,6 +1029,9 @@ impl Builder<'_> {
     /// Applies one step's gradients: rank-one terms for matrices, new values for
     /// vectors, readouts and scalars (named with the new step `t`).
     fn apply(&mut self, t: usize, pending: Pending) -> Result<(), UnrollError> {
+        if self.adam.is_some() {
+            return self.adam_apply(t, pending);
+        }
         let g = self.g;
         let s = t - 1;
         for (p, prm) in g.params.iter().enumerate() {

@@ -76,6 +76,11 @@ enum Cmd {
         #[arg(long, default_value_t = tpc::limit::particle::ParticleConfig::default().particles as u64,
               value_parser = clap::value_parser!(u64).range(32..=1_000_000_000))]
         particles: u64,
+        /// β-side particles of each nonlinear outer product (Adam's hidden-matrix
+        /// updates in the limit): every particle averages over this many others
+        #[arg(long, default_value_t = tpc::limit::particle::ParticleConfig::default().outer_samples as u64,
+              value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+        outer_samples: u64,
         /// Also print the Z derivation of the unrolled training program, with its Ż
         /// terms (docs/theory.md §2.1, §6.1)
         #[arg(long)]
@@ -369,6 +374,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             inputs,
             format,
             particles,
+            outer_samples,
             unrolled,
             out,
             memory,
@@ -401,6 +407,7 @@ fn run(cli: Cli) -> Result<(), Reported> {
             }
             let cfg = tpc::limit::particle::ParticleConfig {
                 particles: particles as usize,
+                outer_samples: outer_samples as usize,
                 ..Default::default()
             };
             let r =

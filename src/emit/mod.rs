@@ -428,6 +428,9 @@ pub fn walk(prog: &Program, d: &dyn Dialect) -> Walk {
                     (s, p)
                 }
             }
+            // Only the limit's unrolled Adam program holds one (never emitted: `emit`
+            // reads front-end programs).
+            Op::Outer { .. } => continue,
             Op::Output { terms, constant } => {
                 let mut parts: Vec<String> = Vec::new();
                 for t in terms {

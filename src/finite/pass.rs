@@ -165,6 +165,13 @@ pub(super) fn forward_releasing(
                 }
                 Val::Scalar(out)
             }
+            Op::Outer { .. } => {
+                return Err(bug(
+                    Some(id),
+                    "a nonlinear outer product (Adam's unrolled limit program) is not run at \
+                     finite width: dense training runs Adam",
+                ))
+            }
         };
         let bad = match &v {
             Val::Vector(m) => out_of_range(m.iter().copied()),

@@ -73,7 +73,7 @@ impl<'a> Plan<'a> {
             grad[id.index()] = match &prog.node(id).op {
                 Op::Param(_) | Op::MatMul { .. } => true,
                 Op::Input { .. } | Op::Output { .. } => false,
-                Op::Nonlin(_) | Op::Moment(_) | Op::Scalar(_) => {
+                Op::Nonlin(_) | Op::Moment(_) | Op::Scalar(_) | Op::Outer { .. } => {
                     ops.iter().any(|a| grad[a.index()])
                 }
             };
@@ -106,6 +106,8 @@ impl<'a> Plan<'a> {
                     derivs[id.index()] = (0..ops.len()).map(|i| e.diff(i)).collect();
                     !any_point
                 }
+                // Not run at finite width (dense training runs Adam): `pass` refuses it.
+                Op::Outer { .. } => !any_point,
             };
             operands.push(ops);
         }

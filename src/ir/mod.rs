@@ -133,6 +133,13 @@ pub enum Op {
     Scalar(Expr),
     /// A finite output.
     Output { terms: Vec<OutTerm>, constant: f64 },
+    /// The nonlinear outer product of Tensor Programs IVb (theory.md §6; module docs of
+    /// [`crate::limit::outer`]): the vector `y_α = (1/n) Σ_β ψ(ĝ^0_{αβ}, …) z_β` with
+    /// `ĝ^s_{αβ} = Σ_{j ∈ group s} a_{j,α} b_{j,β}`. Operands: the k = Σ groups
+    /// vectors `a_j` (read at α), the k vectors `b_j` (read at β, paired in order), then
+    /// `z`; `expr`'s `Arg(s)` is ĝ^s. Written only by the unrolled training of an
+    /// entrywise optimizer (Adam) in the limit's coefficients: ψ is its update.
+    Outer { expr: Expr, groups: Vec<usize> },
 }
 
 impl Op {
@@ -152,6 +159,7 @@ impl Op {
             Op::Moment(_) => "moment",
             Op::Scalar(_) => "scalar",
             Op::Output { .. } => "output",
+            Op::Outer { .. } => "outer",
         }
     }
 }
@@ -448,7 +456,7 @@ impl Program {
                 Shape::Scalar => Ty::Finite,
                 _ => Ty::Matrix,
             },
-            Op::MatMul { .. } | Op::Nonlin(_) => Ty::Vector,
+            Op::MatMul { .. } | Op::Nonlin(_) | Op::Outer { .. } => Ty::Vector,
             Op::Moment(_) => Ty::Moment,
             Op::Scalar(_) | Op::Output { .. } => Ty::Finite,
         }

@@ -304,6 +304,12 @@ pub fn scalars(prog: &Program, row: &[f64]) -> Result<Vec<Option<f64>>, (Option<
                         .into(),
                 ))
             }
+            Op::Outer { .. } => {
+                return Err((
+                    Some(id),
+                    "a nonlinear outer product is not linear in the Gaussians".into(),
+                ))
+            }
         };
         if let Some(V::S(c)) = &v {
             if !c.is_finite() {

@@ -28,6 +28,7 @@ pub mod linear;
 pub mod nested;
 pub mod netsor;
 pub mod observe_particles;
+pub mod outer;
 pub mod particle;
 pub mod qmc;
 pub mod random_logits;
@@ -245,9 +246,6 @@ pub fn limit_with(
                 format!("the Gaussian expectation of `{}` does not exist", bad.name),
             )
         });
-    }
-    if let Some(tr) = prog.train.as_ref().filter(|t| !t.optimizer.is_linear()) {
-        return Err(train::nonlinear_optimizer(tr));
     }
     let mut r = kernels(prog, points)?;
     if let (Some(tr), None) = (&prog.train, &r.train) {

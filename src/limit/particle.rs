@@ -46,6 +46,9 @@ pub struct ParticleConfig {
     /// Independent replicas R (≥ 2: the standard error is their spread).
     pub replicas: usize,
     pub seed: u64,
+    /// β-side particles S of a nonlinear outer product ([`super::outer`]): each
+    /// particle averages over S others of its replica.
+    pub outer_samples: usize,
 }
 
 impl Default for ParticleConfig {
@@ -54,6 +57,7 @@ impl Default for ParticleConfig {
             particles: 1 << 20,
             replicas: 16,
             seed: 0,
+            outer_samples: 256,
         }
     }
 }
@@ -94,6 +98,11 @@ enum Kind {
         member: usize,
     },
     Nonlin(Expr),
+    /// A nonlinear outer product ([`super::outer`]): its kernel (an index into
+    /// [`Structure::kernels`]) applied to its last operand.
+    Outer {
+        kernel: usize,
+    },
     Moment(Expr),
     Scalar(Expr),
     /// Not a particle quantity; the reason.
@@ -124,6 +133,18 @@ struct Structure<'a> {
     ops: Vec<Vec<NodeId>>,
     kind: Vec<Kind>,
     members: Vec<Member>,
+    /// The distinct kernels of the outer products (shared by products that differ
+    /// only in the vector they multiply).
+    kernels: Vec<OuterKernel>,
+}
+
+/// `F[α, β] = ψ(ĝ_{αβ})` of [`super::outer::kernel`]: ψ, the groups and the 2k
+/// operands `a_j`, `b_j`.
+#[derive(Clone, Debug, PartialEq)]
+struct OuterKernel {
+    expr: Expr,
+    groups: Vec<usize>,
+    ops: Vec<NodeId>,
 }
 
 /// The n → ∞ limit of a variance, or why there is none.
@@ -142,6 +163,7 @@ impl<'a> Structure<'a> {
         let ops: Vec<Vec<NodeId>> = prog.ids().map(|id| prog.operands(id)).collect();
         let mut kind = Vec::with_capacity(prog.len());
         let mut members: Vec<Member> = Vec::new();
+        let mut kernels: Vec<OuterKernel> = Vec::new();
         let mut deps: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); prog.len()];
         for id in prog.ids() {
             let o = &ops[id.index()];
@@ -191,6 +213,33 @@ impl<'a> Structure<'a> {
                         }
                     }
                 }
+                Op::Outer { expr, groups } => {
+                    let k: usize = groups.iter().sum();
+                    if o.len() != 2 * k + 1 || o.iter().any(|&a| prog.ty(a) != Ty::Vector) {
+                        Kind::Refused("an outer product's operands are 2k + 1 vectors".into())
+                    } else {
+                        // A function of α's own Z's once the β-side is integrated out:
+                        // its Ż dependencies are those of the α-side operands.
+                        let mut d = BTreeSet::new();
+                        for a in &o[..k] {
+                            d.extend(deps[a.index()].iter().copied());
+                        }
+                        deps[id.index()] = d;
+                        let key = OuterKernel {
+                            expr: expr.clone(),
+                            groups: groups.clone(),
+                            ops: o[..2 * k].to_vec(),
+                        };
+                        let kernel = match kernels.iter().position(|x| *x == key) {
+                            Some(j) => j,
+                            None => {
+                                kernels.push(key);
+                                kernels.len() - 1
+                            }
+                        };
+                        Kind::Outer { kernel }
+                    }
+                }
                 Op::Moment(e) => Kind::Moment(e.clone()),
                 Op::Scalar(e) => {
                     match o
@@ -216,6 +265,7 @@ impl<'a> Structure<'a> {
             ops,
             kind,
             members,
+            kernels,
         }
     }
 
@@ -303,6 +353,10 @@ struct Schedule {
     free_vec: Vec<Vec<NodeId>>,
     free_hat: Vec<Vec<usize>>,
     free_cols: Vec<Vec<usize>>,
+    /// After node i: outer-product kernels to drop.
+    free_kernels: Vec<Vec<usize>>,
+    /// The most outer-product kernels (M × S each) alive at once.
+    peak_kernels: usize,
     /// The most particle arrays alive at once in one replica.
     peak_arrays: usize,
 }
@@ -369,7 +423,9 @@ impl Schedule {
                 delta[until + 1] -= k;
             };
             match &st.kind[i] {
-                Kind::Zero | Kind::Initial { .. } | Kind::Nonlin(_) => arrays(1, last[i]),
+                Kind::Zero | Kind::Initial { .. } | Kind::Nonlin(_) | Kind::Outer { .. } => {
+                    arrays(1, last[i])
+                }
                 Kind::InputLayer { param, .. } => {
                     arrays(1, last[i]);
                     let d = match st.prog.param_of(st.ops[i][0]).map(|p| p.shape) {
@@ -400,11 +456,35 @@ impl Schedule {
             live += d;
             peak = peak.max(live);
         }
+        // Outer kernels: from their first needed use to their last.
+        let mut span: Vec<Option<(usize, usize)>> = vec![None; st.kernels.len()];
+        for i in (0..n).filter(|&i| needed[i]) {
+            if let Kind::Outer { kernel } = st.kind[i] {
+                let e = span[kernel].get_or_insert((i, i));
+                e.1 = i;
+            }
+        }
+        let mut free_kernels = vec![Vec::new(); n];
+        let mut kd = vec![0i64; n + 1];
+        for (k, s) in span.iter().enumerate() {
+            if let Some((a, b)) = *s {
+                free_kernels[b].push(k);
+                kd[a] += 1;
+                kd[b + 1] -= 1;
+            }
+        }
+        let (mut live_k, mut peak_k) = (0i64, 0i64);
+        for d in &kd {
+            live_k += d;
+            peak_k = peak_k.max(live_k);
+        }
         Schedule {
             needed,
             free_vec,
             free_hat,
             free_cols,
+            free_kernels,
+            peak_kernels: peak_k.max(0) as usize,
             peak_arrays: peak.max(0) as usize,
         }
     }
@@ -469,10 +549,14 @@ struct Replica<'s, 'a> {
     m: usize,
     seed: u64,
     replica: u64,
+    /// β-side particles of an outer product.
+    outer: usize,
     vecs: Vec<Option<Rc<Vec<f64>>>>,
     scalars: Vec<f64>,
     hats: Vec<Option<Rc<Vec<f64>>>>,
     cols: HashMap<usize, Rc<Vec<f64>>>,
+    /// Outer-product kernels computed and still needed.
+    kernels: HashMap<usize, Rc<Vec<f64>>>,
     /// Per family (matrix node, transpose): the model covariance of its members.
     gram: HashMap<(usize, bool), DMatrix<f64>>,
     inputs: HashMap<NodeId, Vec<f64>>,
@@ -572,6 +656,33 @@ impl Replica<'_, '_> {
                     }
                     self.vecs[i] = Some(Rc::new(z));
                 }
+                Kind::Outer { kernel } => {
+                    if !self.kernels.contains_key(kernel) {
+                        let k = &st.kernels[*kernel];
+                        let nk = k.ops.len() / 2;
+                        let a: Vec<&[f64]> = k.ops[..nk]
+                            .iter()
+                            .map(|&x| self.vec(x))
+                            .collect::<Result<_, _>>()?;
+                        let b: Vec<&[f64]> = k.ops[nk..]
+                            .iter()
+                            .map(|&x| self.vec(x))
+                            .collect::<Result<_, _>>()?;
+                        let f = super::outer::kernel(&k.expr, &k.groups, &a, &b, m, self.outer);
+                        self.kernels.insert(*kernel, Rc::new(f));
+                    }
+                    let f = self.kernels[kernel].clone();
+                    let zv = self.vec(o[o.len() - 1])?;
+                    let z = super::outer::apply(&f, zv, m, self.outer);
+                    if z.iter().any(|v| !v.is_finite()) {
+                        return Err(format!(
+                            "the outer product `{}` is not finite at some particle (a division \
+                             by zero in the optimizer's update)",
+                            label()
+                        ));
+                    }
+                    self.vecs[i] = Some(Rc::new(z));
+                }
                 Kind::Moment(e) => {
                     let args: Vec<Operand<'_>> =
                         o.iter().map(|&a| self.arg(a)).collect::<Result<_, _>>()?;
@@ -607,6 +718,9 @@ impl Replica<'_, '_> {
             }
             for p in &sch.free_cols[i] {
                 self.cols.remove(p);
+            }
+            for k in &sch.free_kernels[i] {
+                self.kernels.remove(k);
             }
         }
         Ok(())
@@ -719,7 +833,9 @@ pub fn particles(
     let sch = Schedule::new(&st, nodes);
     // Replicas run a few at a time (one per thread): refuse before allocating when
     // their live arrays (plus a few temporaries) cannot fit.
-    let bytes = (sch.peak_arrays as u128 + 4)
+    let s = cfg.outer_samples.min(m).max(2);
+    let per_kernel = if sch.peak_kernels > 0 { s } else { 0 };
+    let bytes = (sch.peak_arrays as u128 + 4 + (sch.peak_kernels * per_kernel) as u128)
         * m as u128
         * 8
         * rayon::current_num_threads().min(cfg.replicas) as u128;
@@ -747,10 +863,12 @@ pub fn particles(
                 m,
                 seed: cfg.seed,
                 replica: r as u64,
+                outer: cfg.outer_samples,
                 vecs: vec![None; prog.len()],
                 scalars: vec![0.0; prog.len()],
                 hats: vec![None; st.members.len()],
                 cols: HashMap::new(),
+                kernels: HashMap::new(),
                 gram: HashMap::new(),
                 inputs: inputs.clone(),
             };
@@ -857,6 +975,30 @@ pub fn derivation_text(prog: &Program) -> String {
                 s
             }
             Kind::Nonlin(e) => format!("{} = {}", z(id), e.display(&|i| names[i].clone())),
+            Kind::Outer { kernel } => {
+                let k = &st.kernels[*kernel];
+                let nk = k.ops.len() / 2;
+                let mut j = 0;
+                let gs: Vec<String> = k
+                    .groups
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &c)| {
+                        let terms: Vec<String> = (j..j + c)
+                            .map(|i| format!("{}(α)·{}(β)", z(k.ops[i]), z(k.ops[nk + i])))
+                            .collect();
+                        j += c;
+                        format!("ĝ{s} = {}", terms.join(" + "))
+                    })
+                    .collect();
+                format!(
+                    "{} = E_β[({})·{}(β)],  {}",
+                    z(id),
+                    k.expr.display(&|s| format!("ĝ{s}")),
+                    z(o[o.len() - 1]),
+                    gs.join(", ")
+                )
+            }
             Kind::Moment(e) => format!("{} = E[{}]", label(id), e.display(&|i| names[i].clone())),
             Kind::Scalar(e) => format!("{} = {}", label(id), e.display(&|i| names[i].clone())),
         };

@@ -14,6 +14,11 @@
 //!   `A = I − (η/B) Θ D` (D counts each training point) gives
 //!   `Cov f_t = A^t K (A^t)ᵀ`, K the NNGP: reported as `f_t_var`. For `xent` the
 //!   recursion is not affine: the trajectory from E f_0 is reported with a note.
+//!   Momentum and minibatches (issue 15) are the heavy ball in function space: the
+//!   linearized model moves by `−η Θ b_t`, `b_t = β b_{t−1} + χ_t` over step t's batch,
+//!   and `Cov f_t = M_t K M_tᵀ` with `M_t = ∂f_t/∂f_0` by the same recursion.
+//! * **Adam, AdamW**: the unrolled program with nonlinear outer products, by particles
+//!   ([`super::outer`]), whatever the regime.
 //! * **Linear one-hidden-layer networks** outside the kernel regime (muP, mean field):
 //!   every neuron α carries a finite vector θ_α of its trainable coordinates, each
 //!   rescaled to N(0, 1) at init: the d columns of every input matrix, every bias, every
@@ -109,11 +114,26 @@ pub fn kernel_trajectory(
     let o = prog.outputs.len();
     let nu = u.points.len();
     let p = u.eval.len();
-    let b = train.data.len() as f64;
     let q = o * nu;
+    // Heavy ball in function space (momentum, issue 15): the linearized model moves by
+    // −η Θ b_t with b_t = β b_{t−1} + g_t (torch's buffer, b_0 = g_0), g_t the loss
+    // gradient over step t's minibatch (`Train::batch_at`, 1/B).
+    let beta = train.optimizer.momentum();
+    let batch_d = |t: usize| {
+        let batch = train.batch_at(t);
+        let b = batch.len() as f64;
+        let mut d = DVector::zeros(q);
+        for &j in &batch {
+            for oi in 0..o {
+                d[oi * nu + u.train[j]] += 1.0 / b;
+            }
+        }
+        (batch, b, d)
+    };
     let eta = train.lr;
     let c = constants(prog);
     let mut m = DVector::from_fn(q, |k, _| c[k / nu]);
+    let mut buf = DVector::zeros(q);
     let mut f_t = DMatrix::zeros(train.steps + 1, o * p);
     let record = |f_t: &mut DMatrix<f64>, t: usize, m: &DVector<f64>| {
         for oi in 0..o {
@@ -127,34 +147,34 @@ pub fn kernel_trajectory(
         if t == train.steps {
             break;
         }
+        let (batch, b, _) = batch_d(t);
         let mut g = DVector::zeros(q);
-        for (s, &i) in train.data.iter().zip(&u.train) {
+        for &j in &batch {
+            let (s, i) = (&train.data[j], u.train[j]);
             for (oi, &y) in s.y.iter().enumerate() {
                 g[oi * nu + i] += dloss(train.loss, m[oi * nu + i], y) / b;
             }
         }
-        m -= ntk * g * eta;
+        buf = &buf * beta + g;
+        m -= ntk * &buf * eta;
     }
-    // Cov f_t = A^t K A^tᵀ, A = I − (η/B) Θ D (mse only: f_t is affine in f_0).
+    // Cov f_t = M_t K M_tᵀ with M_t = ∂f_t/∂f_0 (mse only: f_t is affine in f_0):
+    // N_t = β N_{t−1} + D_t M_t, M_{t+1} = M_t − η Θ N_t (D_t: step t's batch, 1/B).
     let var = match (train.loss, nngp) {
         (Loss::Mse, Some(k)) if q <= 600 => {
-            let mut d = DVector::zeros(q);
-            for &i in &u.train {
-                for oi in 0..o {
-                    d[oi * nu + i] += 1.0;
-                }
-            }
-            let mut a = -ntk * DMatrix::from_diagonal(&d) * (eta / b);
-            for k in 0..q {
-                a[(k, k)] += 1.0;
-            }
             let mut mt = DMatrix::identity(q, q);
+            let mut nt = DMatrix::zeros(q, q);
             let mut var = DMatrix::zeros(train.steps + 1, o * p);
             for t in 0..=train.steps {
                 let cov = &mt * k * mt.transpose();
                 let diag = DVector::from_fn(q, |i, _| cov[(i, i)].max(0.0));
                 record(&mut var, t, &diag);
-                mt = &a * mt;
+                if t == train.steps {
+                    break;
+                }
+                let (_, _, d) = batch_d(t);
+                nt = &nt * beta + DMatrix::from_diagonal(&d) * &mt;
+                mt -= ntk * &nt * eta;
             }
             Some(var)
         }
@@ -191,13 +211,22 @@ pub fn trajectory(
     } else {
         r.points.clone()
     };
+    if !train.optimizer.is_linear() {
+        // Adam, AdamW: the unrolled program with nonlinear outer products, by particles
+        // (super::outer), whatever the regime.
+        adam_trajectory(prog, train, &r.points, particles, &mut out);
+        return out;
+    }
     let regime = crate::scaling::regime(prog);
-    // Momentum, weight decay and minibatches: the unrolled program carries them; the
-    // kernel recursion and the one-hidden-layer engine below are full-batch SGD only.
-    if !train.is_plain_sgd() && regime != Some(Regime::FeatureLearning) {
+    // Momentum and minibatches: the unrolled program carries them in feature learning,
+    // the kernel recursion (heavy ball in function space) in the kernel regime. L2
+    // weight decay shrinks the initial weights too, which leaves the kernel regime's
+    // linearization: computed in feature learning only.
+    if train.weight_decay.coef != 0.0 && regime != Some(Regime::FeatureLearning) {
         out.note = Some(format!(
             "{} is computed in the feature-learning regime only (through the unrolled \
-             program); this program's regime is {}",
+             program; weight decay also shrinks the initial weights, which the kernel \
+             regime's linearized model does not); this program's regime is {}",
             train.describe(),
             regime.map_or("unknown", Regime::name)
         ));
@@ -323,27 +352,52 @@ pub fn trajectory(
     out
 }
 
-/// E0030 for a `train` block whose optimizer is not linear (Adam, AdamW): its limit
-/// is not a sum of rank-one moment corrections but needs the nonlinear outer product of
-/// Tensor Programs IVb (an average over an independent copy of the β-side Z's inside
-/// the entrywise update), which no engine computes yet.
-pub fn nonlinear_optimizer(train: &Train) -> LimitError {
-    LimitError {
-        span: Some(train.optimizer_span),
-        note: Some(
-            "the update of an entrywise optimizer like Adam is Q(ĝ_0..ĝ_t) entry by entry, and \
-             its infinite-width limit needs the nonlinear outer product (Tensor Programs IVb): \
-             not in this version. `tpc run` trains it at finite width; `momentum` and `sgd` \
-             (with weight decay and minibatches) have limits"
-                .to_string(),
-        ),
-        ..LimitError::general(
-            "E0030",
-            format!(
-                "no infinite-width limit for `{}` training yet",
-                train.optimizer.name()
-            ),
-        )
+/// Adam's and AdamW's trajectory ([`super::outer`]): the unrolled program in the
+/// limit's coefficients through the particle engine; why not, in the note.
+fn adam_trajectory(
+    prog: &Program,
+    train: &Train,
+    eval: &[Vec<f64>],
+    cfg: &ParticleConfig,
+    out: &mut LimitTrain,
+) {
+    match particle_trajectory(prog, eval, cfg) {
+        Ok((f, se, method)) => {
+            out.method = format!(
+                "{}: {method}; each hidden matrix's update a nonlinear outer product over {} \
+                 β-particles",
+                train.describe(),
+                cfg.outer_samples
+            );
+            out.f_t = Some(f);
+            out.f_t_se = Some(se);
+            let eval0: &[Vec<f64>] = if prog.inputs.is_empty() { &[] } else { eval };
+            let frozen = crate::autodiff::unroll(prog, eval0, crate::autodiff::Width::Limit)
+                .map(|u| u.frozen)
+                .unwrap_or_default();
+            let mut note =
+                "f_t is deterministic in the limit; Adam's entrywise update of a hidden \
+                            matrix acts as E_β[Q(ĝ(α, β))·Z_β] over an independent copy of the \
+                            β-side Z's (Tensor Programs IVb), sampled with the rest"
+                    .to_string();
+            if !frozen.is_empty() {
+                note.push_str(&format!(
+                    "; frozen in the limit (ε outgrows the gradient: the update vanishes): {}",
+                    frozen
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            out.note = Some(note);
+        }
+        Err(e) => {
+            out.note = Some(format!(
+                "{}: the particle engine could not compute the limit: {e}",
+                train.describe()
+            ));
+        }
     }
 }
 

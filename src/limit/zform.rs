@@ -374,6 +374,9 @@ impl Derivation {
                 self.random_logit(prog, id, e, &ops)?;
                 None
             }
+            Op::Outer { .. } => {
+                return Err("a nonlinear outer product is read by the particle engine only".into())
+            }
             Op::Moment(e) => {
                 let z = self.compose(prog, id, e, &ops)?;
                 let lim = if z.atoms.is_empty() {

@@ -57,6 +57,10 @@ pub fn instruction(prog: &Program, id: NodeId) -> String {
         Op::Nonlin(e) => format!("Nonlin({})", e.display(&arg)),
         Op::Moment(e) => format!("Moment(mean({}))", e.display(&arg)),
         Op::Scalar(e) => format!("Scalar({})", e.display(&arg)),
+        Op::Outer { expr, groups } => format!(
+            "Outer(mean_β(({}) · z_β), ĝ groups {groups:?})",
+            expr.display(&|s| format!("ĝ{s}"))
+        ),
         Op::Output { terms, constant } => {
             format!("Output({})", output_text(terms, *constant, &arg))
         }
@@ -231,7 +235,7 @@ pub fn json(prog: &Program) -> Value {
             let arg = |i: usize| operand(prog, ops[i]);
             match &n.op {
                 Op::MatMul { transpose } => v["transpose"] = json!(transpose),
-                Op::Nonlin(e) | Op::Moment(e) | Op::Scalar(e) => {
+                Op::Nonlin(e) | Op::Moment(e) | Op::Scalar(e) | Op::Outer { expr: e, .. } => {
                     let f = match e {
                         crate::ir::Expr::Call(f, _) => f.name().to_string(),
                         _ => e.display(&|i| format!("${i}")).to_string(),

@@ -170,7 +170,7 @@ impl<'a> Ctx<'a> {
                 }
                 // Only unrolled training programs hold scalar functions; the
                 // exponent analysis reads front-end programs.
-                Op::Scalar(_) => Ex::Zero,
+                Op::Scalar(_) | Op::Outer { .. } => Ex::Zero,
             };
         }
         e
@@ -235,7 +235,7 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 }
-                Op::Input { .. } | Op::Param(_) | Op::Scalar(_) => {}
+                Op::Input { .. } | Op::Param(_) | Op::Scalar(_) | Op::Outer { .. } => {}
             }
         }
         g
@@ -408,7 +408,7 @@ impl<'a> Ctx<'a> {
                     }
                     s
                 }
-                Op::Scalar(_) => Ex::Zero,
+                Op::Scalar(_) | Op::Outer { .. } => Ex::Zero,
             };
             d[i] = d[i].max(prop);
         }

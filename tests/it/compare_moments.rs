@@ -39,6 +39,7 @@ fn particle_observes_match_the_exact_limit() {
         particles: 1 << 18,
         replicas: 16,
         seed: 3,
+        ..Default::default()
     };
     let est = observe_limit(&prog, &points, &cfg, "test").unwrap();
     assert!(est.nngp.is_none() && est.ntk.is_none());

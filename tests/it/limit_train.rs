@@ -342,6 +342,7 @@ fn small() -> ParticleConfig {
         particles: 1 << 16,
         replicas: 16,
         seed: 3,
+        ..Default::default()
     }
 }
 

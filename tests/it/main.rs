@@ -1,6 +1,7 @@
 //! The integration tests, one binary (one link in CI instead of one per file).
 //! Run one file's tests with e.g. `cargo test --release --test it limit::`.
 
+mod adam_limit;
 mod adam_scaling;
 mod adversarial;
 mod api;
@@ -22,6 +23,7 @@ mod fused;
 mod fused_relu;
 mod fuzz_frontend;
 mod json_errors;
+mod kernel_optim;
 mod limit;
 mod limit_linear;
 mod limit_refusals;

@@ -12,6 +12,7 @@ fn run(prog: &Program, m: usize, seed: u64) -> ParticleEstimate {
         particles: m,
         replicas: 16,
         seed,
+        ..Default::default()
     };
     particles(prog, &[], &prog.observes, &cfg).unwrap()
 }

@@ -31,6 +31,7 @@ fn particles_vs_finite(prog: &Program, width: usize, particles: usize) -> (DMatr
         particles,
         replicas: 16,
         seed: 1,
+        ..Default::default()
     };
     let (lim, lse, method) = particle_trajectory(prog, &pts, &cfg).unwrap();
     assert!(method.starts_with("particle engine"), "{method}");
