@@ -1068,7 +1068,7 @@ impl<'a> Engine<'a> {
     //   E[Π_k f_k(L_k(ξ_p)) Π_l g_l(M_l(ξ_q))] = Π_groups E[Π_{k∈G} f_k Π_{l∈G} g_l],
     //
     // and each group is usually one Gaussian at two points: a 2-D expectation with a
-    // closed form or Gauss–Hermite (dual.rs), never a multidimensional rule. Sums are
+    // closed form or Gauss–Hermite (`dual/`), never a multidimensional rule. Sums are
     // split first (linearity of E). Stated errors propagate as
     // |Δ(ab)| ≤ |a||Δb| + |b||Δa| + |Δa||Δb| and |Δ(Σ c_i a_i)| ≤ Σ |c_i||Δa_i|.
 

@@ -14,7 +14,7 @@ use super::tape::{TOp, Tape};
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 const INV_2PI: f64 = 1.0 / (2.0 * std::f64::consts::PI);
 
-/// `E[A_i(u) B_j(v)]` for the atoms `[1, u, step, relu]` (dual.rs `atom_pair`), given
+/// `E[A_i(u) B_j(v)]` for the atoms `[1, u, step, relu]` (`dual/pairs.rs` `atom_pair`), given
 /// `sd1 = sqrt(Var u)`, `sd2`, the clamped covariance `s12`, `rho` and the arc-cosine
 /// pair `pt = π - θ`, `jv = sin θ + (π - θ) cos θ`.
 #[inline(always)]
@@ -113,13 +113,13 @@ fn basis_rows<const SET: bool>(o: &mut [f64], k: f64, i: usize, j: usize, a: &Ar
     );
 }
 
-/// `E[f(u)]` over the atoms at `sd = sqrt(Var u)` (dual.rs `atom_mean`).
+/// `E[f(u)]` over the atoms at `sd = sqrt(Var u)` (`dual/pairs.rs` `atom_mean`).
 #[inline(always)]
 pub(super) fn mean_terms(t: &[f64; 4], sd: f64) -> f64 {
     t[0] + 0.5 * t[2] + t[3] * sd * INV_SQRT_2PI
 }
 
-/// `rho`, `π - θ`, `J` from a covariance and `n = sd1 sd2` (snapped as in dual.rs).
+/// `rho`, `π - θ`, `J` from a covariance and `n = sd1 sd2` (snapped as in `dual/mod.rs`).
 #[inline(always)]
 fn arc(s12: f64, n: f64) -> (f64, f64, f64, f64) {
     let s12c = s12.max(-n).min(n);
@@ -162,7 +162,7 @@ pub(super) fn kern_scalar(tf: &[f64; 4], tg: &[f64; 4], d1: f64, d2: f64, s12: f
     v
 }
 
-/// A kernel entry with a zero variance (dual.rs `Plan::Terms`): `f(0) E[g]`, `E[f] g(0)`
+/// A kernel entry with a zero variance (`dual/mod.rs` `Plan::Terms`): `f(0) E[g]`, `E[f] g(0)`
 /// or `f(0) g(0)` (every atom but `1` vanishes at 0).
 #[inline(always)]
 fn zero_var(tf: &[f64; 4], tg: &[f64; 4], z1: bool, z2: bool, sd1: f64, sd2: f64) -> f64 {
