@@ -154,11 +154,16 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
     let Some(step) = (if cls.step == 1 { &ex.step } else { &ex.later }) else {
         return out;
     };
-    let one_step = if cls.step == 1 {
-        "one SGD step"
-    } else {
-        "a later SGD step"
+    let name = match train.optimizer {
+        crate::ir::Optimizer::Momentum { .. } => "momentum",
+        _ => "SGD",
     };
+    let one_step = if cls.step == 1 {
+        format!("one {name} step")
+    } else {
+        format!("a later {name} step")
+    };
+    let one_step = one_step.as_str();
     if init_blowup {
         return out;
     }
@@ -365,29 +370,45 @@ pub fn diagnostics(prog: &Program, src: &str) -> Vec<Diagnostic> {
             ));
         }
         Regime::FeatureLearning => {
-            let maximal: Vec<String> = prog
-                .params
-                .iter()
-                .zip(&cls.params)
-                .filter(|(p, s)| s.maximal && p.role() != Role::OutputBias)
-                .map(|(p, _)| format!("`{}`", p.name))
-                .collect();
-            let mut d = Diagnostic::note_diag(
-                "N0102",
-                format!("feature learning: {one_step} moves the features by Θ(1) per coordinate (r = 0) and the outputs by Θ(1)"),
+            out.push(feature_learning_note(
+                prog,
+                &cls,
                 train.lr_span,
-                "trained here",
-            );
-            if !maximal.is_empty() {
-                d = d.with_note(format!("updated maximally: {}", and_list(&maximal)));
-            }
-            if cls.mup {
-                d = d.with_note(
-                    "every parameter is updated maximally: this is muP (up to the abc symmetry)",
-                );
-            }
-            out.push(d);
+                one_step,
+                "every parameter is updated maximally: this is muP (up to the abc symmetry)",
+            ));
         }
     }
     out
+}
+
+/// N0102 (feature learning) for SGD-like and entrywise optimizers alike: the step that
+/// moves the features, the parameters updated maximally, and `mup` when all are.
+pub(super) fn feature_learning_note(
+    prog: &Program,
+    cls: &Classification,
+    lr_span: Span,
+    one_step: &str,
+    mup: &str,
+) -> Diagnostic {
+    let maximal: Vec<String> = prog
+        .params
+        .iter()
+        .zip(&cls.params)
+        .filter(|(p, s)| s.maximal && p.role() != Role::OutputBias)
+        .map(|(p, _)| format!("`{}`", p.name))
+        .collect();
+    let mut d = Diagnostic::note_diag(
+        "N0102",
+        format!("feature learning: {one_step} moves the features by Θ(1) per coordinate (r = 0) and the outputs by Θ(1)"),
+        lr_span,
+        "trained here",
+    );
+    if !maximal.is_empty() {
+        d = d.with_note(format!("updated maximally: {}", and_list(&maximal)));
+    }
+    if cls.mup {
+        d = d.with_note(mup.to_string());
+    }
+    d
 }

@@ -575,28 +575,15 @@ pub(super) fn diagnostics(
     // -- the regime
     match cls.regime {
         Regime::FeatureLearning => {
-            let mut d = Diagnostic::note_diag(
-                "N0102",
-                format!("feature learning: {one_step} moves the features by Θ(1) per coordinate (r = 0) and the outputs by Θ(1)"),
+            out.push(feature_learning_note(
+                prog,
+                cls,
                 train.lr_span,
-                "trained here",
-            );
-            let maximal: Vec<String> = prog
-                .params
-                .iter()
-                .zip(&cls.params)
-                .filter(|(p, s)| s.maximal && p.role() != Role::OutputBias)
-                .map(|(p, _)| format!("`{}`", p.name))
-                .collect();
-            if !maximal.is_empty() {
-                d = d.with_note(format!("updated maximally: {}", and_list(&maximal)));
-            }
-            if cls.mup {
-                d = d.with_note(format!(
+                &one_step,
+                &format!(
                     "every parameter is updated maximally: this is muP for {name} (up to its abc symmetry)"
-                ));
-            }
-            out.push(d);
+                ),
+            ));
         }
         Regime::Kernel => {
             out.push(

@@ -16,7 +16,6 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 use tpc::scaling::{self, Regime};
@@ -167,34 +166,25 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn coord(file: &Path, widths: &str, seeds: &str, dir: &Path) -> Value {
-    coord_steps(file, widths, seeds, "1", dir)
+fn coord(file: &Path, widths: &str, seeds: &str) -> Value {
+    coord_steps(file, widths, seeds, "1")
 }
 
-fn coord_steps(file: &Path, widths: &str, seeds: &str, steps: &str, dir: &Path) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args([
-            "coord-check",
-            &file.display().to_string(),
-            "--widths",
-            widths,
-            "--seeds",
-            seeds,
-            "--steps",
-            steps,
-            "--format",
-            "json",
-            "--no-svg",
-        ])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+fn coord_steps(file: &Path, widths: &str, seeds: &str, steps: &str) -> Value {
+    let file = file.display().to_string();
+    common::tpc_json(&[
+        "coord-check",
+        &file,
+        "--widths",
+        widths,
+        "--seeds",
+        seeds,
+        "--steps",
+        steps,
+        "--format",
+        "json",
+        "--no-svg",
+    ])
 }
 
 /// Every curve is predicted and agrees within ±0.15 (coord-check's own flag, with
@@ -229,16 +219,15 @@ fn coord_check_confirms_sp_adam() {
     assert!(src.contains("lr        = 0.01"));
     let file = dir.join("sp_adam_fast.tp");
     std::fs::write(&file, src.replace("lr        = 0.01", "lr        = 0.08")).unwrap();
-    assert_all_agree(&coord(&file, "128,256,512,1024", "16", &dir));
+    assert_all_agree(&coord(&file, "128,256,512,1024", "16"));
 }
 
 /// The example itself at N = 512..4096 (8 draws; about 25 s and 1.3 GB here).
 #[test]
 #[ignore = "heavy: widths up to 4096"]
 fn coord_check_confirms_sp_adam_wide() {
-    let dir = scratch("wide");
     let file = common::example_path("sp_adam");
-    assert_all_agree(&coord(&file, "512,1024,2048,4096", "8", &dir));
+    assert_all_agree(&coord(&file, "512,1024,2048,4096", "8"));
 }
 
 /// `lr = c * n^p` (README, "Training: optimizers"): the power of the width joins every
@@ -258,24 +247,13 @@ fn global_lr_as_a_monomial_in_the_width() {
     let run = |name: &str, src: &str| {
         let f = dir.join(name);
         std::fs::write(&f, src).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-            .args([
-                "run",
-                &f.display().to_string(),
-                "--width",
-                "64",
-                "--seeds",
-                "2",
-            ])
-            .args(["--format", "json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        let f = f.display().to_string();
+        common::tpc_ok(
+            &[
+                "run", &f, "--width", "64", "--seeds", "2", "--format", "json",
+            ],
+            None,
+        )
     };
     assert_eq!(run("a.tp", &per_param), run("b.tp", &global));
     assert_eq!(codes(&global), ["N0102"]);
@@ -298,17 +276,10 @@ fn global_lr_as_a_monomial_in_the_width() {
 #[test]
 fn run_json_names_the_optimizer() {
     let json = |name: &str| -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-            .args(["run", &common::example_path(name).display().to_string()])
-            .args(["--width", "32", "--seeds", "2", "--format", "json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let f = common::example_path(name).display().to_string();
+        common::tpc_json(&[
+            "run", &f, "--width", "32", "--seeds", "2", "--format", "json",
+        ])
     };
     let a = json("adam_mlp");
     let t = &a["train"];
@@ -337,29 +308,11 @@ fn regime_of_optimizer_programs() {
     assert_eq!(regime("adam_mlp"), Some(Regime::FeatureLearning));
     assert_eq!(regime("sp_adam"), Some(Regime::Unstable));
     assert_eq!(regime("momentum_rnn"), Some(Regime::FeatureLearning));
-    let limit = |name: &str| {
-        Command::new(env!("CARGO_BIN_EXE_tpc"))
-            .args(["limit", &common::example_path(name).display().to_string()])
-            .args(["--particles", "4096", "--format", "json"])
-            .output()
-            .unwrap()
-    };
-    let out = limit("momentum_rnn");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["regime"], "feature-learning");
-    // Adam's limit (the particle engine's nonlinear outer product) may refuse with
-    // E0030; when it answers, the regime is there
-    let out = limit("adam_mlp");
-    if out.status.success() {
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["regime"], "feature-learning");
-    } else {
-        assert!(String::from_utf8_lossy(&out.stderr).contains("E0030"));
+    // Adam's limit is the particle engine's nonlinear outer product (adam_limit.rs).
+    for name in ["momentum_rnn", "adam_mlp"] {
+        let f = common::example_path(name).display().to_string();
+        let v = common::tpc_json(&["limit", &f, "--particles", "4096", "--format", "json"]);
+        assert_eq!(v["regime"], "feature-learning", "{name}");
     }
 }
 
@@ -368,13 +321,11 @@ fn regime_of_optimizer_programs() {
 /// with 4 steps all 45 agree, 6.5 s under load 14).
 #[test]
 fn coord_check_confirms_mup_adam() {
-    let dir = scratch("mup");
     let v = coord_steps(
         &common::example_path("adam_mlp"),
         "128,256,512,1024",
         "16",
         "2",
-        &dir,
     );
     let curves = v["curves"].as_array().unwrap();
     assert_eq!(curves.len(), 5 + 10 + 10, "{v}");

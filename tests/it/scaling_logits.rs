@@ -12,7 +12,6 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 use tpc::diag::Severity;
@@ -112,21 +111,18 @@ fn mup_transformer_is_feature_learning_without_warnings() {
 }
 
 fn coord_check(file: &Path, widths: &str, seeds: &str) -> Value {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let out = Command::new(env!("CARGO_BIN_EXE_tpc"))
-        .args(["coord-check"])
-        .arg(file)
-        .args(["--widths", widths, "--seeds", seeds])
-        .args(["--format", "json", "--no-svg"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let file = file.display().to_string();
+    common::tpc_json(&[
+        "coord-check",
+        &file,
+        "--widths",
+        widths,
+        "--seeds",
+        seeds,
+        "--format",
+        "json",
+        "--no-svg",
+    ])
 }
 
 /// Every curve of a coordinate check agrees with its prediction (|measured −

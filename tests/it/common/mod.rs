@@ -138,3 +138,16 @@ pub fn tpc_ok(args: &[&str], threads: Option<&str>) -> Vec<u8> {
     );
     out.stdout
 }
+
+/// [`tpc_ok`] for a command run with `--format json` (the caller passes it): its
+/// standard output parsed as one JSON value.
+pub fn tpc_json(args: &[&str]) -> serde_json::Value {
+    let out = tpc_ok(args, None);
+    serde_json::from_slice(&out).unwrap_or_else(|e| {
+        panic!(
+            "tpc {}: not JSON ({e}): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out)
+        )
+    })
+}
