@@ -251,9 +251,35 @@ const NEG: u8 = 3;
 const POW: u8 = 4;
 const ATOM: u8 = 5;
 
+/// An operand in parentheses when its precedence is below `need`.
+fn wrap((s, p): (String, u8), need: u8) -> String {
+    if p < need {
+        format!("({s})")
+    } else {
+        s
+    }
+}
+
+/// `a op b` with each side parenthesized below its precedence (`left`, `right`);
+/// the result has precedence `prec`.
+#[allow(clippy::too_many_arguments)]
+fn binary(
+    d: &dyn Dialect,
+    a: &Expr,
+    op: &str,
+    b: &Expr,
+    args: &[(String, u8)],
+    left: u8,
+    right: u8,
+    prec: u8,
+) -> (String, u8) {
+    let l = wrap(py_expr(d, a, args), left);
+    let r = wrap(py_expr(d, b, args), right);
+    (format!("{l} {op} {r}"), prec)
+}
+
 /// `e` as Python over operand strings (each with its precedence).
 fn py_expr(d: &dyn Dialect, e: &Expr, args: &[(String, u8)]) -> (String, u8) {
-    let wrap = |(s, p): (String, u8), need: u8| if p < need { format!("({s})") } else { s };
     match e {
         Expr::Arg(i) => args[*i].clone(),
         Expr::Const(c) => {
@@ -269,38 +295,10 @@ fn py_expr(d: &dyn Dialect, e: &Expr, args: &[(String, u8)]) -> (String, u8) {
             (d.call(*f, &s), ATOM)
         }
         Expr::Neg(x) => (format!("-{}", wrap(py_expr(d, x, args), NEG)), NEG),
-        Expr::Add(a, b) => (
-            format!(
-                "{} + {}",
-                wrap(py_expr(d, a, args), ADD),
-                wrap(py_expr(d, b, args), MUL)
-            ),
-            ADD,
-        ),
-        Expr::Sub(a, b) => (
-            format!(
-                "{} - {}",
-                wrap(py_expr(d, a, args), ADD),
-                wrap(py_expr(d, b, args), MUL)
-            ),
-            ADD,
-        ),
-        Expr::Mul(a, b) => (
-            format!(
-                "{} * {}",
-                wrap(py_expr(d, a, args), MUL),
-                wrap(py_expr(d, b, args), NEG)
-            ),
-            MUL,
-        ),
-        Expr::Div(a, b) => (
-            format!(
-                "{} / {}",
-                wrap(py_expr(d, a, args), MUL),
-                wrap(py_expr(d, b, args), NEG)
-            ),
-            MUL,
-        ),
+        Expr::Add(a, b) => binary(d, a, "+", b, args, ADD, MUL, ADD),
+        Expr::Sub(a, b) => binary(d, a, "-", b, args, ADD, MUL, ADD),
+        Expr::Mul(a, b) => binary(d, a, "*", b, args, MUL, NEG, MUL),
+        Expr::Div(a, b) => binary(d, a, "/", b, args, MUL, NEG, MUL),
         Expr::Powi(a, k) => {
             let base = wrap(py_expr(d, a, args), ATOM);
             if *k < 0 {

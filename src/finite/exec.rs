@@ -227,11 +227,7 @@ impl RunStats {
             .collect();
         RunResult {
             outputs: prog.output_names(),
-            points: if prog.inputs.is_empty() {
-                Vec::new()
-            } else {
-                points
-            },
+            points: prog.reported_points(points),
             width: cfg.width,
             seeds: cfg.seeds,
             seed: cfg.seed,

@@ -566,6 +566,16 @@ impl Program {
         }
     }
 
+    /// The points as reports list them (cli.md): none for a program without inputs,
+    /// whose single "point" is the empty one.
+    pub fn reported_points(&self, points: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
+        if self.inputs.is_empty() {
+            Vec::new()
+        } else {
+            points
+        }
+    }
+
     pub fn output_names(&self) -> Vec<String> {
         self.outputs.iter().map(|&o| self.label(o)).collect()
     }

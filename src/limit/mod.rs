@@ -420,11 +420,7 @@ fn kernels(prog: &Program, points: &[Vec<f64>]) -> Result<LimitResult, LimitErro
     {
         return Ok(LimitResult {
             outputs: prog.output_names(),
-            points: if prog.inputs.is_empty() {
-                Vec::new()
-            } else {
-                points
-            },
+            points: prog.reported_points(points),
             nngp: Some(nngp),
             nngp_note: None,
             ntk: Some(ntk),
@@ -494,11 +490,7 @@ pub fn limit_unfused(
     }
     Ok(LimitResult {
         outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points
-        },
+        points: prog.reported_points(points),
         nngp,
         nngp_note,
         ntk,

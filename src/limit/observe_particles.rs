@@ -52,11 +52,7 @@ pub fn observe_limit(
     let left_out = format!("not computed: {why}");
     Ok(LimitResult {
         outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points.to_vec()
-        },
+        points: prog.reported_points(points.to_vec()),
         nngp: None,
         nngp_note: Some(left_out.clone()),
         ntk: None,

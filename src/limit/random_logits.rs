@@ -436,11 +436,7 @@ pub(crate) fn limit_mixture(
     });
     Ok(LimitResult {
         outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points
-        },
+        points: prog.reported_points(points),
         nngp: Some(mean),
         nngp_note: None,
         ntk: None,

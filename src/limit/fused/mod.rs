@@ -245,11 +245,7 @@ pub fn limit_fused(prog: &Program, der: &Derivation, points: &[Vec<f64>]) -> Opt
     }
     Some(LimitResult {
         outputs: prog.output_names(),
-        points: if prog.inputs.is_empty() {
-            Vec::new()
-        } else {
-            points.to_vec()
-        },
+        points: prog.reported_points(points.to_vec()),
         nngp: Some(nngp),
         nngp_note: None,
         ntk: Some(ntk),
